@@ -1,0 +1,22 @@
+"""Builds the aiohttp application: middleware, routes, and the shared objects handlers use."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from hippod.api import ollama
+from hippod.api.errors import error_middleware
+from hippod.config import Settings
+from hippod.registry.registry import Registry
+from hippod.scheduler import Scheduler
+from hippod.store.database import Store
+
+
+def build_app(settings: Settings, store: Store, registry: Registry, scheduler: Scheduler) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app["settings"] = settings
+    app["store"] = store
+    app["registry"] = registry
+    app["scheduler"] = scheduler
+    app.add_routes(ollama.routes)
+    return app

@@ -1,0 +1,90 @@
+"""One place that turns exceptions into the error shapes each API promises.
+
+Handlers raise; this middleware answers `{"error": "..."}` (Ollama, admin) or
+`{"error": {"message", "type", "param", "code"}}` (OpenAI, under /v1/). Never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from hippod.registry.registry import RegistryError
+from hippod.runner_process import RunnerError
+from hippod.scheduler import SchedulerError
+
+log = logging.getLogger("hippo.api")
+
+
+class BadRequest(Exception):
+    """Invalid input; `param` names the offending field when there is one."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 503: "server_busy", 507: "insufficient_memory"}
+
+
+def error_response(request: web.Request, status: int, message: str, param: str | None = None
+                   ) -> web.Response:
+    if request.path.startswith("/v1/"):
+        body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
+                          "param": param, "code": None if status < 500 else str(status)}}
+        if status == 404 and "model" in message:
+            body["error"]["code"] = "model_not_found"
+    else:
+        body = {"error": message}
+    return web.json_response(body, status=status)
+
+
+def status_and_message(exc: BaseException) -> tuple[int, str, str | None]:
+    if isinstance(exc, BadRequest):
+        return exc.status, str(exc), exc.param
+    if isinstance(exc, (RegistryError, SchedulerError, RunnerError)):
+        return exc.status, str(exc), None
+    return 500, f"internal error: {type(exc).__name__}: {exc}", None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {404: f"{request.path} not found", 405: f"method {request.method} not allowed on {request.path}",
+                   413: f"request body too large (limit {request.app['settings'].max_body_bytes} bytes)"
+                   }.get(exc.status, exc.reason)
+        return error_response(request, exc.status, message)
+    except (BadRequest, RegistryError, SchedulerError, RunnerError) as exc:
+        status, message, param = status_and_message(exc)
+        return error_response(request, status, message, param)
+    except (ConnectionResetError, ConnectionError):
+        raise
+    except Exception as exc:  # a real fault: log it whole, answer without the traceback
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        status, message, _ = status_and_message(exc)
+        return error_response(request, status, message)
+
+
+async def read_json(request: web.Request) -> dict:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = await request.read()
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not valid UTF-8") from None
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"invalid JSON in request body: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body

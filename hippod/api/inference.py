@@ -1,0 +1,68 @@
+"""One generation as both APIs see it: take a lease, stream runner events, always let go.
+
+`start()` does everything that can fail with a clean HTTP status (unknown model, no memory,
+busy) before a handler commits to a 200 stream; errors after that become an error line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import AsyncIterator
+
+from hippod.protocol import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, TokenEvent
+from hippod.scheduler import Lease, Scheduler
+
+
+class Generation:
+    def __init__(self, scheduler: Scheduler, model: str, request: GenerateRequest, keep_alive=None):
+        self.scheduler = scheduler
+        self.model = model
+        self.request = request
+        self.keep_alive = keep_alive
+        self.started = time.perf_counter()
+        self.lease: Lease | None = None
+        self.done: DoneEvent | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._events = None
+
+    @property
+    def model_name(self) -> str:
+        return self.lease.loaded.name if self.lease else self.model
+
+    async def start(self) -> "Generation":
+        try:
+            num_ctx = self.request.options.get("num_ctx")
+            self.lease = await self._stack.enter_async_context(
+                self.scheduler.lease(self.model, keep_alive=self.keep_alive, num_ctx=num_ctx))
+            self._events = self.lease.runner.generate(self.request)
+            await self._stack.enter_async_context(contextlib.aclosing(self._events))
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        async for event in self._events:
+            if isinstance(event, DoneEvent):
+                self.done = event
+                return
+            yield event
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    @property
+    def load_seconds(self) -> float:
+        return self.lease.load_seconds if self.lease else 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+async def embed(scheduler: Scheduler, model: str, inputs: list[str], *, truncate: bool,
+                keep_alive=None, num_ctx: int | None = None) -> tuple[EmbedResult, Lease]:
+    async with scheduler.lease(model, keep_alive=keep_alive, num_ctx=num_ctx) as lease:
+        result = await lease.runner.embed(EmbedRequest(inputs, truncate=truncate, num_ctx=num_ctx))
+        return result, lease

@@ -1,0 +1,174 @@
+"""Settings: defaults < ~/.hippo/config.yaml < HIPPO_* environment < command-line flags.
+
+One frozen dataclass so every module reads the same, already-validated values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_PORT = 11434
+
+
+class ConfigError(ValueError):
+    """A setting has a value hippod cannot use; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    home: Path = field(default_factory=lambda: Path.home() / ".hippo")
+    # Scheduler / memory guard
+    keep_alive: str = "5m"
+    memory_budget: int | None = None  # bytes; None = usable memory x safety factor
+    memory_safety: float = 0.8
+    guard: str = "strict"  # strict | warn | off
+    max_loaded_models: int = 3
+    max_queue: int = 512
+    num_parallel: int = 4
+    num_ctx: int = 4096
+    load_timeout: float = 300.0
+    busy_wait: float = 120.0  # seconds a request waits for a busy model to become evictable
+    # API
+    max_body_bytes: int = 32 * 1024 * 1024
+    api_key: str | None = None
+    origins: tuple[str, ...] = ()
+    insecure: bool = False
+    # Cluster
+    discovery: bool = True
+    discovery_interfaces: tuple[str, ...] = ()
+    node_name: str | None = None
+    cluster_secret: str | None = None
+    # Runner
+    runner_python: str | None = None  # interpreter for runner processes; default: this one
+    log_level: str = "info"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "hippo.db"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.models_dir, self.blobs_dir, self.logs_dir, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "ki": 2**10, "kib": 2**10, "m": 1e6, "mb": 1e6,
+          "mi": 2**20, "mib": 2**20, "g": 1e9, "gb": 1e9, "gi": 2**30, "gib": 2**30,
+          "t": 1e12, "tb": 1e12, "ti": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: Any) -> int:
+    """'8GB', '512MiB', 1e9 -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (use e.g. 8GB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _coerce(name: str, typ: str, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if name == "memory_budget":
+            return parse_bytes(value)
+        if name == "home":
+            return Path(os.path.expanduser(str(value)))
+        if "bool" in typ:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if "tuple" in typ:
+            if isinstance(value, (list, tuple)):
+                return tuple(str(v) for v in value)
+            return tuple(p.strip() for p in str(value).split(",") if p.strip())
+        if typ.startswith("int"):
+            return int(value)
+        if typ.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"setting {name}: {e}") from None
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge the four layers. `flags` holds only options given on the command line."""
+    environ = os.environ if environ is None else environ
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    types = {f.name: str(f.type) for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    home = flags.get("home") or environ.get("HIPPO_HOME") or Path.home() / ".hippo"
+    cfg_file = Path(os.path.expanduser(str(home))) / "config.yaml"
+    if cfg_file.exists():
+        try:
+            data = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{cfg_file}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cfg_file}: expected a mapping of settings")
+        for k, v in data.items():
+            k = str(k).replace("-", "_")
+            if k not in types:
+                raise ConfigError(f"{cfg_file}: unknown setting {k!r}")
+            values[k] = _coerce(k, types[k], v)
+
+    for name, typ in types.items():
+        env = environ.get("HIPPO_" + name.upper())
+        if env is not None:
+            values[name] = _coerce(name, typ, env)
+    if "HIPPO_HOST" in environ and ":" in environ["HIPPO_HOST"].rsplit("]", 1)[-1]:
+        # HIPPO_HOST is shared with hippoctl and may carry a port (host:port).
+        host, _, port = environ["HIPPO_HOST"].rpartition(":")
+        values["host"] = host.strip("[]").removeprefix("http://")
+        values["port"] = _coerce("port", "int", port)
+
+    for k, v in flags.items():
+        values[k] = _coerce(k, types[k], v)
+    values["home"] = Path(os.path.expanduser(str(home)))
+
+    s = Settings(**values)
+    if s.guard not in ("strict", "warn", "off"):
+        raise ConfigError(f"setting guard: must be strict, warn or off, not {s.guard!r}")
+    if not (0 < s.memory_safety <= 1):
+        raise ConfigError("setting memory_safety: must be in (0, 1]")
+    if not (0 < s.port < 65536):
+        raise ConfigError(f"setting port: {s.port} is not a TCP port")
+    if s.num_parallel < 1 or s.max_loaded_models < 1 or s.max_queue < 1:
+        raise ConfigError("num_parallel, max_loaded_models and max_queue must be at least 1")
+    return s
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)

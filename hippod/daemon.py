@@ -1,0 +1,126 @@
+"""hippod: wires settings, store, registry, scheduler and the HTTP API together, then serves.
+
+Starts fast on purpose: nothing here imports mlx; models load in runner processes on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+import time
+from logging.handlers import RotatingFileHandler
+
+from aiohttp import web
+
+from hippod import __version__
+from hippod.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("hippo")
+
+
+def parse_args(argv: list[str] | None) -> dict:
+    ap = argparse.ArgumentParser(prog="hippod", description="hippo daemon: serves local LLMs "
+                                 "with the Ollama and OpenAI APIs")
+    ap.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="port (default 11434)")
+    ap.add_argument("--home", help="state directory (default ~/.hippo)")
+    ap.add_argument("--memory-budget", dest="memory_budget", help="bytes models may use, e.g. 12GB")
+    ap.add_argument("--keep-alive", dest="keep_alive", help="default keep_alive, e.g. 5m")
+    ap.add_argument("--num-parallel", dest="num_parallel", type=int, help="batch slots per model")
+    ap.add_argument("--insecure", action="store_true", default=None,
+                    help="allow binding a non-loopback address without an API key")
+    ap.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
+    ap.add_argument("--version", action="version", version=f"hippod {__version__}")
+    return vars(ap.parse_args(argv))
+
+
+def setup_logging(settings: Settings) -> None:
+    level = getattr(logging, settings.log_level.upper(), logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    file = RotatingFileHandler(settings.logs_dir / "hippod.log", maxBytes=10 * 2**20, backupCount=5)
+    file.setFormatter(fmt)
+    root.addHandler(file)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(settings: Settings, started: float) -> None:
+    from hippod.api.app import build_app
+    from hippod.registry.registry import Registry
+    from hippod.scheduler import Scheduler
+    from hippod.store.database import Store
+
+    store = Store(settings.db_path)
+    crashed = store.close_open_loads("crashed")
+    if crashed:
+        log.warning("%d model load(s) were left open by an earlier hippod that stopped uncleanly", crashed)
+    registry = Registry(settings, store)
+    registry.reconcile()
+    node = settings.node_name or socket.gethostname()
+    scheduler = Scheduler(settings, store, registry, node)
+    app = build_app(settings, store, registry, scheduler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise SystemExit(f"hippod: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
+    log.info("hippod %s listening on http://%s:%d (home %s, started in %.0f ms)", __version__,
+             settings.host, settings.port, settings.home, (time.perf_counter() - started) * 1000)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await site.stop()
+    await scheduler.shutdown()
+    await runner.cleanup()
+    store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    try:
+        settings = load_settings(parse_args(argv))
+    except ConfigError as e:
+        print(f"hippod: {e}", file=sys.stderr)
+        return 2
+    if not is_loopback(settings.host) and not settings.api_key and not settings.insecure:
+        print(f"hippod: refusing to listen on {settings.host} without an API key; set HIPPO_API_KEY "
+              "or pass --insecure", file=sys.stderr)
+        return 2
+    settings.ensure_dirs()
+    setup_logging(settings)
+    try:
+        asyncio.run(serve(settings, started))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

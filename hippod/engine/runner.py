@@ -1,0 +1,168 @@
+"""Runner process: one loaded model, served to hippod over a Unix socket.
+
+    python -m hippod.engine.runner --model DIR --socket PATH [--num-parallel N] [--context-length C]
+
+The model lives in a generation thread (BatchLoop); the main thread runs an asyncio server that
+turns socket lines into jobs. The runner exits when its stdin closes, so it never outlives the
+daemon that started it, even after a kill -9 of the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from hippod.protocol import (
+    DoneEvent,
+    EmbedResult,
+    ErrorEvent,
+    InfoResult,
+    ReadyEvent,
+    decode_request,
+    encode,
+)
+
+log = logging.getLogger("hippo.runner")
+TERMINAL = (DoneEvent, ErrorEvent, EmbedResult, InfoResult)
+
+
+def _model_context_length(model_dir: Path) -> int | None:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "context_length"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
+class Runner:
+    def __init__(self, model_dir: Path, num_parallel: int, context_length: int):
+        self.model_dir = model_dir
+        self.num_parallel = num_parallel
+        limit = _model_context_length(model_dir)
+        self.context_length = min(context_length, limit) if limit else context_length
+        self.loop_ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.batch = None
+        self.load_seconds = 0.0
+
+    def generation_thread(self) -> None:
+        """Load and generate in one thread: MLX streams belong to the thread that made them."""
+        try:
+            import mlx.core as mx
+            from mlx_lm import load
+
+            from hippod.engine.batch_loop import BatchLoop
+
+            t0 = time.perf_counter()
+            model, tokenizer = load(str(self.model_dir))
+            mx.eval(model.parameters())
+            self.load_seconds = time.perf_counter() - t0
+            self.batch = BatchLoop(model, tokenizer, num_parallel=self.num_parallel,
+                                   context_length=self.context_length, info=self.info)
+        except BaseException as e:  # reported to the daemon, which shows it to the user
+            self.load_error = e
+            self.loop_ready.set()
+            return
+        self.loop_ready.set()
+        self.batch.run_forever()
+
+    def info(self, active: int) -> InfoResult:
+        import mlx.core as mx
+
+        return InfoResult(os.getpid(), psutil.Process().memory_info().rss, mx.get_active_memory(),
+                          mx.get_peak_memory(), self.context_length, self.num_parallel, active)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from hippod.engine.batch_loop import Job
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            try:
+                request = decode_request(line)
+            except (ValueError, KeyError, TypeError) as e:
+                writer.write(encode(ErrorEvent(f"bad runner request: {e}", status=400)))
+                return
+            job = Job(request, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            self.batch.submit(job)
+            eof = asyncio.ensure_future(reader.read())  # the daemon closing = cancel
+            try:
+                while True:
+                    getter = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait({getter, eof}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in done:
+                        getter.cancel()
+                        job.cancelled.set()
+                        return
+                    event = getter.result()
+                    writer.write(encode(event))
+                    await writer.drain()
+                    if isinstance(event, TERMINAL):
+                        return
+            except (ConnectionError, BrokenPipeError):
+                job.cancelled.set()
+            finally:
+                eof.cancel()
+        finally:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    async def serve(self, socket_path: Path) -> None:
+        server = await asyncio.start_unix_server(self.handle, path=str(socket_path), limit=64 * 2**20)
+        import mlx.core as mx
+
+        ready = ReadyEvent(os.getpid(), self.load_seconds, psutil.Process().memory_info().rss,
+                           mx.get_active_memory(), self.context_length)
+        sys.stdout.write(encode(ready).decode())
+        sys.stdout.flush()
+        loop = asyncio.get_running_loop()
+        stdin_closed = loop.run_in_executor(None, sys.stdin.buffer.read)
+        async with server:
+            await stdin_closed  # the daemon went away (or closed our stdin to stop us)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hippod-runner")
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--socket", required=True, type=Path)
+    ap.add_argument("--num-parallel", type=int, default=4)
+    ap.add_argument("--context-length", type=int, default=4096)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
+    runner = Runner(args.model, args.num_parallel, args.context_length)
+    threading.Thread(target=runner.generation_thread, name="generate", daemon=True).start()
+    runner.loop_ready.wait()
+    if runner.load_error is not None:
+        msg = f"{type(runner.load_error).__name__}: {runner.load_error}"
+        sys.stdout.write(encode(ErrorEvent(f"could not load model: {msg}", status=500)).decode())
+        sys.stdout.flush()
+        return 1
+    try:
+        args.socket.unlink(missing_ok=True)
+        asyncio.run(runner.serve(args.socket))
+    finally:
+        args.socket.unlink(missing_ok=True)
+    os._exit(0)  # do not wait for the generation thread
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Per-request samplers and logits processors, built from Ollama-style options.
+
+A seeded request gets its own PRNG key so its output does not depend on what else shares the
+batch; greedy requests share one sampler object so BatchGenerator samples them in one call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    greedy_sampler,
+    make_frequency_penalty,
+    make_presence_penalty,
+    make_repetition_penalty,
+)
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+def make_request_sampler(options: dict[str, Any]) -> Sampler:
+    temp = float(options.get("temperature", 0.8))
+    if temp <= 0:
+        return greedy_sampler
+    top_p = float(options.get("top_p", 1.0))
+    top_k = int(options.get("top_k", 0) or 0)
+    min_p = float(options.get("min_p", 0.0) or 0.0)
+    seed = options.get("seed")
+    key = [mx.random.key(int(seed))] if seed is not None else None
+
+    def sample(logprobs: mx.array) -> mx.array:
+        if 0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
+        if key is None:
+            return mx.random.categorical(logprobs * (1 / temp))
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * (1 / temp), key=sub)
+
+    return sample
+
+
+def make_request_processors(options: dict[str, Any]) -> list:
+    processors = []
+    window = int(options.get("repeat_last_n", 64) or 64)
+    if window < 0:
+        window = 4096
+    repeat = options.get("repeat_penalty")
+    if repeat is not None and float(repeat) != 1.0 and float(repeat) > 0:
+        processors.append(make_repetition_penalty(float(repeat), window))
+    presence = options.get("presence_penalty")
+    if presence:
+        processors.append(make_presence_penalty(float(presence), window))
+    frequency = options.get("frequency_penalty")
+    if frequency:
+        processors.append(make_frequency_penalty(float(frequency), window))
+    return processors

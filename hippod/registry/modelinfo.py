@@ -1,0 +1,116 @@
+"""What a model directory holds, read from config.json and safetensors headers without loading.
+
+Feeds both the records shown by /api/show and the memory guard's estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class ModelFormatError(ValueError):
+    """The directory is not a model hippo can load; the message says what is wrong."""
+
+
+@dataclass
+class ModelInfo:
+    family: str
+    architecture: str
+    parameters: int
+    parameter_size: str
+    quantization: str
+    weights_bytes: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    context_length: int | None
+    kv_dtype_bytes: int
+
+    def as_details(self) -> dict:
+        return asdict(self)
+
+
+def read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ModelFormatError(f"{path.name}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 2**20:
+            raise ModelFormatError(f"{path.name}: not a safetensors file (header size {n})")
+        try:
+            return json.loads(f.read(n))
+        except ValueError:
+            raise ModelFormatError(f"{path.name}: not a safetensors file (bad header)") from None
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            v = n / size
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return str(n)
+
+
+def inspect_model_dir(path: Path) -> ModelInfo:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFormatError(f"{path}: no config.json (not a Hugging Face / MLX model directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ModelFormatError(f"{cfg_path}: not valid JSON: {e}") from None
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelFormatError(f"{path}: no .safetensors weights")
+    quant = cfg.get("quantization") or cfg.get("quantization_config") or {}
+    bits = quant.get("bits")
+    weights_bytes = params = 0
+    dtypes: dict[str, int] = {}
+    for shard in shards:
+        for name, t in read_safetensors_header(shard).items():
+            if name == "__metadata__":
+                continue
+            start, end = t["data_offsets"]
+            weights_bytes += end - start
+            numel = 1
+            for d in t["shape"]:
+                numel *= d
+            if name.endswith((".scales", ".biases")) and bits:
+                continue
+            if t["dtype"] == "U32" and bits:
+                numel = numel * 32 // bits  # packed quantized weights
+            params += numel
+            dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + numel
+    text = cfg.get("text_config", cfg)
+    layers = text.get("num_hidden_layers") or text.get("n_layer") or text.get("num_layers") or 0
+    heads = text.get("num_attention_heads") or text.get("n_head") or 1
+    kv_heads = text.get("num_key_value_heads") or heads
+    hidden = text.get("hidden_size") or text.get("n_embd") or 0
+    head_dim = text.get("head_dim") or (hidden // heads if heads else 0)
+    ctx = text.get("max_position_embeddings") or text.get("context_length")
+    main_dtype = max(dtypes, key=dtypes.get) if dtypes else "F16"
+    if bits:
+        quantization = cfg.get("gguf_quantization") or f"{bits}-bit"
+    else:
+        quantization = {"BF16": "BF16", "F16": "F16", "F32": "F32"}.get(main_dtype, main_dtype)
+    float_dtype = "F32" if main_dtype == "F32" else "F16"
+    return ModelInfo(
+        family=str(cfg.get("model_type") or "unknown"),
+        architecture=str((cfg.get("architectures") or [cfg.get("model_type") or "unknown"])[0]),
+        parameters=params,
+        parameter_size=human_count(params),
+        quantization=quantization,
+        weights_bytes=weights_bytes,
+        num_layers=int(layers),
+        kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        context_length=int(ctx) if ctx else None,
+        kv_dtype_bytes=_DTYPE_BYTES[float_dtype],
+    )

@@ -1,0 +1,306 @@
+"""The model registry: names -> content-addressed files on disk, recorded in the store.
+
+A model is a manifest of files, each kept once as `blobs/sha256-<hex>`; its loadable directory
+`models/<manifest digest>/` holds symlinks with the files' real names, which is what mlx_lm.load
+reads. Copies share blobs; deleting the last model that uses a blob removes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import uuid
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from hippod.config import Settings
+from hippod.registry.modelinfo import ModelFormatError, inspect_model_dir
+from hippod.registry.names import InvalidName, parse_name
+from hippod.store.database import Store
+from hippod.store.records import ModelRecord
+
+log = logging.getLogger("hippo.registry")
+CHUNK = 4 * 2**20
+# Files an MLX model directory may need; anything else in an imported directory is ignored.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".model", ".jinja", ".txt", ".tiktoken", ".py")
+
+Progress = Callable[[dict], None]
+
+
+class RegistryError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ModelNotFound(RegistryError):
+    def __init__(self, name: str):
+        super().__init__(f"model '{name}' not found", 404)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    return h.hexdigest()
+
+
+class Registry:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.tmp_dir = settings.home / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Ingest and garbage collection must not interleave: a blob written for a model not yet
+        # recorded would look unused.
+        self._lock = threading.RLock()
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    @staticmethod
+    def normalize(name: object) -> str:
+        try:
+            return str(parse_name(name))
+        except InvalidName as e:
+            raise RegistryError(str(e), 400) from None
+
+    def get(self, name: object) -> ModelRecord:
+        full = self.normalize(name)
+        rec = self.store.get_model(full)
+        if rec is None:
+            raise ModelNotFound(str(name))
+        return rec
+
+    def list(self) -> list[ModelRecord]:
+        return self.store.list_models()
+
+    def model_dir(self, rec: ModelRecord) -> Path:
+        return self.settings.models_dir / rec.digest
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.settings.blobs_dir / f"sha256-{sha256}"
+
+    # -- writing models ---------------------------------------------------------------------
+
+    def _store_blob(self, src: Path, move: bool, on_bytes=None) -> tuple[str, int]:
+        """Hash `src` into the blob store; moves our own temp files, copies the user's."""
+        size = src.stat().st_size
+        if move:
+            digest = sha256_file(src, on_bytes)
+            dst = self.blob_path(digest)
+            if dst.exists() and dst.stat().st_size == size:
+                src.unlink()
+            else:
+                os.replace(src, dst)
+        else:
+            tmp = self.settings.blobs_dir / f".tmp-{uuid.uuid4().hex}"
+            h = hashlib.sha256()
+            try:
+                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    while chunk := fin.read(CHUNK):
+                        h.update(chunk)
+                        fout.write(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+                digest = h.hexdigest()
+                os.replace(tmp, self.blob_path(digest))
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.store.put_blob(digest, size, str(self.blob_path(digest)))
+        return digest, size
+
+    def _link_model_dir(self, manifest: list[dict]) -> str:
+        body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        digest = hashlib.sha256(body).hexdigest()
+        final = self.settings.models_dir / digest
+        if final.is_dir() and all((final / f["name"]).exists() for f in manifest):
+            return digest
+        tmp = self.settings.models_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        for f in manifest:
+            target = tmp / f["name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(self.blob_path(f["sha256"]))
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return digest
+
+    def ingest_dir(self, src: Path, name: str, *, source: str, fmt: str, move: bool,
+                   extra: dict | None = None, progress: Progress | None = None) -> ModelRecord:
+        """Record the model files in `src` under `name` (blocking: call from a thread)."""
+        with self._lock:
+            return self._ingest_dir(src, name, source=source, fmt=fmt, move=move, extra=extra,
+                                    progress=progress)
+
+    def _ingest_dir(self, src: Path, name: str, *, source: str, fmt: str, move: bool,
+                    extra: dict | None, progress: Progress | None) -> ModelRecord:
+        files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and p.suffix in MODEL_FILE_SUFFIXES)
+        if not files:
+            raise RegistryError(f"{src}: no model files found")
+        try:
+            info = inspect_model_dir(src)
+        except ModelFormatError as e:
+            raise RegistryError(str(e)) from None
+        manifest = []
+        for p in files:
+            rel = p.relative_to(src).as_posix()
+            if progress:
+                progress({"status": f"writing {rel}"})
+            digest, size = self._store_blob(p, move)
+            manifest.append({"name": rel, "sha256": digest, "size": size})
+        model_digest = self._link_model_dir(manifest)
+        details = info.as_details()
+        details.update(extra or {})
+        existing = self.store.get_model(name)
+        rec = ModelRecord(
+            name=name, source=source, digest=model_digest, files=manifest, format=fmt,
+            family=info.family, parameters=info.parameters,
+            parameter_size=details.get("parameter_size") or info.parameter_size,
+            quantization=details.get("quantization") or info.quantization,
+            size=sum(f["size"] for f in manifest), context_length=info.context_length,
+            details=details, missing=False,
+            created_at=existing.created_at if existing else _now(), modified_at=_now(),
+        )
+        self.store.put_model(rec)
+        self._collect_garbage()
+        return rec
+
+    async def create(self, name: object, source_path: str, progress: Progress | None = None
+                     ) -> ModelRecord:
+        """Import a GGUF file or an MLX / Hugging Face safetensors directory."""
+        full = self.normalize(name)
+        if not isinstance(source_path, str) or not source_path:
+            raise RegistryError("'from' must be a path to a .gguf file or a model directory")
+        src = Path(os.path.expanduser(source_path))
+        if not src.is_absolute():
+            raise RegistryError(f"'from' must be an absolute path on the daemon's machine, not {source_path!r}")
+        if not src.exists():
+            raise RegistryError(f"{src}: no such file or directory")
+        if src.is_dir():
+            return await asyncio.to_thread(self.ingest_dir, src, full, source=f"dir:{src}",
+                                           fmt="safetensors", move=False, progress=progress)
+        if src.suffix.lower() != ".gguf":
+            raise RegistryError(f"{src}: expected a .gguf file or a model directory")
+        work = self.tmp_dir / f"gguf-{uuid.uuid4().hex}"
+        if progress:
+            progress({"status": "converting gguf to mlx"})
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hippod.engine.gguf", str(src), str(work),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            if proc.returncode != 0:
+                lines = err.decode(errors="replace").strip().splitlines()
+                raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
+            summary = json.loads(out.decode().strip().splitlines()[-1])
+            return await asyncio.to_thread(self.ingest_dir, work, full, source=f"gguf:{src}",
+                                           fmt="gguf", move=True, extra=summary, progress=progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def copy(self, source: object, destination: object) -> ModelRecord:
+        rec = self.get(source)
+        dst = self.normalize(destination)
+        new = replace(rec, name=dst, source=f"copy:{rec.name}", created_at=_now(), modified_at=_now())
+        self.store.put_model(new)
+        return new
+
+    def delete(self, name: object) -> None:
+        """Blocking (waits for a running import): call from a thread."""
+        rec = self.get(name)
+        with self._lock:
+            self.store.delete_model(rec.name)
+            self._collect_garbage()
+
+    # -- pulling ----------------------------------------------------------------------------
+
+    async def pull(self, name: object, progress: Progress, cancel: threading.Event | None = None
+                   ) -> ModelRecord:
+        from hippod.registry import catalog, hub
+
+        mn = parse_name(name) if isinstance(name, str) else None
+        if mn is None:
+            raise RegistryError("model name is required")
+        full = str(mn)
+        entry = catalog.resolve(mn.name, mn.tag)
+        if entry is None:
+            raise RegistryError(
+                f"model '{name}' is not in the catalog; pull an explicit hub repo "
+                "(e.g. hf.co/mlx-community/SmolLM2-135M-Instruct-8bit) or import one with create", 404)
+        dest = self.tmp_dir / "downloads" / entry.repo.replace("/", "--")
+        progress({"status": "pulling manifest"})
+
+        def report(p) -> None:
+            event = {"status": p.status}
+            if p.digest:
+                event["digest"] = p.digest
+            if p.total is not None:
+                event["total"] = p.total
+            if p.completed is not None:
+                event["completed"] = p.completed
+            if p.status != "success":
+                progress(event)
+
+        try:
+            await asyncio.to_thread(hub.download_repo, entry.repo, entry.revision, dest, report,
+                                    cancel=cancel)
+        except hub.HubError as e:
+            raise RegistryError(str(e), 404 if "not found" in str(e) else 502) from None
+        progress({"status": "writing manifest"})
+        extra = {"draft": entry.draft} if entry.draft else {}
+        rec = await asyncio.to_thread(
+            self.ingest_dir, dest, full, source=f"hf:{entry.repo}@{entry.revision or 'main'}",
+            fmt="mlx", move=True, extra=extra)
+        shutil.rmtree(dest, ignore_errors=True)
+        return rec
+
+    # -- consistency ------------------------------------------------------------------------
+
+    def reconcile(self) -> list[str]:
+        """Check every model's files; mark the incomplete ones missing, relink the rest."""
+        missing = []
+        for rec in self.store.list_models():
+            ok = all(self.blob_path(f["sha256"]).is_file()
+                     and self.blob_path(f["sha256"]).stat().st_size == f["size"] for f in rec.files)
+            if ok:
+                self._link_model_dir(rec.files)
+            else:
+                missing.append(rec.name)
+            if ok == rec.missing:
+                self.store.set_missing(rec.name, not ok)
+        for stale in self.settings.blobs_dir.glob(".tmp-*"):
+            stale.unlink(missing_ok=True)
+        for stale in self.settings.models_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if missing:
+            log.warning("models with missing files (re-pull or re-create them): %s", ", ".join(missing))
+        return missing
+
+    def _collect_garbage(self) -> None:
+        models = self.store.list_models()
+        used_blobs = {f["sha256"] for m in models for f in m.files}
+        used_dirs = {m.digest for m in models}
+        for blob in self.store.list_blobs():
+            if blob.sha256 not in used_blobs:
+                self.blob_path(blob.sha256).unlink(missing_ok=True)
+                self.store.delete_blob(blob.sha256)
+        for d in self.settings.models_dir.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and d.name not in used_dirs:
+                shutil.rmtree(d, ignore_errors=True)

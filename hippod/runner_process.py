@@ -1,0 +1,208 @@
+"""The daemon's handle on one runner process: start it, talk to it, notice its death, kill it.
+
+Mechanics only; what to load and when to unload is the scheduler's call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import AsyncIterator
+
+from hippod.protocol import (
+    DoneEvent,
+    EmbedRequest,
+    EmbedResult,
+    ErrorEvent,
+    GenerateRequest,
+    InfoRequest,
+    InfoResult,
+    ReadyEvent,
+    decode_event,
+    encode,
+)
+
+log = logging.getLogger("hippo.runner")
+
+
+class RunnerError(Exception):
+    """The runner failed, died, or answered with an error; `status` is the HTTP status to use."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+class RunnerProcess:
+    def __init__(self, model_dir: Path, run_dir: Path, log_path: Path, *, num_parallel: int,
+                 context_length: int, python: str | None = None):
+        self.model_dir = model_dir
+        name = f"runner-{uuid.uuid4().hex[:12]}.sock"
+        self.socket_path = run_dir / name
+        if len(str(self.socket_path)) > 100:  # AF_UNIX paths are limited to ~104 bytes on macOS
+            self.socket_path = Path(tempfile.gettempdir()) / f"hippo-{name}"
+        self.log_path = log_path
+        self.num_parallel = num_parallel
+        self.context_length = context_length
+        self.python = python or sys.executable
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: ReadyEvent | None = None
+        self.exited = asyncio.Event()
+        self.exit_code: int | None = None
+        self._stderr_tail: deque[str] = deque(maxlen=20)
+        self._watchers: list[asyncio.Task] = []
+        self._conns: set[asyncio.StreamWriter] = set()
+        self.stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.exited.is_set()
+
+    async def start(self, timeout: float) -> ReadyEvent:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            self.python, "-m", "hippod.engine.runner", "--model", str(self.model_dir),
+            "--socket", str(self.socket_path), "--num-parallel", str(self.num_parallel),
+            "--context-length", str(self.context_length),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._watchers.append(asyncio.ensure_future(self._pump_stderr()))
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except asyncio.TimeoutError:
+            await self.kill()
+            raise RunnerError(f"model did not load within {timeout:.0f}s") from None
+        if not line:
+            await self.proc.wait()
+            self.exited.set()
+            raise RunnerError("runner exited while loading: " + self.stderr_tail())
+        event = decode_event(line)
+        if isinstance(event, ErrorEvent):
+            await self.kill()
+            raise RunnerError(event.message)
+        self.ready = event
+        self._watchers.append(asyncio.ensure_future(self._watch_exit()))
+        return event
+
+    def stderr_tail(self) -> str:
+        return " | ".join(self._stderr_tail) or "(no output)"
+
+    async def _pump_stderr(self) -> None:
+        with open(self.log_path, "ab") as f:
+            while True:
+                line = await self.proc.stderr.readline()
+                if not line:
+                    return
+                f.write(line)
+                f.flush()
+                self._stderr_tail.append(line.decode(errors="replace").rstrip())
+
+    async def _watch_exit(self) -> None:
+        self.exit_code = await self.proc.wait()
+        self.exited.set()
+        # Wake every stream at once instead of waiting for socket timeouts.
+        for w in list(self._conns):
+            w.close()
+        self.socket_path.unlink(missing_ok=True)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self):
+        if not self.alive:
+            raise RunnerError("the model's runner is not running")
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.socket_path), limit=64 * 2**20)
+        except OSError as e:
+            raise RunnerError(f"cannot reach the model's runner: {e}") from None
+        self._conns.add(writer)
+        try:
+            yield reader, writer
+        finally:
+            self._conns.discard(writer)
+            writer.close()
+
+    def _died_message(self) -> str:
+        code = self.exit_code
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return f"the model's runner stopped ({how}) during the request"
+
+    async def _read_event(self, reader: asyncio.StreamReader):
+        try:
+            line = await reader.readline()
+        except (ConnectionError, OSError):
+            line = b""
+        if not line:
+            if not self.stopping:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.exited.wait(), 0.5)
+            raise RunnerError(self._died_message() if self.exited.is_set() or self.stopping
+                              else "the model's runner closed the connection")
+        event = decode_event(line)
+        if isinstance(event, ErrorEvent):
+            raise RunnerError(event.message, event.status)
+        return event
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[object]:
+        """Yields TokenEvents then one DoneEvent. Closing the generator cancels the job."""
+        async with self._connection() as (reader, writer):
+            writer.write(encode(request))
+            await writer.drain()
+            while True:
+                event = await self._read_event(reader)
+                yield event
+                if isinstance(event, DoneEvent):
+                    return
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        return await self._call(request)
+
+    async def info(self) -> InfoResult:
+        return await self._call(InfoRequest())
+
+    async def _call(self, request):
+        async with self._connection() as (reader, writer):
+            writer.write(encode(request))
+            await writer.drain()
+            return await self._read_event(reader)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Close stdin (the runner exits by itself), then SIGKILL after `grace` seconds."""
+        if self.proc is None or self.exited.is_set():
+            return
+        self.stopping = True
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            await self.kill()
+        self.exited.set()
+
+    async def kill(self) -> None:
+        if self.proc is None:
+            return
+        self.stopping = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+        self.exited.set()
+        self.socket_path.unlink(missing_ok=True)
