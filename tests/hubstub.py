@@ -4,8 +4,8 @@ Serves model repos from local directories with the endpoints and headers hugging
 (model info with file metadata, HEAD/GET on /resolve with X-Repo-Commit / ETag / X-Linked-*),
 redirects LFS files to a second port the way the hub redirects to its CDN, answers Range requests
 with 206, and shapes errors like the hub (X-Error-Code RepoNotFound / RevisionNotFound /
-EntryNotFound). Knobs break it on purpose: cut a transfer after N bytes, lie about a sha256 or a
-size. Everything binds to 127.0.0.1 only.
+EntryNotFound). Knobs break it on purpose: cut a transfer after N bytes, ignore Range headers, lie
+about a sha256 or a size. Everything binds to 127.0.0.1 only.
 
     with start_hub({"acme/tiny-mlx": repo_dir}) as hub:
         download_repo("acme/tiny-mlx", None, dest, endpoint=hub.endpoint)
@@ -97,6 +97,7 @@ class HubStub:
     def __init__(self, repos: dict[str, Path], *, lfs_redirect: bool = True) -> None:
         self.repos = {repo_id.lower(): _scan_repo(repo_id, Path(d)) for repo_id, d in repos.items()}
         self.lfs_redirect = lfs_redirect
+        self.ignore_range = False  # True: answer Range requests with the whole file (200), like some proxies
         self.requests: list[LoggedRequest] = []
         self.endpoint = ""
         self.cdn_endpoint = ""
@@ -249,7 +250,7 @@ class HubStub:
     async def _send_file(self, request: web.Request, f: StubFile, headers: dict[str, str]) -> web.StreamResponse:
         start, end = 0, f.size - 1
         status = 200
-        if request.headers.get("Range"):
+        if request.headers.get("Range") and not self.ignore_range:
             match = _RANGE.match(request.headers["Range"].strip())
             if match is None or int(match.group(1)) >= f.size:
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{f.size}"})

@@ -148,6 +148,31 @@ def test_cancelled_pull_keeps_partial_file_and_next_pull_resumes(repo_dir, tmp_p
     assert first.completed == HTTP_CHUNK  # progress starts where the last pull stopped
 
 
+def test_resume_survives_a_server_that_ignores_range(repo_dir, tmp_path):
+    dest = tmp_path / "dest"
+    cancel = threading.Event()
+    with start_hub({REPO: repo_dir}) as hub:
+        with pytest.raises(PullCancelled):
+            download_repo(REPO, None, dest, lambda e: (e.completed or 0) >= HTTP_CHUNK and cancel.set(),
+                          endpoint=hub.endpoint, cancel=cancel)
+        hub.ignore_range = True
+        hub.requests.clear()
+        download_repo(REPO, None, dest, endpoint=hub.endpoint)
+        transfers = body_requests(hub, "model.safetensors")
+    assert [(r.range, r.status) for r in transfers] == [(f"bytes={HTTP_CHUNK}-", 200)]
+    assert (dest / "model.safetensors").read_bytes() == (repo_dir / "model.safetensors").read_bytes()
+
+
+def test_connection_that_keeps_breaking_ends_in_a_clear_error(repo_dir, tmp_path):
+    dest = tmp_path / "dest"
+    with start_hub({REPO: repo_dir}) as hub:
+        hub.cut_downloads(after_bytes=MiB, times=10, filename="model.safetensors")  # never a whole chunk
+        with pytest.raises(HubError, match=r"kept breaking off.*pull again to resume"):
+            download_repo(REPO, None, dest, endpoint=hub.endpoint)
+    assert len(body_requests(hub, "model.safetensors")) == 6  # huggingface_hub's own retries, then it gives up
+    assert not (dest / "model.safetensors").exists()
+
+
 def test_cancel_before_start_touches_nothing(repo_dir, tmp_path):
     cancel = threading.Event()
     cancel.set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from hippod.api import ollama
+from hippod.api import admin, ollama
 from hippod.api.errors import error_middleware
 from hippod.config import Settings
 from hippod.registry.registry import Registry
@@ -19,4 +19,5 @@ def build_app(settings: Settings, store: Store, registry: Registry, scheduler: S
     app["registry"] = registry
     app["scheduler"] = scheduler
     app.add_routes(ollama.routes)
+    app.add_routes(admin.routes)
     return app

@@ -311,6 +311,9 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str) -> Iterator[N
         raise HubError("hub access is disabled (HF_HUB_OFFLINE is set)") from e
     except HfHubHTTPError as e:
         raise HubError(f"the hub refused the request for '{repo_id}': {_first_line(e)}") from e
+    except (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError) as e:
+        raise HubError(f"the connection to {endpoint} kept breaking off while pulling '{repo_id}' "
+                       f"({_describe(e)}); pull again to resume") from e
     except httpx2.TransportError as e:
         raise HubError(f"cannot reach {endpoint}: {_describe(e)}") from e
     except httpx2.HTTPError as e:
