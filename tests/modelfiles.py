@@ -95,7 +95,8 @@ def smollm2_mlx_dir() -> Path:
             [sys.executable, "-m", "hippod.engine.gguf", str(gguf), str(target)],
             cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"converting {gguf} failed ({proc.returncode}): {proc.stderr.strip()}")
+            raise RuntimeError(
+                f"converting {gguf} failed ({proc.returncode}): {proc.stderr.strip()}")
     return target
 
 

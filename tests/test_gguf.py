@@ -81,6 +81,23 @@ def test_tokenizer_round_trips_digits_and_unicode(smol_tokenizer):
     assert [smol_tokenizer.decode([i]) for i in digits] == ["2", "0", "2", "4"]
 
 
+def test_smollm_pre_tokenizer_matches_smollm2s_own(smol_dir):
+    # Its vocabulary has no multi-digit tokens, so only the structure shows the Digits step.
+    pre = json.loads((smol_dir / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert [p["type"] for p in pre["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert pre["pretokenizers"][0]["individual_digits"] is True
+    assert pre["pretokenizers"][1]["add_prefix_space"] is False
+
+
+def test_llama_bpe_pre_tokenizer_groups_digits_by_three():
+    tokens, merges, types = byte_level_vocab()
+    meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.pre": "llama-bpe"}
+    tok = gguf.byte_level_bpe_tokenizer(meta)
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("hello 12345 world's")]
+    assert pieces == ["hello", "Ġ", "123", "45", "Ġworld", "'s"]
+
+
 def test_chat_template_and_special_tokens(smol_tokenizer):
     _, meta = mx.load(str(smollm2_gguf()), return_metadata=True)
     rendered = smol_tokenizer.apply_chat_template(
@@ -90,7 +107,8 @@ def test_chat_template_and_special_tokens(smol_tokenizer):
     im_start = smol_tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(im_start) == 3  # markers are single special tokens, not split text
     eos_id = meta["tokenizer.ggml.eos_token_id"].item()
-    assert smol_tokenizer.eos_token_id == eos_id == smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert smol_tokenizer.eos_token_id == eos_id == im_end
 
 
 # --------------------------------------------------------------------------- synthetic GGUFs
@@ -98,7 +116,8 @@ def test_chat_template_and_special_tokens(smol_tokenizer):
 
 def llama_cpp_permute(w: mx.array, n_head: int) -> mx.array:
     """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (HF -> GGUF)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 GGUF_LAYER_NAMES = {
@@ -162,7 +181,8 @@ def write_tiny_gguf(path: Path, *, tie: bool, architecture: str = "llama") -> ll
         "tokenizer.ggml.token_type": mx.array(types, dtype=mx.int32),
         "tokenizer.ggml.bos_token_id": u32(1), "tokenizer.ggml.eos_token_id": u32(2),
         "tokenizer.ggml.add_bos_token": mx.array(False),
-        "tokenizer.chat_template": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
+        "tokenizer.chat_template":
+            "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
     }
     mx.save_gguf(str(path), tensors, meta)
     return model

@@ -96,7 +96,8 @@ def convert_gguf(src: Path, dst: Path) -> dict:
     if arch is None:
         raise GGUFError(f"{src}: GGUF metadata lacks general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise GGUFError(f"unsupported architecture {arch!r} (supported: {supported})")
 
     config = model_config(meta, weights)
     weights = hf_weights(weights, config)
@@ -270,7 +271,7 @@ def rope_scaling_config(meta: dict, arch: str, weights: dict, config: dict) -> d
     if kind not in (None, "none", "linear", "yarn"):
         raise GGUFError(f"unsupported rope scaling type {kind!r}")
     if "rope_freqs.weight" in weights:
-        return llama3_rope_scaling(weights.pop("rope_freqs.weight"), config)
+        return llama3_rope_scaling(weights["rope_freqs.weight"], config)
     return None
 
 
@@ -333,6 +334,8 @@ def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
 def hf_weights(weights: dict, config: dict) -> dict:
     out = {}
     for name, w in weights.items():
+        if name == "rope_freqs.weight":
+            continue  # folded into config["rope_scaling"]
         new = hf_name(name)
         if ".self_attn.q_proj." in new:
             w = unpermute_rows(w, config["num_attention_heads"])

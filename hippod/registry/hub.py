@@ -14,10 +14,11 @@ import errno
 import functools
 import hashlib
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,6 +40,7 @@ from huggingface_hub.utils import build_hf_headers, filter_repo_objects
 MLX_FILE_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.tiktoken", "*.jinja", "*.txt")
 INCOMPLETE_SUFFIX = ".incomplete"
 _HASH_CHUNK = 4 * 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class HubError(Exception):
@@ -167,6 +169,8 @@ def _pull_file(repo_id: str, commit: str, remote: RemoteFile, dest_dir: Path, re
     url = hf_hub_url(repo_id, remote.name, revision=commit, endpoint=endpoint)
     metadata = get_hf_file_metadata(url, token=token, timeout=timeout, endpoint=endpoint)
     size = remote.size if remote.size is not None else metadata.size
+    if remote.sha256 is None and metadata.etag and _SHA256.fullmatch(metadata.etag):
+        remote = replace(remote, sha256=metadata.etag)  # an LFS etag is the file's sha256
     headers = build_hf_headers(token=token)
     if _origin(metadata.location) != _origin(url):
         headers.pop("authorization", None)  # signed CDN url: credentials must not leave the hub

@@ -85,7 +85,9 @@ def inspect_model_dir(path: Path) -> ModelInfo:
             if name.endswith((".scales", ".biases")) and bits:
                 continue
             if t["dtype"] == "U32" and bits:
-                numel = numel * 32 // bits  # packed quantized weights
+                module = quant.get(name.rsplit(".", 1)[0])  # per-module override (mixed quants)
+                module_bits = module.get("bits", bits) if isinstance(module, dict) else bits
+                numel = numel * 32 // module_bits  # packed quantized weights
             params += numel
             dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + numel
     text = cfg.get("text_config", cfg)

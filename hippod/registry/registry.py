@@ -69,6 +69,7 @@ class Registry:
         # Ingest and garbage collection must not interleave: a blob written for a model not yet
         # recorded would look unused.
         self._lock = threading.RLock()
+        self._pull_locks: dict[str, asyncio.Lock] = {}
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -171,7 +172,7 @@ class Registry:
         existing = self.store.get_model(name)
         rec = ModelRecord(
             name=name, source=source, digest=model_digest, files=manifest, format=fmt,
-            family=info.family, parameters=info.parameters,
+            family=info.family, parameters=details.get("parameters") or info.parameters,
             parameter_size=details.get("parameter_size") or info.parameter_size,
             quantization=details.get("quantization") or info.quantization,
             size=sum(f["size"] for f in manifest), context_length=info.context_length,
@@ -235,17 +236,19 @@ class Registry:
                    ) -> ModelRecord:
         from hippod.registry import catalog, hub
 
-        mn = parse_name(name) if isinstance(name, str) else None
-        if mn is None:
-            raise RegistryError("model name is required")
+        mn = parse_name(name)
         full = str(mn)
-        entry = catalog.resolve(mn.name, mn.tag)
+        raw = name.strip()
+        # Hub repo ids and revisions are case-sensitive: resolve explicit repos from the raw text.
+        entry = catalog.entry_for_repo(raw) if "/" in raw else catalog.resolve(mn.name, mn.tag)
         if entry is None:
             raise RegistryError(
                 f"model '{name}' is not in the catalog; pull an explicit hub repo "
                 "(e.g. hf.co/mlx-community/SmolLM2-135M-Instruct-8bit) or import one with create", 404)
         dest = self.tmp_dir / "downloads" / entry.repo.replace("/", "--")
-        progress({"status": "pulling manifest"})
+        lock = self._pull_locks.setdefault(entry.repo, asyncio.Lock())
+        if lock.locked():
+            progress({"status": f"waiting for another pull of {entry.repo}"})
 
         def report(p) -> None:
             event = {"status": p.status}
@@ -258,18 +261,19 @@ class Registry:
             if p.status != "success":
                 progress(event)
 
-        try:
-            await asyncio.to_thread(hub.download_repo, entry.repo, entry.revision, dest, report,
-                                    cancel=cancel)
-        except hub.HubError as e:
-            raise RegistryError(str(e), 404 if "not found" in str(e) else 502) from None
-        progress({"status": "writing manifest"})
-        extra = {"draft": entry.draft} if entry.draft else {}
-        rec = await asyncio.to_thread(
-            self.ingest_dir, dest, full, source=f"hf:{entry.repo}@{entry.revision or 'main'}",
-            fmt="mlx", move=True, extra=extra)
-        shutil.rmtree(dest, ignore_errors=True)
-        return rec
+        async with lock:
+            try:
+                await asyncio.to_thread(hub.download_repo, entry.repo, entry.revision, dest, report,
+                                        cancel=cancel)
+            except hub.HubError as e:
+                raise RegistryError(str(e), 404 if "not found" in str(e) else 502) from None
+            progress({"status": "writing manifest"})
+            extra = {"draft": entry.draft} if entry.draft else {}
+            rec = await asyncio.to_thread(
+                self.ingest_dir, dest, full, source=f"hf:{entry.repo}@{entry.revision or 'main'}",
+                fmt="mlx", move=True, extra=extra)
+            shutil.rmtree(dest, ignore_errors=True)
+            return rec
 
     # -- consistency ------------------------------------------------------------------------
 
