@@ -1,0 +1,432 @@
+"""OpenAI wire shapes: request parsing into hippo terms and response building, no behaviour.
+
+Everything a client may send is either honoured, accepted as meaning nothing here (`user`,
+`metadata`, ...), or refused with a 400 that names the parameter: a request is never silently
+answered as if it had asked for something else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from hippod import __version__
+from hippod.api.errors import BadRequest
+from hippod.api.fields import get, number_in
+from hippod.api.ollama_types import parse_tools
+from hippod.store.records import ModelRecord
+
+MAX_STOPS = 16
+MAX_EMBED_INPUTS = 2048
+
+
+# -- shared request parts ----------------------------------------------------------------------
+
+
+def _refuse(body: dict, name: str, allowed, reason: str) -> None:
+    """400 naming `name` unless its value is absent or one of the `allowed` harmless values."""
+    value = body.get(name)
+    if value is None or any(value == ok and type(value) is type(ok) for ok in allowed):
+        return
+    raise BadRequest(f"{name} {reason}", param=name)
+
+
+def _refuse_common(body: dict) -> None:
+    _refuse(body, "n", (1,), "must be 1: hippo returns one choice per request")
+    _refuse(body, "logit_bias", ({},), "is not supported by hippo")
+    _refuse(body, "store", (False,), "is not supported: hippo does not store completions")
+
+
+def parse_stop(raw: Any) -> list[str]:
+    stops = [raw] if isinstance(raw, str) else raw
+    if stops is None:
+        return []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest("stop must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOPS:
+        raise BadRequest(f"stop allows at most {MAX_STOPS} strings", param="stop")
+    return [s for s in stops if s]
+
+
+def parse_sampling(body: dict, max_tokens_default: int | None) -> dict[str, Any]:
+    """OpenAI sampling parameters -> the runner's Ollama-named options."""
+    options: dict[str, Any] = {
+        # OpenAI's default temperature is 1.0, not Ollama's 0.8.
+        "temperature": number_in(get(body, "temperature", float, 1.0), "temperature", 0, 2),
+    }
+    for name, key, typ, lo, hi in (
+        ("top_p", "top_p", float, 0, 1),
+        ("presence_penalty", "presence_penalty", float, -2, 2),
+        ("frequency_penalty", "frequency_penalty", float, -2, 2),
+        ("seed", "seed", int, None, None),
+        # Not in OpenAI's API, but sent by many clients of local servers (vLLM, mlx-lm accept them).
+        ("top_k", "top_k", int, 0, None),
+        ("min_p", "min_p", float, 0, 1),
+    ):
+        value = number_in(get(body, name, typ), name, lo, hi)
+        if value is not None:
+            options[key] = value
+    max_tokens = get(body, "max_completion_tokens", int)
+    label = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, label = get(body, "max_tokens", int, max_tokens_default), "max_tokens"
+    if max_tokens is not None:
+        options["num_predict"] = number_in(max_tokens, label, 1, None)
+    stops = parse_stop(body.get("stop"))
+    if stops:
+        options["stop"] = stops
+    return options
+
+
+def parse_stream(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = get(body, "stream", bool, False)
+    opts = get(body, "stream_options", dict, {})
+    include_usage = get(opts, "include_usage", bool, False, prefix="stream_options.")
+    return stream, stream and include_usage
+
+
+def parse_response_format(raw: Any) -> dict | None:
+    """`response_format` -> the runner's grammar request (None = free text).
+
+    Structured output lands in the runner later: then json_object maps to {"json_object": True}
+    and json_schema to {"json_schema": schema}, here and nowhere else.
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        raise BadRequest("response_format must be an object with a 'type'", param="response_format")
+    kind = raw["type"]
+    if kind == "text":
+        return None
+    if kind in ("json_object", "json_schema"):
+        raise BadRequest(f"response_format type {kind!r} is not supported yet", param="response_format")
+    raise BadRequest(f"response_format type {kind!r} is unknown; use text, json_object or json_schema",
+                     param="response_format")
+
+
+def parse_tool_choice(raw: Any, tools: list[dict] | None) -> list[dict] | None:
+    """The tools the template sees, given `tool_choice`.
+
+    "none" hides the tools, so the model answers in text. Forcing a call ("required" or a named
+    function) needs constrained decoding in the runner: refused until it exists, then handled here.
+    """
+    if raw is None or raw == "auto":
+        return tools
+    if raw == "none":
+        return None
+    if raw == "required" or isinstance(raw, dict):
+        shown = raw if isinstance(raw, str) else "a named function"
+        raise BadRequest(f"tool_choice {shown!r} is not supported yet; use 'auto' or 'none'",
+                         param="tool_choice")
+    raise BadRequest("tool_choice must be 'none', 'auto', 'required' or an object", param="tool_choice")
+
+
+# -- /v1/chat/completions ---------------------------------------------------------------------
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+          "tool": "tool"}
+_MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file"}
+
+
+def _content_text(raw: Any, label: str) -> str:
+    """Message content: a string, null, or a list of text parts joined as mlx-lm joins them."""
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, list):
+        raise BadRequest(f"{label} must be a string or a list of content parts", param=label)
+    texts = []
+    for j, part in enumerate(raw):
+        plabel = f"{label}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            raise BadRequest(f"{plabel}: {_MEDIA_PARTS[kind]} content is not supported: hippo serves "
+                             "text models only", param=plabel)
+        if kind not in ("text", "refusal"):
+            raise BadRequest(f"{plabel} must be a content part of type 'text'", param=plabel)
+        text = part.get(kind)
+        if not isinstance(text, str):
+            raise BadRequest(f"{plabel}.{kind} must be a string", param=f"{plabel}.{kind}")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _tool_call(raw: Any, label: str) -> dict:
+    """An assistant's earlier tool call; arguments become an object, as chat templates expect."""
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise BadRequest(f"{label} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
+                         param=label)
+    args = fn.get("arguments") or {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise BadRequest(f"{label}.function.arguments is not valid JSON",
+                             param=f"{label}.function.arguments") from None
+    if not isinstance(args, dict):
+        raise BadRequest(f"{label}.function.arguments must be a JSON object",
+                         param=f"{label}.function.arguments")
+    call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(raw.get("id"), str):
+        call["id"] = raw["id"]
+    return call
+
+
+def parse_messages(raw: Any) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("messages must be a non-empty list", param="messages")
+    out: list[dict] = []
+    call_names: dict[str, str] = {}  # tool_call_id -> function name, for templates that want it
+    for i, m in enumerate(raw):
+        label = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"{label} must be an object", param=label)
+        role = get(m, "role", str, required=True, prefix=f"{label}.")
+        if role not in _ROLES:
+            raise BadRequest(f"{label}.role must be one of {', '.join(_ROLES)}, got {role!r}",
+                             param=f"{label}.role")
+        msg: dict[str, Any] = {"role": _ROLES[role],
+                               "content": _content_text(m.get("content"), f"{label}.content")}
+        if role == "assistant":
+            calls = get(m, "tool_calls", list, [], prefix=f"{label}.")
+            if calls:
+                msg["tool_calls"] = [_tool_call(c, f"{label}.tool_calls[{j}]") for j, c in enumerate(calls)]
+                call_names.update((c["id"], c["function"]["name"]) for c in msg["tool_calls"] if "id" in c)
+        if role == "tool":
+            call_id = get(m, "tool_call_id", str, prefix=f"{label}.")
+            if call_id:
+                msg["tool_call_id"] = call_id
+                if call_id in call_names:
+                    msg["name"] = call_names[call_id]
+        name = get(m, "name", str, prefix=f"{label}.")
+        if name:
+            msg["name"] = name
+        out.append(msg)
+    return out
+
+
+@dataclass
+class ChatBody:
+    model: str
+    messages: list[dict]
+    tools: list[dict] | None
+    grammar: dict | None
+    stream: bool
+    include_usage: bool
+    options: dict
+    keep_alive: Any
+
+
+def parse_chat(body: dict) -> ChatBody:
+    _refuse_common(body)
+    _refuse(body, "logprobs", (False,), "is not supported by hippo yet")
+    _refuse(body, "top_logprobs", (0,), "is not supported by hippo yet")
+    _refuse(body, "audio", (), "output is not supported: hippo serves text models only")
+    _refuse(body, "prediction", (), "(predicted outputs) is not supported by hippo")
+    for name in ("functions", "function_call"):
+        _refuse(body, name, ([],), "is deprecated and not supported; use tools and tool_choice")
+    modalities = get(body, "modalities", list, [])
+    if any(m != "text" for m in modalities):
+        raise BadRequest("modalities: only 'text' is supported", param="modalities")
+    get(body, "user", str)
+    get(body, "metadata", dict)
+    get(body, "parallel_tool_calls", bool)
+    stream, include_usage = parse_stream(body)
+    tools = parse_tools(body.get("tools"))
+    return ChatBody(
+        model=get(body, "model", str, required=True),
+        messages=parse_messages(body.get("messages")),
+        tools=parse_tool_choice(body.get("tool_choice"), tools),
+        grammar=parse_response_format(body.get("response_format")),
+        stream=stream,
+        include_usage=include_usage,
+        options=parse_sampling(body, max_tokens_default=None),
+        keep_alive=body.get("keep_alive"),  # hippo extension, as in Ollama's API
+    )
+
+
+# -- /v1/completions --------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionBody:
+    model: str
+    prompt: str
+    stream: bool
+    include_usage: bool
+    options: dict
+    keep_alive: Any
+
+
+def parse_prompt(raw: Any) -> str:
+    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+        raw = raw[0]
+    if isinstance(raw, list) and raw and all(isinstance(s, str) for s in raw):
+        raise BadRequest("prompt: hippo completes one prompt per request; send a string or a list "
+                         "of one string", param="prompt")
+    if isinstance(raw, list):
+        raise BadRequest("prompt must be a string: token id prompts are not supported", param="prompt")
+    if not isinstance(raw, str):
+        raise BadRequest("prompt is required and must be a string", param="prompt")
+    if not raw:
+        raise BadRequest("prompt must not be empty", param="prompt")
+    return raw
+
+
+def parse_completion(body: dict) -> CompletionBody:
+    _refuse_common(body)
+    _refuse(body, "echo", (False,), "is not supported by hippo")
+    _refuse(body, "suffix", ("",), "(fill-in-the-middle) is not supported by hippo")
+    _refuse(body, "best_of", (1,), "must be 1: hippo returns one choice per request")
+    _refuse(body, "logprobs", (0,), "is not supported by hippo yet")
+    get(body, "user", str)
+    stream, include_usage = parse_stream(body)
+    return CompletionBody(
+        model=get(body, "model", str, required=True),
+        prompt=parse_prompt(body.get("prompt")),
+        stream=stream,
+        include_usage=include_usage,
+        options=parse_sampling(body, max_tokens_default=16),  # OpenAI's default for completions
+        keep_alive=body.get("keep_alive"),
+    )
+
+
+# -- /v1/embeddings ---------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingsBody:
+    model: str
+    inputs: list[str]
+    encoding_format: str
+    dimensions: int | None
+    keep_alive: Any
+
+
+def parse_embeddings(body: dict) -> EmbeddingsBody:
+    raw = body.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("input must be a string or a non-empty list of strings", param="input")
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise BadRequest("input must be strings: token id inputs are not supported", param="input")
+        if not text:
+            raise BadRequest(f"input[{i}] must not be empty", param="input")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise BadRequest(f"input holds more than {MAX_EMBED_INPUTS} items", param="input")
+    fmt = get(body, "encoding_format", str, "float")
+    if fmt not in ("float", "base64"):
+        raise BadRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
+    get(body, "user", str)
+    return EmbeddingsBody(
+        model=get(body, "model", str, required=True),
+        inputs=inputs,
+        encoding_format=fmt,
+        dimensions=number_in(get(body, "dimensions", int), "dimensions", 1, None),
+        keep_alive=body.get("keep_alive"),
+    )
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def fingerprint(rec: ModelRecord) -> str:
+    """Changes exactly when the weights or hippo change, which is what clients use it for."""
+    return "fp_" + hashlib.sha256(f"hippo {__version__} {rec.digest}".encode()).hexdigest()[:10]
+
+
+def finish_reason(done_reason: str) -> str:
+    return "length" if done_reason == "length" else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def error_body(status: int, message: str, param: str | None) -> dict:
+    """The error object sent inside an already-started stream (the middleware does the rest)."""
+    return {"error": {"message": message,
+                      "type": "invalid_request_error" if status < 500 else "server_error",
+                      "param": param, "code": None if status < 500 else str(status)}}
+
+
+@dataclass
+class Envelope:
+    """What every response and chunk of one request repeats."""
+
+    id: str
+    object: str
+    model: str
+    system_fingerprint: str
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.created = self.created or int(time.time())
+
+    def wrap(self, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "system_fingerprint": self.system_fingerprint, "choices": choices, **extra}
+
+
+def assistant_message(text: str) -> dict:
+    """The finished assistant message; tool calls parsed from the output will be added here."""
+    return {"role": "assistant", "content": text, "refusal": None}
+
+
+def chat_completion(env: Envelope, text: str, reason: str, usage_: dict) -> dict:
+    return env.wrap([{"index": 0, "message": assistant_message(text), "logprobs": None,
+                      "finish_reason": reason}], usage=usage_)
+
+
+def chat_chunk(env: Envelope, delta: dict, reason: str | None = None, with_usage: bool = False) -> dict:
+    extra = {"usage": None} if with_usage else {}
+    return env.wrap([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra)
+
+
+def text_completion(env: Envelope, text: str, reason: str, usage_: dict) -> dict:
+    return env.wrap([{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], usage=usage_)
+
+
+def completion_chunk(env: Envelope, text: str, reason: str | None = None, with_usage: bool = False) -> dict:
+    extra = {"usage": None} if with_usage else {}
+    return env.wrap([{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], **extra)
+
+
+def usage_chunk(env: Envelope, usage_: dict) -> dict:
+    """stream_options.include_usage: the last chunk before [DONE], with no choices."""
+    return env.wrap([], usage=usage_)
+
+
+def model_entry(rec: ModelRecord) -> dict:
+    created = int(rec.created_at.timestamp()) if rec.created_at else 0
+    return {"id": rec.name, "object": "model", "created": created, "owned_by": "hippo"}
+
+
+def encode_embedding(vector: list[float], fmt: str) -> list[float] | str:
+    """base64 is little-endian float32, what the openai SDK decodes (and asks for by default)."""
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+def embedding_list(model: str, vectors: list[list[float]], fmt: str, prompt_tokens: int) -> dict:
+    return {"object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": encode_embedding(v, fmt)}
+                     for i, v in enumerate(vectors)],
+            "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
