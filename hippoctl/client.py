@@ -35,12 +35,14 @@ class ConnectError(HippoError):
 def base_url(environ: Mapping[str, str] = os.environ) -> str:
     """The daemon's URL from HIPPO_HOST, read the way Ollama reads OLLAMA_HOST.
 
-    "host", "host:port", "http://host:port", "https://host"; no port means 11434, except that an
-    explicit http:// or https:// scheme means 80 or 443 (as in Ollama). A path is ignored.
+    "host", "host:port", "http://host:port", "https://host"; no port means HIPPO_PORT (which the
+    daemon also reads) or 11434, except that an explicit http:// or https:// scheme means 80 or
+    443 (as in Ollama). A path is ignored.
     """
     text = environ.get("HIPPO_HOST", "").strip()
     scheme, sep, hostport = text.partition("://")
-    default_port = DEFAULT_PORT
+    scheme = scheme.lower()
+    default_port = environ.get("HIPPO_PORT", "").strip() or DEFAULT_PORT
     if not sep:
         scheme, hostport = "http", text
     elif scheme == "http":
@@ -55,11 +57,11 @@ def base_url(environ: Mapping[str, str] = os.environ) -> str:
     if host in ("0.0.0.0", "::"):  # a listen-everywhere address is reached on loopback
         host = DEFAULT_HOST
     try:
-        port_number = int(port) if port else default_port
+        port_number = int(port or default_port)
     except ValueError:
-        raise HippoError(f"HIPPO_HOST: invalid port {port!r}") from None
+        raise HippoError(f"invalid port {port or default_port!r} in HIPPO_HOST/HIPPO_PORT") from None
     if not 0 < port_number < 65536:
-        raise HippoError(f"HIPPO_HOST: invalid port {port_number}")
+        raise HippoError(f"invalid port {port_number} in HIPPO_HOST/HIPPO_PORT")
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{port_number}"

@@ -53,6 +53,7 @@ def setup_logging(settings: Settings) -> None:
     file.setFormatter(fmt)
     root.addHandler(file)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def is_loopback(host: str) -> bool:
@@ -79,6 +80,10 @@ async def serve(settings: Settings, started: float) -> None:
     node = settings.node_name or socket.gethostname()
     scheduler = Scheduler(settings, store, registry, node)
     app = build_app(settings, store, registry, scheduler)
+    # -- cluster (issue 5): peer table, trust, discovery; started once the API listens --
+    from hippod.cluster.peers import Cluster
+    cluster = app["cluster"] = Cluster(settings, store, registry, scheduler, node)
+    # -- end cluster --
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
@@ -89,6 +94,7 @@ async def serve(settings: Settings, started: float) -> None:
         raise SystemExit(f"hippod: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
     log.info("hippod %s listening on http://%s:%d (home %s, started in %.0f ms)", __version__,
              settings.host, settings.port, settings.home, (time.perf_counter() - started) * 1000)
+    await cluster.start()  # cluster (issue 5)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,6 +102,7 @@ async def serve(settings: Settings, started: float) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    await cluster.stop()  # cluster (issue 5): mDNS goodbye before the API goes away
     await site.stop()
     await scheduler.shutdown()
     await runner.cleanup()

@@ -26,7 +26,10 @@ class GenerateRequest:
     messages: list[dict] | None = None
     system: str | None = None  # applied by the runner for prompt-style requests
     raw: bool = False  # prompt is already templated
-    tools: list[dict] | None = None
+    tools: list[dict] | None = None  # OpenAI/Ollama shape: [{"type": "function", "function": {...}}]
+    # None or "auto" (the model decides), "none" (tools hidden), "required" (some call),
+    # {"type": "function", "function": {"name": N}} (a call to N). required/named are enforced.
+    tool_choice: str | dict | None = None
     options: dict[str, Any] = field(default_factory=dict)
     grammar: dict | None = None  # {"json_schema": {...}} or {"json_object": true}
     logprobs: int | None = None
@@ -61,6 +64,9 @@ class DoneEvent:
     prompt_seconds: float
     eval_seconds: float
     cached_tokens: int = 0
+    # Calls parsed from the answer (their text was not streamed): [{"name", "arguments": {...}}],
+    # "id" too when the model wrote one. None when the request had no tools or made no call.
+    tool_calls: list[dict] | None = None
     type: str = "done"
 
 

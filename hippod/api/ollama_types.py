@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from hippod.api import tooling
 from hippod.api.errors import BadRequest
 from hippod.api.fields import get, number_in
 from hippod.store.records import ModelRecord
@@ -63,6 +64,7 @@ def parse_format(raw: Any) -> dict | None:
     if raw == "json":
         return {"json_object": True}
     if isinstance(raw, dict):
+        tooling.check_schema(raw, "format")
         return {"json_schema": raw}
     raise BadRequest('format must be "json" or a JSON schema object', param="format")
 

@@ -49,10 +49,10 @@ async def _send(resp: web.StreamResponse, obj: dict) -> None:
     await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
 
-async def _respond(request: web.Request, gen: Generation, stream: bool, include_usage: bool, *,
-                   whole: Callable[[str, str, dict], dict], opening: dict | None,
-                   piece: Callable[[str], dict], closing: Callable[[str], dict],
-                   usage_chunk: Callable[[dict], dict]) -> web.StreamResponse:
+async def _respond(request: web.Request, gen: Generation, env: t.Envelope, stream: bool,
+                   include_usage: bool, *, whole: Callable[[str, str, dict], dict],
+                   opening: dict | None, piece: Callable[[str], dict],
+                   closing: Callable[[str], dict]) -> web.StreamResponse:
     """Drive a started Generation into one JSON answer or an SSE stream; always close it.
 
     Closing the Generation closes the runner connection, which cancels the job: a client that
@@ -89,8 +89,8 @@ async def _respond(request: web.Request, gen: Generation, stream: bool, include_
             d = gen.done
             await _send(resp, closing(t.finish_reason(d.done_reason)))
             if include_usage:
-                await _send(resp, usage_chunk(t.usage(d.prompt_tokens, d.completion_tokens,
-                                                      d.cached_tokens)))
+                await _send(resp, t.usage_chunk(env, t.usage(d.prompt_tokens, d.completion_tokens,
+                                                             d.cached_tokens)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
@@ -117,12 +117,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return t.chat_chunk(env, {"content": text}, with_usage=usage_on)
 
     return await _respond(
-        request, gen, body.stream, body.include_usage,
+        request, gen, env, body.stream, body.include_usage,
         whole=lambda text, reason, usage: t.chat_completion(env, text, reason, usage),
         opening=t.chat_chunk(env, {"role": "assistant", "content": ""}, with_usage=usage_on),
         piece=piece,
-        closing=lambda reason: t.chat_chunk(env, {}, reason, with_usage=usage_on),
-        usage_chunk=lambda usage: t.usage_chunk(env, usage))
+        closing=lambda reason: t.chat_chunk(env, {}, reason, with_usage=usage_on))
 
 
 @routes.post("/v1/completions")
@@ -134,12 +133,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     env = _envelope(gen, "cmpl", "text_completion")
     usage_on = body.include_usage
     return await _respond(
-        request, gen, body.stream, body.include_usage,
+        request, gen, env, body.stream, body.include_usage,
         whole=lambda text, reason, usage: t.text_completion(env, text, reason, usage),
         opening=None,
         piece=lambda text: t.completion_chunk(env, text, with_usage=usage_on),
-        closing=lambda reason: t.completion_chunk(env, "", reason, with_usage=usage_on),
-        usage_chunk=lambda usage: t.usage_chunk(env, usage))
+        closing=lambda reason: t.completion_chunk(env, "", reason, with_usage=usage_on))
 
 
 @routes.get("/v1/models")

@@ -19,9 +19,16 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from hippod.engine.embeddings import embed_texts
+from hippod.engine.grammar import make_grammar_processor
 from hippod.engine.prompts import PromptError, render_prompt
 from hippod.engine.sampling import make_request_processors, make_request_sampler
 from hippod.engine.stops import StopMatcher
+from hippod.engine.tool_calls import (
+    ToolCallBuffer,
+    forced_call_grammar,
+    prepare_request,
+    uses_tools,
+)
 from hippod.protocol import (
     DoneEvent,
     EmbedRequest,
@@ -52,6 +59,7 @@ class _Active:
     started: float
     first_token_at: float | None = None
     completion_tokens: int = 0
+    tools: ToolCallBuffer | None = None  # set when the answer may hold tool calls
 
 
 class BatchLoop:
@@ -141,7 +149,7 @@ class BatchLoop:
     def _insert(self, job: Job) -> None:
         req: GenerateRequest = job.request
         opts = req.options
-        tokens = render_prompt(self.tokenizer, req)
+        tokens = render_prompt(self.tokenizer, prepare_request(self.tokenizer, req))
         num_ctx = min(int(opts.get("num_ctx") or self.context_length), self.context_length)
         num_predict = int(opts.get("num_predict", -1) if opts.get("num_predict") is not None else -1)
         if len(tokens) >= num_ctx:
@@ -157,6 +165,12 @@ class BatchLoop:
         if isinstance(stop, str):
             stop = [stop]
         processors = make_request_processors(opts)
+        tool_grammar = forced_call_grammar(req) if uses_tools(req) else None
+        grammar = tool_grammar or req.grammar
+        if grammar:  # last, so nothing after it can revive a token the grammar forbids
+            processors.append(make_grammar_processor(self.tokenizer, grammar))
+        tools = (ToolCallBuffer(self.tokenizer, req.tools, forced=tool_grammar is not None)
+                 if uses_tools(req) else None)
         (uid,) = self.generator.insert(
             [tokens],
             max_tokens=[max_tokens],
@@ -164,7 +178,7 @@ class BatchLoop:
             logits_processors=[processors],
         )
         self.active[uid] = _Active(job, uid, self.tokenizer.detokenizer, StopMatcher(list(stop)),
-                                   len(tokens), time.perf_counter())
+                                   len(tokens), time.perf_counter(), tools=tools)
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -189,20 +203,28 @@ class BatchLoop:
             text, hit_stop = a.stops.feed(det.last_segment)
             if r.finish_reason is not None and not hit_stop:
                 text += a.stops.flush()
+            ending = hit_stop or r.finish_reason is not None
+            calls = None
+            if a.tools is not None:  # tool-call markup is parsed at the end, never streamed
+                text = a.tools.feed(text)
+                if ending:
+                    rest, calls = a.tools.finish()
+                    text += rest
             if text:
                 a.job.emit(TokenEvent(text, int(r.token)))
-            if hit_stop or r.finish_reason is not None:
+            if ending:
                 reason = "stop" if hit_stop else r.finish_reason
-                self._finish(a, reason, now)
+                self._finish(a, reason, now, calls)
                 finished.append((r.uid, hit_stop and r.finish_reason is None))
         still_running = [uid for uid, needs_remove in finished if needs_remove]
         if still_running:
             self.generator.remove(still_running)
 
-    def _finish(self, a: _Active, reason: str, now: float) -> None:
+    def _finish(self, a: _Active, reason: str, now: float, tool_calls: list | None = None) -> None:
         first = a.first_token_at or now
         a.job.emit(DoneEvent(reason, a.prompt_tokens, a.completion_tokens,
-                             prompt_seconds=first - a.started, eval_seconds=now - first))
+                             prompt_seconds=first - a.started, eval_seconds=now - first,
+                             tool_calls=tool_calls or None))
         del self.active[a.uid]
 
 

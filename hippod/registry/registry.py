@@ -183,6 +183,41 @@ class Registry:
         self._collect_garbage()
         return rec
 
+    def ingest_manifest(self, name: str, manifest: list[dict], *, source: str, fmt: str,
+                        extra: dict | None = None) -> ModelRecord:
+        """Record a model whose blobs are already in the blob store, e.g. copied from a peer
+        (blocking: call from a thread). Every blob must be present with its manifest size."""
+        with self._lock:
+            for f in manifest:
+                parts = f["name"].split("/")
+                if f["name"].startswith("/") or any(p in ("", ".", "..") for p in parts):
+                    raise RegistryError(f"unsafe file name in manifest: {f['name']!r}")
+                path = self.blob_path(f["sha256"])
+                if not path.is_file() or path.stat().st_size != f["size"]:
+                    raise RegistryError(f"blob {f['sha256'][:12]} of {f['name']} is missing", 500)
+            for f in manifest:
+                self.store.put_blob(f["sha256"], f["size"], str(self.blob_path(f["sha256"])))
+            model_digest = self._link_model_dir(manifest)
+            try:
+                info = inspect_model_dir(self.settings.models_dir / model_digest)
+            except ModelFormatError as e:
+                raise RegistryError(str(e)) from None
+            details = info.as_details()
+            details.update(extra or {})
+            existing = self.store.get_model(name)
+            rec = ModelRecord(
+                name=name, source=source, digest=model_digest, files=manifest, format=fmt,
+                family=info.family, parameters=details.get("parameters") or info.parameters,
+                parameter_size=details.get("parameter_size") or info.parameter_size,
+                quantization=details.get("quantization") or info.quantization,
+                size=sum(f["size"] for f in manifest), context_length=info.context_length,
+                details=details, missing=False,
+                created_at=existing.created_at if existing else _now(), modified_at=_now(),
+            )
+            self.store.put_model(rec)
+            self._collect_garbage()
+            return rec
+
     async def create(self, name: object, source_path: str, progress: Progress | None = None
                      ) -> ModelRecord:
         """Import a GGUF file or an MLX / Hugging Face safetensors directory."""

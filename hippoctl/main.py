@@ -1,0 +1,473 @@
+"""hippoctl: the command-line client of hippod, with `ollama`'s commands and output.
+
+Each command is one function `(client, args) -> exit status | None`, listed once in COMMANDS with
+its arguments; adding a command (nodes, cluster, service, logs, audit) is one function and one
+row. Failures are HippoError and end as one `Error: ...` line and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from hippoctl.client import Client, HippoError, base_url
+from hippoctl.tables import (go_duration, human_bytes, human_number, human_time, parse_time,
+                             table)
+
+# -- model management ---------------------------------------------------------------------------
+
+
+def pull(client: Client, args: argparse.Namespace) -> None:
+    follow_progress(client.stream("/api/pull", {"model": args.model}))
+
+
+def create(client: Client, args: argparse.Namespace) -> None:
+    follow_progress(client.stream("/api/create", {"model": args.model, "from": _source(args.source)}))
+
+
+def _source(text: str) -> str:
+    """A local file or directory becomes an absolute path (the daemon resolves none); else a model name."""
+    path = os.path.expanduser(text)
+    if text.startswith(("/", "~", "./", "../")) or os.path.exists(path):
+        return os.path.abspath(path)
+    return text
+
+
+def list_models(client: Client, args: argparse.Namespace) -> None:
+    answer = client.get("/api/tags")
+    if args.json:
+        return print_json(answer)
+    rows = [(m.get("name"), short_id(m.get("digest")), human_bytes(m.get("size")),
+             human_time(parse_time(m.get("modified_at"))))
+            for m in answer.get("models") or []]
+    print(table(("NAME", "ID", "SIZE", "MODIFIED"), rows))
+
+
+def show(client: Client, args: argparse.Namespace) -> None:
+    info = client.post("/api/show", {"model": args.model})
+    if args.json:
+        print_json(info)
+    elif args.template:
+        print(info.get("template") or "")
+    elif args.modelfile:
+        print(info.get("modelfile") or "")
+    elif args.parameters:
+        print(info.get("parameters") or "")
+    else:
+        print(render_show(info), end="")
+
+
+def render_show(info: dict) -> str:
+    """The sections of `ollama show`: Model, Capabilities, Parameters."""
+    details = info.get("details") or {}
+    model_info = info.get("model_info") or {}
+    arch = model_info.get("general.architecture") or details.get("family") or ""
+    params = details.get("parameter_size") or human_number(model_info.get("general.parameter_count"))
+    rows = [("architecture", arch), ("parameters", params)]
+    for key, label in (("context_length", "context length"), ("embedding_length", "embedding length")):
+        if model_info.get(f"{arch}.{key}") is not None:
+            rows.append((label, model_info[f"{arch}.{key}"]))
+    rows.append(("quantization", details.get("quantization_level") or ""))
+    sections = [("Model", rows)]
+    if info.get("capabilities"):
+        sections.append(("Capabilities", [(c,) for c in info["capabilities"]]))
+    parameters = [line.split(None, 1) for line in (info.get("parameters") or "").splitlines() if line.strip()]
+    if parameters:
+        sections.append(("Parameters", parameters))
+    return "".join(f"  {title}\n{table((), body, indent='    ')}\n\n" for title, body in sections)
+
+
+def copy(client: Client, args: argparse.Namespace) -> None:
+    client.post("/api/copy", {"source": args.source, "destination": args.destination})
+    print(f"copied '{args.source}' to '{args.destination}'")
+
+
+def remove(client: Client, args: argparse.Namespace) -> None:
+    for name in args.models:
+        client.delete("/api/delete", {"model": name})
+        print(f"deleted '{name}'")
+
+
+# -- loaded models --------------------------------------------------------------------------------
+
+
+def ps(client: Client, args: argparse.Namespace) -> None:
+    if args.history:
+        return load_history(client, args)
+    answer = client.get("/api/ps")
+    if args.json:
+        return print_json(answer)
+    rows = [(m.get("name"), short_id(m.get("digest")), human_bytes(m.get("size")), processor(m),
+             m.get("context_length") or "", until(m))
+            for m in answer.get("models") or []]
+    print(table(("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"), rows))
+
+
+def processor(entry: dict) -> str:
+    """Where the model runs: the runner's device when the daemon reports one, else MLX's default."""
+    device = str((entry.get("hippo") or {}).get("device") or "").lower()
+    if not device:
+        device = "gpu" if platform.system() == "Darwin" else "cpu"
+    return "100% CPU" if "cpu" in device else "100% GPU"
+
+
+def until(entry: dict) -> str:
+    if (entry.get("hippo") or {}).get("busy"):
+        return "In use"  # no expiry runs while a request holds the model
+    expires = parse_time(entry.get("expires_at"))
+    if expires is None:
+        return "Forever"
+    text = human_time(expires)
+    return "Stopping..." if text.endswith(" ago") else text
+
+
+def load_history(client: Client, args: argparse.Namespace) -> None:
+    answer = client.get("/api/hippo/loads", {"limit": args.limit})
+    if args.json:
+        return print_json(answer)
+    rows = []
+    for r in answer.get("loads") or []:
+        load_time = r.get("load_seconds")
+        rows.append((r.get("model"), human_time(parse_time(r.get("started_at"))),
+                     human_time(parse_time(r.get("ended_at")), zero="-"), r.get("reason") or "-",
+                     r.get("end_reason") or "-", "-" if load_time is None else f"{load_time:.2f}s",
+                     human_bytes(r.get("bytes")) or "-"))
+    print(table(("MODEL", "STARTED", "ENDED", "REASON", "END REASON", "LOAD TIME", "SIZE"), rows))
+
+
+def stop(client: Client, args: argparse.Namespace) -> None:
+    for name in args.models:
+        try:
+            client.post("/api/generate", {"model": name, "keep_alive": 0})
+        except HippoError as e:
+            if e.status == 404:
+                raise HippoError(f'couldn\'t find model "{name}" to stop', 404) from None
+            raise
+
+
+# -- generation -----------------------------------------------------------------------------------
+
+
+def run(client: Client, args: argparse.Namespace) -> int | None:
+    prompt = " ".join(args.prompt)
+    if sys.stdin is None or not sys.stdin.isatty():
+        # piped input comes first, as in `cat notes | ollama run m summarize`
+        prompt = " ".join(p for p in (sys.stdin.read() if sys.stdin else "", prompt) if p)
+    elif not prompt:
+        return chat_repl(client, args)
+    if not prompt.strip():  # nothing to ask: load the model, as `ollama run m < /dev/null` does
+        client.post("/api/chat", chat_body(args, []))
+        return None
+    _, final = stream_chat(client, chat_body(args, [{"role": "user", "content": prompt}]))
+    if args.verbose:
+        print_stats(final)
+    return None
+
+
+def chat_body(args: argparse.Namespace, messages: list[dict]) -> dict:
+    options = {key: value for key, value in (("temperature", args.temperature), ("seed", args.seed),
+                                             ("num_predict", args.num_predict)) if value is not None}
+    body: dict[str, Any] = {"model": args.model, "messages": messages}
+    if options:
+        body["options"] = options
+    if args.keep_alive is not None:
+        body["keep_alive"] = args.keep_alive
+    return body
+
+
+def stream_chat(client: Client, body: dict, out: TextIO | None = None) -> tuple[str, dict]:
+    """Print the answer as it streams; (answer, final stats line). Ctrl-C closes the stream."""
+    out = out or sys.stdout
+    parts: list[str] = []
+    final: dict = {}
+    with contextlib.closing(client.stream("/api/chat", body)) as events:
+        for event in events:
+            piece = (event.get("message") or {}).get("content") or ""
+            if piece:
+                out.write(piece)
+                out.flush()
+                parts.append(piece)
+            if event.get("done"):
+                final = event
+    answer = "".join(parts)
+    if answer and not answer.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    return answer, final
+
+
+def print_stats(final: dict, out: TextIO | None = None) -> None:
+    """`ollama run --verbose`'s summary, durations printed the way Go prints them."""
+    out = out or sys.stderr
+    lines = []
+    if final.get("total_duration"):
+        lines.append(f"total duration:       {go_duration(final['total_duration'])}")
+    if final.get("load_duration"):
+        lines.append(f"load duration:        {go_duration(final['load_duration'])}")
+    for label, count_key, duration_key in (("prompt eval", "prompt_eval_count", "prompt_eval_duration"),
+                                           ("eval", "eval_count", "eval_duration")):
+        count, duration = final.get(count_key) or 0, final.get(duration_key) or 0
+        if count:
+            lines.append(f"{label + ' count:':<22}{count} token(s)")
+        if duration:
+            lines.append(f"{label + ' duration:':<22}{go_duration(duration)}")
+            lines.append(f"{label + ' rate:':<22}{count / (duration / 1e9):.2f} tokens/s")
+    print("\n".join(lines), file=out)
+
+
+REPL_HELP = """Available Commands:
+  /clear          Clear session context
+  /bye            Exit
+  /?, /help       Help for a command
+
+Use \"\"\" to begin a multi-line message."""
+
+
+def chat_repl(client: Client, args: argparse.Namespace) -> int:
+    """An interactive chat that keeps the conversation, like `ollama run MODEL` on a terminal."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    client.post("/api/chat", chat_body(args, []))  # load now, so a bad name fails before the prompt
+    messages: list[dict] = []
+    while True:
+        try:
+            line = read_message()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\nUse Ctrl + d or /bye to exit.")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            word = text.split()[0]
+            if word in ("/bye", "/exit"):
+                return 0
+            if word == "/clear":
+                messages.clear()
+                print("Cleared session context")
+            elif word in ("/?", "/help"):
+                print(REPL_HELP)
+            else:
+                print(f"Unknown command '{word}'. Type /? for help")
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            answer, final = stream_chat(client, chat_body(args, messages))
+        except KeyboardInterrupt:  # stop this answer, keep the session; the turn is forgotten
+            messages.pop()
+            print()
+            continue
+        except HippoError as e:
+            messages.pop()
+            print(f"Error: {e}", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": answer})
+        print()
+        if args.verbose:
+            print_stats(final)
+            print(file=sys.stderr)
+
+
+def read_message() -> str:
+    """One line, or several between triple quotes."""
+    line = input(">>> ")
+    if not line.lstrip().startswith('"""'):
+        return line
+    text = line.lstrip()[3:]
+    while not text.rstrip().endswith('"""'):
+        text += "\n" + input("... ")
+    return text.rstrip()[:-3].strip("\n")
+
+
+# -- the daemon -------------------------------------------------------------------------------
+
+
+def version(client: Client, args: argparse.Namespace) -> None:
+    server = client.get("/api/version").get("version", "unknown")
+    print(f"hippod version is {server}")
+    if client_version() != server:
+        print(f"Warning: client version is {client_version()}", file=sys.stderr)
+
+
+def client_version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+    try:
+        return package_version("hippo")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# -- output helpers -----------------------------------------------------------------------------
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def short_id(digest: str | None) -> str:
+    return (digest or "").removeprefix("sha256:")[:12]
+
+
+def follow_progress(events: Iterable[dict]) -> None:
+    """Show a pull/create stream like `ollama pull`: status lines on stdout, and on a terminal a
+    tqdm bar on stderr for each transfer. The stream ends with the daemon's "success".
+    """
+    use_bars = sys.stderr.isatty()
+    bar, bar_status, last = None, None, None
+    try:
+        for event in events:
+            status = str(event.get("status") or "")
+            total, completed = event.get("total"), event.get("completed")
+            transfer = use_bars and total and completed is not None and not status.startswith("verifying")
+            if bar is not None and (not transfer or status != bar_status):
+                bar.update(bar.total - bar.n)  # files come one after another: this one is done
+                bar.close()
+                bar = None
+            if transfer:
+                if bar is None:
+                    bar, bar_status = _new_bar(status, event.get("digest"), total), status
+                bar.total = max(bar.total, total)
+                bar.update(max(0, completed - bar.n))
+            elif status and status != last:
+                print(status, flush=True)
+            last = status
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _new_bar(status: str, digest: str | None, total: int):
+    from tqdm import tqdm  # only pulls and creates pay for importing it
+
+    class Bar(tqdm):
+        """Sizes as `ollama pull` shows them ("2.1 GB/4.7 GB")."""
+
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            d.update(done=human_bytes(d["n"]), size=human_bytes(d["total"]))
+            return d
+
+    label = f"pulling {short_id(digest)}" if status == "pulling" and digest else status
+    try:  # tqdm hides bars on a terminal that reports no size (a bare pty): assume 80x24 there
+        size_known = os.get_terminal_size(sys.stderr.fileno()).lines > 0
+    except OSError:
+        size_known = False
+    shape = {"dynamic_ncols": True} if size_known else {"ncols": 80, "nrows": 24}
+    return Bar(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}% ▕{bar}▏ {done}/{size}  {rate_fmt}  {remaining}",
+               **shape)
+
+
+# -- the command table ----------------------------------------------------------------------------
+
+
+def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return flags, options
+
+
+JSON = arg("--json", action="store_true", help="print the daemon's answer as JSON")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[Client, argparse.Namespace], int | None]
+    help: str
+    arguments: tuple = ()
+    aliases: tuple[str, ...] = ()
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("create", create, "Create a model from a GGUF file, a model directory or another model", (
+        arg("model", help="name of the new model"),
+        arg("-f", "--from", dest="source", required=True,
+            help="a .gguf file, an MLX model directory, or an existing model's name"),
+    )),
+    Command("show", show, "Show information for a model", (
+        arg("model"), JSON,
+        arg("--template", action="store_true", help="print the chat template"),
+        arg("--modelfile", action="store_true", help="print the Modelfile"),
+        arg("--parameters", action="store_true", help="print the parameters"),
+    )),
+    Command("run", run, "Run a model: answer PROMPT, or chat when none is given on a terminal", (
+        arg("model"),
+        arg("prompt", nargs="*", help="the prompt (read from stdin when piped)"),
+        arg("--temperature", type=float),
+        arg("--seed", type=int),
+        arg("--num-predict", type=int, help="most tokens to generate"),
+        arg("--keep-alive", help='how long the model stays loaded after ("5m", "1h", "0", "-1" = forever)'),
+        arg("--verbose", action="store_true", help="print timings after the answer"),
+    )),
+    Command("stop", stop, "Stop (unload) a running model", (arg("models", nargs="+", metavar="model"),)),
+    Command("pull", pull, "Pull a model from the catalog or the Hugging Face hub", (arg("model"),)),
+    Command("list", list_models, "List models", (JSON,), aliases=("ls",)),
+    Command("ps", ps, "List running models", (
+        JSON,
+        arg("--history", action="store_true", help="show recent loads and unloads"),
+        arg("--limit", type=int, default=20, help="rows of --history (default 20)"),
+    )),
+    Command("cp", copy, "Copy a model", (arg("source"), arg("destination"))),
+    Command("rm", remove, "Remove one or more models", (arg("models", nargs="+", metavar="model"),)),
+    Command("version", version, "Show the daemon's version"),
+)
+
+
+class _ClientVersion(argparse.Action):
+    """--version: looked up only when asked, as package metadata is slow to read."""
+
+    def __init__(self, option_strings, dest, **_):
+        super().__init__(option_strings, dest, nargs=0, help="print hippoctl's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"hippoctl {client_version()}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hippoctl", description="Manage hippod, the local LLM server. "
+        "HIPPO_HOST selects the daemon (default 127.0.0.1:11434).")
+    parser.add_argument("--version", action=_ClientVersion)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, aliases=list(command.aliases), help=command.help,
+                           description=command.help)
+        for flags, options in command.arguments:
+            p.add_argument(*flags, **options)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.run(Client(base_url()), args) or 0
+    except HippoError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `hippoctl list | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

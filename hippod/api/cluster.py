@@ -1,0 +1,106 @@
+"""The cluster as this node's user sees it: GET /api/hippo/nodes, the cluster secret
+(init / join), and a pull that copies from trusted peers before going to the hub.
+
+init and join hand out or replace the cluster secret, so they answer only clients on this
+machine (loopback, or the address the request arrived on): the secret never crosses the LAN.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+
+from aiohttp import web
+
+from hippod.api.errors import BadRequest, read_json
+from hippod.api.fields import get
+from hippod.api.ollama import _progress_stream
+from hippod.cluster import transfer, trust
+
+routes = web.RouteTableDef()
+
+
+def _cluster(request: web.Request):
+    cluster = request.app.get("cluster")
+    if cluster is None:
+        raise BadRequest("the cluster is not running on this node", status=503)
+    return cluster
+
+
+def from_this_machine(request: web.Request) -> bool:
+    remote = (request.remote or "").split("%")[0]
+    sock = request.transport.get_extra_info("sockname") if request.transport else None
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or (bool(sock) and str(ip) == str(sock[0]).split("%")[0])
+
+
+def _local_only(request: web.Request) -> None:
+    if not from_this_machine(request):
+        raise BadRequest("the cluster secret is managed only from the node's own machine", status=403)
+
+
+@routes.get("/api/hippo/nodes")
+async def nodes(request: web.Request) -> web.Response:
+    cluster = _cluster(request)
+    return web.json_response({
+        "node_id": cluster.node_id,
+        "cluster": {"secret": cluster.keyring.secret is not None, "fingerprint": cluster.keyring.fingerprint},
+        "discovery": {"enabled": cluster.discovery is not None, "addresses": cluster.discovery_addresses,
+                      "reason": cluster.discovery_reason},
+        "nodes": cluster.nodes()})
+
+
+@routes.post("/api/hippo/cluster/init")
+async def cluster_init(request: web.Request) -> web.Response:
+    """Make this node's cluster secret if it has none; answer the join token either way."""
+    _local_only(request)
+    cluster = _cluster(request)
+    created = cluster.keyring.secret is None
+    if created:
+        cluster.join(trust.new_secret())
+    return web.json_response({"token": trust.make_token(cluster.keyring.secret), "created": created,
+                              "fingerprint": cluster.keyring.fingerprint, "node": cluster.name})
+
+
+@routes.post("/api/hippo/cluster/join")
+async def cluster_join(request: web.Request) -> web.Response:
+    _local_only(request)
+    cluster = _cluster(request)
+    token = get(await read_json(request), "token", str, required=True)
+    try:
+        secret = trust.parse_token(token)
+    except trust.TrustError as e:
+        raise BadRequest(str(e), param="token") from None
+    if cluster.secret_from_config:
+        raise BadRequest("this node's cluster secret is set in its configuration (cluster_secret / "
+                         "HIPPO_CLUSTER_SECRET); change it there", status=409)
+    cluster.join(secret)
+    return web.json_response({"fingerprint": cluster.keyring.fingerprint, "node": cluster.name})
+
+
+@routes.post("/api/hippo/pull")
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Like /api/pull, but from a trusted peer first (or only from `from`), then the hub."""
+    body = await read_json(request)
+    name = get(body, "model", str) or get(body, "name", str, required=True)
+    from_node = get(body, "from", str)
+    stream = get(body, "stream", bool, True)
+    cluster = _cluster(request)
+    registry = request.app["registry"]
+    registry.normalize(name)
+    cancel = threading.Event()
+
+    async def work(progress):
+        try:
+            rec = await transfer.pull(cluster, name, progress, from_node=from_node, cancel=cancel)
+            if rec is None:
+                await registry.pull(name, progress, cancel=cancel)
+        finally:
+            cancel.set()
+
+    return await _progress_stream(request, stream, work)
