@@ -122,6 +122,22 @@ def _coerce(name: str, typ: str, value: Any) -> Any:
         raise ConfigError(f"setting {name}: {e}") from None
 
 
+def split_host(text: str) -> tuple[str, str | None]:
+    """'http://box:5' -> ('box', '5'); '[::1]:80' -> ('::1', '80'); '::1' -> ('::1', None)."""
+    text = text.strip()
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme):]
+    text = text.rstrip("/")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") and rest[1:] else None
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host or "127.0.0.1", port or None
+    return text, None
+
+
 def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Merge the four layers. `flags` holds only options given on the command line."""
     environ = os.environ if environ is None else environ
@@ -148,11 +164,12 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         env = environ.get("HIPPO_" + name.upper())
         if env is not None:
             values[name] = _coerce(name, typ, env)
-    if "HIPPO_HOST" in environ and ":" in environ["HIPPO_HOST"].rsplit("]", 1)[-1]:
-        # HIPPO_HOST is shared with hippoctl and may carry a port (host:port).
-        host, _, port = environ["HIPPO_HOST"].rpartition(":")
-        values["host"] = host.strip("[]").removeprefix("http://")
-        values["port"] = _coerce("port", "int", port)
+    if environ.get("HIPPO_HOST"):
+        # HIPPO_HOST is shared with hippoctl: "host", "host:port", "http://host:port", "[::1]:port".
+        host, port = split_host(environ["HIPPO_HOST"])
+        values["host"] = host
+        if port is not None and "HIPPO_PORT" not in environ:
+            values["port"] = _coerce("port", "int", port)
 
     for k, v in flags.items():
         values[k] = _coerce(k, types[k], v)

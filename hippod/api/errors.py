@@ -66,8 +66,10 @@ async def error_middleware(request: web.Request, handler):
     except (BadRequest, RegistryError, SchedulerError, RunnerError) as exc:
         status, message, param = status_and_message(exc)
         return error_response(request, status, message, param)
-    except (ConnectionResetError, ConnectionError):
-        raise
+    except ConnectionError:
+        # The client went away mid-stream; its generation was already cancelled on the way out.
+        log.debug("client disconnected from %s %s", request.method, request.path)
+        return web.Response(status=499)
     except Exception as exc:  # a real fault: log it whole, answer without the traceback
         log.exception("unhandled error on %s %s", request.method, request.path)
         status, message, _ = status_and_message(exc)

@@ -25,6 +25,7 @@ class Generation:
         self.done: DoneEvent | None = None
         self._stack = contextlib.AsyncExitStack()
         self._events = None
+        self._first = None
 
     @property
     def model_name(self) -> str:
@@ -37,13 +38,21 @@ class Generation:
                 self.scheduler.lease(self.model, keep_alive=self.keep_alive, num_ctx=num_ctx))
             self._events = self.lease.runner.generate(self.request)
             await self._stack.enter_async_context(contextlib.aclosing(self._events))
+            # Wait for the first event so a request the runner rejects (e.g. a chat template
+            # error) still gets its own status instead of an error line inside a 200 stream.
+            self._first = await self._events.__anext__()
         except BaseException:
             await self._stack.aclose()
             raise
         return self
 
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+    async def _all_events(self):
+        yield self._first
         async for event in self._events:
+            yield event
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        async for event in self._all_events():
             if isinstance(event, DoneEvent):
                 self.done = event
                 return
