@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from hippoctl import service  # operations (issue 8)
 from hippoctl.client import Client, HippoError, base_url
 from hippoctl.tables import (go_duration, human_bytes, human_number, human_time, parse_time,
                              table)
@@ -421,6 +422,28 @@ COMMANDS: tuple[Command, ...] = (
     Command("cp", copy, "Copy a model", (arg("source"), arg("destination"))),
     Command("rm", remove, "Remove one or more models", (arg("models", nargs="+", metavar="model"),)),
     Command("version", version, "Show the daemon's version"),
+    # operations (issue 8): hippoctl/service.py
+    Command("service", service.service, "Install, remove or check hippod as a login service "
+            "(launchd on macOS, systemd --user on Linux)", (
+        arg("action", choices=("install", "uninstall", "status")),
+        arg("--home", help="hippo's state directory for the service (default $HIPPO_HOME or ~/.hippo)"),
+        arg("--hippod", help="the hippod executable to run (default: the one installed with hippoctl)"),
+        arg("--grace", type=float, help="seconds hippod lets running requests finish when stopped (default 30)"),
+        arg("--kind", choices=("launchd", "systemd"), help="service manager (default: this system's)"),
+        arg("--file-only", action="store_true",
+            help="only write, remove or look at the service file; do not call launchctl or systemctl"),
+    )),
+    Command("logs", service.logs, "Show hippod's log (from this machine's HIPPO_HOME)", (
+        arg("-f", "--follow", action="store_true", help="keep printing new lines, across rotations"),
+        arg("-n", "--lines", type=int, default=50, help="lines to show first (default 50)"),
+        arg("--runners", action="store_true", help="the model runners' log instead"),
+        arg("--home", help="hippo's state directory (default $HIPPO_HOME or ~/.hippo)"),
+    )),
+    Command("audit", service.audit, "Show the audit log of inference requests", (
+        JSON,
+        arg("--since", help="only requests since then: 15m, 2h, 7d or an ISO 8601 time"),
+        arg("--limit", type=int, default=50, help="most rows (default 50)"),
+    )),
 )
 
 

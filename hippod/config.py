@@ -40,8 +40,13 @@ class Settings:
     # API
     max_body_bytes: int = 32 * 1024 * 1024
     api_key: str | None = None
-    origins: tuple[str, ...] = ()
+    origins: tuple[str, ...] = ()  # browser origins allowed (globs like http://app:*); () = localhost only
     insecure: bool = False
+    # Operations (issue 8)
+    audit_prompts: bool = False  # store prompt text in the audit log
+    audit_retention_days: float = 30.0  # audit rows older than this are pruned; 0 = keep forever
+    shutdown_grace: float = 30.0  # seconds running requests may finish after SIGTERM
+    log_console: bool = True  # also log to stderr (services turn it off: the log file rotates)
     # Cluster
     discovery: bool = True
     discovery_interfaces: tuple[str, ...] = ()
@@ -184,6 +189,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         raise ConfigError(f"setting port: {s.port} is not a TCP port")
     if s.num_parallel < 1 or s.max_loaded_models < 1 or s.max_queue < 1:
         raise ConfigError("num_parallel, max_loaded_models and max_queue must be at least 1")
+    if s.shutdown_grace < 0 or s.audit_retention_days < 0:
+        raise ConfigError("shutdown_grace and audit_retention_days must not be negative")
     return s
 
 

@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from logging.handlers import RotatingFileHandler
+from pathlib import Path
 
 from aiohttp import web
 
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None) -> dict:
     ap.add_argument("--insecure", action="store_true", default=None,
                     help="allow binding a non-loopback address without an API key")
     ap.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
+    ap.add_argument("--shutdown-grace", dest="shutdown_grace", type=float,
+                    help="seconds running requests may finish after SIGTERM (default 30)")
     ap.add_argument("--version", action="version", version=f"hippod {__version__}")
     return vars(ap.parse_args(argv))
 
@@ -46,14 +49,60 @@ def setup_logging(settings: Settings) -> None:
     root.setLevel(level)
     for h in list(root.handlers):
         root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    root.addHandler(console)
-    file = RotatingFileHandler(settings.logs_dir / "hippod.log", maxBytes=10 * 2**20, backupCount=5)
+    if settings.log_console:  # a service turns this off: its stderr file would never rotate
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        root.addHandler(console)
+    file = RotatingFileHandler(settings.logs_dir / "hippod.log", maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
     file.setFormatter(fmt)
     root.addHandler(file)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+LOG_MAX_BYTES = 10 * 2**20
+LOG_BACKUPS = 5
+
+
+def rotate_if_large(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> bool:
+    """Rotate a log other processes append to (runners.log) as RotatingFileHandler would.
+
+    A runner keeps writing to the renamed file until it is restarted; new runners start afresh.
+    """
+    try:
+        if path.stat().st_size < max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+    return True
+
+
+async def rotate_logs_periodically(settings: Settings, every: float = 600.0) -> None:
+    while True:
+        rotate_if_large(settings.logs_dir / "runners.log")
+        await asyncio.sleep(every)
+
+
+async def drain(inflight, site: web.BaseSite, grace: float, hurry: asyncio.Event) -> None:
+    """Stop accepting, then give running requests (streams too) up to `grace` s to finish."""
+    inflight.draining = True
+    await site.stop()
+    if not inflight.count:
+        return
+    log.info("waiting up to %.0fs for %d running request(s) to finish (signal again to stop now)",
+             grace, inflight.count)
+    waits = [asyncio.ensure_future(inflight.wait_idle(grace)), asyncio.ensure_future(hurry.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if inflight.count:
+        log.warning("%d request(s) still running: stopping their models; their streams end with an error",
+                    inflight.count)
 
 
 def is_loopback(host: str) -> bool:
@@ -84,7 +133,8 @@ async def serve(settings: Settings, started: float) -> None:
     from hippod.cluster.peers import Cluster
     cluster = app["cluster"] = Cluster(settings, store, registry, scheduler, node)
     # -- end cluster --
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # After drain() and the runners' stop, handlers left (a pull, say) get this long, then are cancelled.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     try:
@@ -95,18 +145,31 @@ async def serve(settings: Settings, started: float) -> None:
     log.info("hippod %s listening on http://%s:%d (home %s, started in %.0f ms)", __version__,
              settings.host, settings.port, settings.home, (time.perf_counter() - started) * 1000)
     await cluster.start()  # cluster (issue 5)
+    from hippod import audit  # operations (issue 8): retention of the audit log, log rotation
+    chores = [asyncio.ensure_future(audit.prune_periodically(store, settings.audit_retention_days)),
+              asyncio.ensure_future(rotate_logs_periodically(settings))]
 
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()  # a second signal: skip what is left of the grace period
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     log.info("shutting down")
     await cluster.stop()  # cluster (issue 5): mDNS goodbye before the API goes away
-    await site.stop()
+    await drain(app["inflight"], site, settings.shutdown_grace, hurry)  # operations (issue 8)
+    for chore in chores:
+        chore.cancel()
     await scheduler.shutdown()
     await runner.cleanup()
+    await scheduler.shutdown()  # a model a last request loaded meanwhile: no runner outlives us
     store.close()
+    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

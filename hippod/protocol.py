@@ -64,6 +64,8 @@ class DoneEvent:
     prompt_seconds: float
     eval_seconds: float
     cached_tokens: int = 0
+    drafted: int = 0  # speculative decoding: draft tokens proposed and accepted
+    accepted: int = 0
     # Calls parsed from the answer (their text was not streamed): [{"name", "arguments": {...}}],
     # "id" too when the model wrote one. None when the request had no tools or made no call.
     tool_calls: list[dict] | None = None

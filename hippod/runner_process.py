@@ -71,6 +71,8 @@ class RunnerProcess:
         return self.proc is not None and not self.exited.is_set()
 
     async def start(self, timeout: float) -> ReadyEvent:
+        """Spawn the runner and wait for its ready line. Any failure, a timeout or the caller
+        being cancelled kills the process: a load that did not finish leaves nothing behind."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
             self.python, "-m", "hippod.engine.runner", "--model", str(self.model_dir),
@@ -80,31 +82,63 @@ class RunnerProcess:
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self._watchers.append(asyncio.ensure_future(self._pump_stderr()))
+        self._watchers.append(asyncio.ensure_future(self._pump(self.proc.stderr)))
         try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            event = await asyncio.wait_for(self._read_ready(), timeout)
         except asyncio.TimeoutError:
             await self.kill()
             raise RunnerError(f"model did not load within {timeout:.0f}s") from None
-        if not line:
-            await self.proc.wait()
+        except BaseException:
+            await self.kill()
+            raise
+        if event is None:
+            self.exit_code = await self.proc.wait()
             self.exited.set()
+            await asyncio.wait(self._watchers, timeout=1.0)  # its last words on stderr
             raise RunnerError("runner exited while loading: " + self.stderr_tail())
-        event = decode_event(line)
         if isinstance(event, ErrorEvent):
             await self.kill()
             raise RunnerError(event.message)
         self.ready = event
+        # From here on nobody reads stdout for protocol: drain it into the log, or a library
+        # that prints would fill the pipe and freeze the runner.
+        self._watchers.append(asyncio.ensure_future(self._pump(self.proc.stdout)))
         self._watchers.append(asyncio.ensure_future(self._watch_exit()))
         return event
+
+    async def _read_ready(self) -> ReadyEvent | ErrorEvent | None:
+        """The first protocol line on stdout; other output (a library's print) goes to the log."""
+        while True:
+            try:
+                line = await self.proc.stdout.readline()
+            except ValueError:  # an over-long line that is not ours
+                continue
+            if not line:
+                return None
+            try:
+                event = decode_event(line)
+            except (ValueError, KeyError, TypeError):
+                self._log_line(line)
+                continue
+            if isinstance(event, (ReadyEvent, ErrorEvent)):
+                return event
+            self._log_line(line)
 
     def stderr_tail(self) -> str:
         return " | ".join(self._stderr_tail) or "(no output)"
 
-    async def _pump_stderr(self) -> None:
+    def _log_line(self, line: bytes) -> None:
+        with open(self.log_path, "ab") as f:
+            f.write(line if line.endswith(b"\n") else line + b"\n")
+        self._stderr_tail.append(line.decode(errors="replace").rstrip())
+
+    async def _pump(self, stream: asyncio.StreamReader) -> None:
         with open(self.log_path, "ab") as f:
             while True:
-                line = await self.proc.stderr.readline()
+                try:
+                    line = await stream.readline()
+                except (ValueError, asyncio.LimitOverrunError):  # an over-long line: skip it
+                    continue
                 if not line:
                     return
                 f.write(line)

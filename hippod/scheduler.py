@@ -1,9 +1,16 @@
 """The scheduler alone decides what is loaded: memory guard, hot-swap, keep_alive, queueing.
 
-Every request takes a lease on a loaded model (`async with scheduler.lease(...)`). Loads happen
-one at a time under one lock; to make room the scheduler evicts idle models, least recently used
-first, never a pinned one (keep_alive < 0) and never one that is serving a request (it waits for
-it, bounded). A runner that dies is noticed at once and recorded as crashed.
+Every request takes a lease on a loaded model (`async with scheduler.lease(...)`). A request for a
+model that is loaded and ready takes it at once, so requests to loaded models run concurrently.
+Any other request joins a *load intent*; one loader task works through the intents in arrival
+order (like the pending loop of ollama's server/sched.go), so loads happen strictly one at a time,
+and every request waiting for the same model is served by the same load. To make room the loader
+evicts idle models, least recently used first; it never evicts a pinned model (keep_alive < 0)
+and never kills one mid-request: it marks the busy victim as draining (new requests queue behind
+the load instead of keeping it busy) and waits, at most `busy_wait` seconds, for its requests to
+finish. A load runs to its end even if the requests that wanted it go away, so a disconnect can
+neither leak a runner process nor let a second load start beside it. A runner that dies is
+noticed at once and recorded as crashed.
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import platform
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -21,14 +30,21 @@ import psutil
 
 from hippod.config import Settings
 from hippod.registry.registry import Registry, RegistryError
-from hippod.runner_process import RunnerError, RunnerProcess
+from hippod.runner_process import RunnerProcess
 from hippod.store.database import Store
 from hippod.store.records import ModelRecord
 
 log = logging.getLogger("hippo.scheduler")
 
-RUNNER_OVERHEAD = 300 * 2**20  # Python + MLX runtime of a runner process, measured on Linux CPU
+# Memory of a runner process beyond its weights and KV cache: Python, MLX, mlx_lm, tokenizer,
+# batch state. Measured on Linux x86-64 CPU (Python 3.11, MLX 0.32.4, mlx_lm 0.32.2): RSS minus
+# safetensors bytes was 135 MiB right after load and 140 MiB after generating, for a 6 MB random
+# llama and for SmolLM2-135M 4-bit alike; rounded up to leave a little headroom.
+RUNNER_OVERHEAD = 150 * 2**20
 FOREVER = float("inf")
+# Ollama turns keep_alive < 0 into the longest Go duration (2^63 ns, ~292 years): /api/ps shows
+# that far-future time, and so do we.
+LONGEST_KEEP_ALIVE = timedelta(microseconds=2**63 // 1000)
 
 
 class SchedulerError(Exception):
@@ -38,21 +54,26 @@ class SchedulerError(Exception):
 
 
 class ServerBusy(SchedulerError):
-    def __init__(self):
-        super().__init__("server busy, please try again later", 503)
+    def __init__(self, why: str = "maximum pending requests exceeded"):
+        super().__init__(f"server busy, please try again later ({why})", 503)
 
 
 class NotEnoughMemory(SchedulerError):
-    def __init__(self, message: str):
+    def __init__(self, message: str, needed: int, available: int):
         super().__init__(message, 507)
+        self.needed = needed
+        self.available = available
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+# -- keep_alive -------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
 
 def parse_keep_alive(value: object) -> float:
-    """Ollama's keep_alive: seconds or a Go duration ('5m', '1h30m'); negative = forever."""
+    """Ollama's keep_alive: seconds (number) or a Go duration ('5m', '1h30m', '-1m'); plain
+    numbers in strings are seconds too. Negative = forever, 0 = unload when the request ends."""
     if isinstance(value, bool) or value is None:
         raise ValueError(f"invalid keep_alive {value!r}")
     if isinstance(value, (int, float)):
@@ -68,6 +89,8 @@ def parse_keep_alive(value: object) -> float:
             if not parts or "".join(n + u for n, u in parts) != body:
                 raise ValueError(f"invalid keep_alive duration {value!r} (use e.g. 5m, 30s, 1h, -1)") from None
             seconds = sign * sum(float(n) * _UNIT[u] for n, u in parts)
+    if math.isnan(seconds):
+        raise ValueError(f"invalid keep_alive {value!r}")
     return FOREVER if seconds < 0 else seconds
 
 
@@ -79,34 +102,91 @@ def fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-@dataclass
+# -- memory estimate --------------------------------------------------------------------------
+
+
+def kv_cache_bytes(details: dict, num_ctx: int, num_parallel: int) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x num_ctx x dtype bytes x parallel slots."""
+    d = details or {}
+    return (2 * int(d.get("num_layers") or 0) * int(d.get("kv_heads") or 0)
+            * int(d.get("head_dim") or 0) * num_ctx * int(d.get("kv_dtype_bytes") or 2) * num_parallel)
+
+
+def estimate_bytes(rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
+    """What loading `rec` will take, before loading it: weights from the safetensors headers
+    (recorded at import), the KV cache for the context asked, and a runner's fixed overhead."""
+    d = rec.details or {}
+    weights = int(d.get("weights_bytes") or rec.size)
+    return weights + kv_cache_bytes(d, num_ctx, num_parallel) + RUNNER_OVERHEAD
+
+
+# -- state ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
 class Loaded:
     name: str
     record: ModelRecord
     runner: RunnerProcess
-    size: int  # bytes the guard counts for it
     estimate: int
     context_length: int
     num_parallel: int
     load_id: int
     load_seconds: float
     keep_alive: float
+    measured: int = 0  # the runner's footprint at load: max(RSS, MLX active memory)
     last_used: float = field(default_factory=time.monotonic)
-    refs: int = 0
+    refs: int = 0  # requests holding a lease now
     expires_at: datetime | None = None
     expiry: asyncio.TimerHandle | None = None
     unloading: bool = False
+    draining: bool = False  # the loader waits to evict it: new requests queue instead
+    end_reason: str | None = None  # why it unloads when idle ("stopped"); default "expired"
 
     @property
     def pinned(self) -> bool:
         return self.keep_alive == FOREVER
+
+    @property
+    def size(self) -> int:
+        """Bytes the guard counts: the estimate (KV grows into it), or what the runner really
+        holds now when that is more (its RSS, read fresh; MLX's active memory at load)."""
+        rss = 0
+        if self.runner.alive and self.runner.pid:
+            with contextlib.suppress(psutil.Error):
+                rss = psutil.Process(self.runner.pid).memory_info().rss
+        return max(self.estimate, self.measured, rss)
+
+    def expires(self) -> datetime:
+        """When it unloads if nothing else uses it (a projection while it is busy)."""
+        now = datetime.now(timezone.utc)
+        if self.pinned:
+            return now + LONGEST_KEEP_ALIVE
+        if self.expires_at is not None:
+            return self.expires_at
+        return now + min(timedelta(seconds=self.keep_alive), LONGEST_KEEP_ALIVE)
 
 
 class Lease:
     def __init__(self, loaded: Loaded, load_seconds: float):
         self.loaded = loaded
         self.runner = loaded.runner
-        self.load_seconds = load_seconds  # time this request spent loading the model (0 if warm)
+        self.load_seconds = load_seconds  # time this request waited for its model (0 if warm)
+
+
+@dataclass(eq=False)
+class _Intent:
+    """Requests waiting for one model to be loaded; the loader serves them all with one load."""
+
+    rec: ModelRecord
+    num_ctx: int
+    keep_alive: float
+    future: asyncio.Future
+    waiters: int = 0
+    started: bool = False
+
+
+# -- the scheduler ----------------------------------------------------------------------------
 
 
 class Scheduler:
@@ -116,10 +196,15 @@ class Scheduler:
         self.registry = registry
         self.node = node
         self.loaded: dict[str, Loaded] = {}
-        self.pending = 0
-        self._load_lock = asyncio.Lock()
-        self._changed = asyncio.Condition()
+        self.pending = 0  # requests waiting for a model to be loaded (bounded by max_queue)
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
+        self._intents: deque[_Intent] = deque()
+        self._loader: asyncio.Task | None = None
+        self._loading: RunnerProcess | None = None
+        self._stopping: set[Loaded] = set()  # unloaded, but the process has not exited yet
+        self._change_waiters: set[asyncio.Future] = set()
+        self._tasks: set[asyncio.Task] = set()  # keep background tasks referenced until done
+        self._closed = False
 
     # -- memory -----------------------------------------------------------------------------
 
@@ -129,206 +214,363 @@ class Scheduler:
         total = psutil.virtual_memory().total
         budget = int(total * self.settings.memory_safety)
         if platform.system() == "Darwin" and platform.machine() == "arm64":
-            budget = min(budget, int(total * 0.75))  # ~ MLX's recommended working set
+            # MLX's recommended working set (Metal's recommendedMaxWorkingSetSize) is about
+            # three quarters of RAM on Apple Silicon; the daemon cannot import MLX to ask.
+            budget = min(budget, int(total * 0.75))
         return budget
 
     def used(self) -> int:
-        return sum(m.size for m in self.loaded.values())
+        """Loaded models, plus unloaded ones whose process is still on its way out."""
+        return sum(m.size for m in (*self.loaded.values(), *self._stopping))
 
-    def estimate(self, rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
-        d = rec.details or {}
-        weights = int(d.get("weights_bytes") or rec.size)
-        kv = (2 * int(d.get("num_layers") or 0) * int(d.get("kv_heads") or 0)
-              * int(d.get("head_dim") or 0) * num_ctx * int(d.get("kv_dtype_bytes") or 2) * num_parallel)
-        return weights + kv + RUNNER_OVERHEAD
-
-    def _fits(self, need: int) -> bool:
-        if need > self.budget() - self.used():
-            return False
+    def available(self) -> int:
+        free = self.budget() - self.used()
         if self.settings.memory_budget is None and self.settings.guard == "strict":
             # Never load into swap: what the OS can give now must cover it too.
-            return need <= psutil.virtual_memory().available
-        return True
+            free = min(free, psutil.virtual_memory().available)
+        return max(free, 0)
+
+    def estimate(self, rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
+        return estimate_bytes(rec, num_ctx, num_parallel)
+
+    def context_for(self, rec: ModelRecord, num_ctx: int | None) -> int:
+        """The context a request needs: num_ctx or the default, never more than the model has."""
+        want = int(num_ctx) if num_ctx else self.settings.num_ctx
+        return max(1, min(want, rec.context_length) if rec.context_length else want)
 
     # -- leases -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str, *, keep_alive: object = None, num_ctx: int | None = None):
-        if self.pending >= self.settings.max_queue:
-            raise ServerBusy()
-        self.pending += 1
         try:
             keep = self.default_keep_alive if keep_alive is None else parse_keep_alive(keep_alive)
         except ValueError as e:
-            self.pending -= 1
             raise SchedulerError(str(e), 400) from None
-        try:
-            loaded, load_seconds = await self._acquire(name, num_ctx)
-        except BaseException:
-            self.pending -= 1
-            raise
-        loaded.keep_alive = keep
+        loaded, load_seconds = await self._acquire(name, num_ctx, keep)
         try:
             yield Lease(loaded, load_seconds)
         finally:
-            self.pending -= 1
-            await self._release(loaded)
+            self._release(loaded)
 
-    async def _acquire(self, name: str, num_ctx: int | None) -> tuple[Loaded, float]:
+    async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
         rec = self.registry.get(name)
         if rec.missing:
             raise RegistryError(f"model '{rec.name}' has missing files; pull or create it again", 500)
+        ctx = self.context_for(rec, num_ctx)
+        m = self._ready(rec, ctx)
+        if m is not None:
+            self._hold(m, 1)
+            self._touch(m, keep)
+            return m, 0.0
+        if self._closed:
+            raise SchedulerError("hippod is shutting down", 503)
+        if self.pending >= self.settings.max_queue:
+            raise ServerBusy(f"{self.pending} requests are already waiting for a model")
         t0 = time.monotonic()
-        while True:
-            current = self.loaded.get(rec.name)
-            if current and self._usable(current, rec, num_ctx):
-                self._take(current)
-                return current, 0.0
-            async with self._load_lock:
-                current = self.loaded.get(rec.name)
-                if current and self._usable(current, rec, num_ctx):
-                    self._take(current)
-                    return current, 0.0
-                if current:  # stale (other digest / smaller context): replace it when idle
-                    if current.refs:
-                        await self._wait_change(deadline=t0 + self.settings.busy_wait)
-                        continue
-                    await self.unload(current.name, "replaced")
-                loaded = await self._load(rec, num_ctx)
-                self._take(loaded)
-                return loaded, time.monotonic() - t0
+        intent = self._join(rec, ctx, keep)
+        self.pending += 1
+        try:
+            m = await asyncio.shield(intent.future)
+        except asyncio.CancelledError:
+            # The client went away. If the load already counted it, give its lease back.
+            if intent.future.done() and not intent.future.cancelled() and intent.future.exception() is None:
+                self._release(intent.future.result())
+            else:
+                intent.waiters -= 1
+            raise
+        finally:
+            self.pending -= 1
+        self._touch(m, keep)
+        return m, time.monotonic() - t0
 
-    def _usable(self, m: Loaded, rec: ModelRecord, num_ctx: int | None) -> bool:
-        return (not m.unloading and m.runner.alive and m.record.digest == rec.digest
-                and (num_ctx is None or num_ctx <= m.context_length))
+    def _ready(self, rec: ModelRecord, ctx: int) -> Loaded | None:
+        m = self.loaded.get(rec.name)
+        if (m is None or m.unloading or m.draining or not m.runner.alive
+                or m.record.digest != rec.digest or ctx > m.context_length):
+            return None
+        return m
 
-    def _take(self, m: Loaded) -> None:
-        m.refs += 1
+    def _join(self, rec: ModelRecord, ctx: int, keep: float) -> _Intent:
+        """Wait with others for the same model, or queue a new load behind the ones waiting."""
+        for intent in reversed(self._intents):
+            if intent.rec.name != rec.name:
+                continue
+            if intent.rec.digest == rec.digest and (not intent.started or ctx <= intent.num_ctx):
+                intent.num_ctx = max(intent.num_ctx, ctx)
+                intent.keep_alive = keep
+                intent.waiters += 1
+                return intent
+            break
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
+        intent = _Intent(rec, ctx, keep, future, waiters=1)
+        self._intents.append(intent)
+        if self._loader is None or self._loader.done():
+            self._loader = asyncio.ensure_future(self._load_loop())
+        return intent
+
+    def _hold(self, m: Loaded, n: int) -> None:
+        m.refs += n
         m.last_used = time.monotonic()
         if m.expiry:
             m.expiry.cancel()
             m.expiry = None
         m.expires_at = None
 
-    async def _release(self, m: Loaded) -> None:
+    def _touch(self, m: Loaded, keep: float) -> None:
+        """A request's keep_alive replaces the one before, as in Ollama."""
+        m.keep_alive = keep
+        m.end_reason = None
+        m.last_used = time.monotonic()
+
+    def _release(self, m: Loaded) -> None:
         m.refs -= 1
         m.last_used = time.monotonic()
-        if m.refs == 0 and self.loaded.get(m.name) is m:
+        if m.refs == 0 and self.loaded.get(m.name) is m and not m.unloading:
             self._arm_expiry(m)
-        async with self._changed:
-            self._changed.notify_all()
+        self._notify()
 
     def _arm_expiry(self, m: Loaded) -> None:
-        if m.keep_alive == FOREVER:
+        if m.expiry:
+            m.expiry.cancel()
+            m.expiry = None
+        if m.pinned:
             m.expires_at = None
             return
-        m.expires_at = datetime.now(timezone.utc) + timedelta(seconds=m.keep_alive)
-        loop = asyncio.get_running_loop()
-        m.expiry = loop.call_later(m.keep_alive, lambda: asyncio.ensure_future(self._expire(m)))
+        delay = min(m.keep_alive, LONGEST_KEEP_ALIVE.total_seconds())
+        m.expires_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        if delay <= 0:
+            self._spawn(self._expire(m))
+        else:
+            m.expiry = asyncio.get_running_loop().call_later(
+                min(delay, 10 * 365 * 86400), lambda: self._spawn(self._expire(m)))
 
     async def _expire(self, m: Loaded) -> None:
         if m.refs == 0 and self.loaded.get(m.name) is m:
-            await self.unload(m.name, "expired")
+            await self.unload(m.name, m.end_reason or "expired")
 
-    async def _wait_change(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise SchedulerError("timed out waiting for a busy model to finish", 503)
-        async with self._changed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    # -- loading and unloading --------------------------------------------------------------
+    # -- waiting for changes ----------------------------------------------------------------
 
-    async def _load(self, rec: ModelRecord, num_ctx: int | None) -> Loaded:
-        model_ctx = rec.context_length or self.settings.num_ctx
-        ctx = min(num_ctx or self.settings.num_ctx, model_ctx)
+    def _notify(self) -> None:
+        for f in self._change_waiters:
+            if not f.done():
+                f.set_result(None)
+        self._change_waiters.clear()
+
+    async def _wait_change(self, timeout: float) -> None:
+        """Until a lease is released or a model goes away, or `timeout` seconds pass."""
+        f = asyncio.get_running_loop().create_future()
+        self._change_waiters.add(f)
+        try:
+            await asyncio.wait({f}, timeout=max(timeout, 0))
+        finally:
+            self._change_waiters.discard(f)
+
+    # -- the loader: one load at a time -----------------------------------------------------
+
+    async def _load_loop(self) -> None:
+        while self._intents:
+            intent = self._intents[0]
+            if intent.waiters <= 0:  # everyone who wanted it went away before it started
+                self._intents.popleft()
+                intent.future.cancel()
+                continue
+            intent.started = True
+            try:
+                m = await self._satisfy(intent)
+            except asyncio.CancelledError:
+                if not intent.future.done():
+                    intent.future.set_exception(SchedulerError("hippod is shutting down", 503))
+                raise
+            except Exception as e:  # a failed load fails the requests that wanted it, nothing more
+                intent.future.set_exception(e)
+            else:
+                # Count every waiter as holding a lease before anything else can run, so the
+                # next intent cannot evict the model between the load and its first request.
+                self._hold(m, intent.waiters)
+                if intent.waiters:
+                    intent.future.set_result(m)
+                else:  # nobody waits any more: it stays loaded for the keep_alive asked
+                    intent.future.cancel()
+                    m.keep_alive = intent.keep_alive
+                    if m.refs == 0:
+                        self._arm_expiry(m)
+            finally:
+                self._intents.popleft()
+                self._notify()
+
+    async def _satisfy(self, intent: _Intent) -> Loaded:
+        rec, ctx = intent.rec, intent.num_ctx
+        m = self._ready(rec, ctx)
+        if m is not None:  # an earlier load (or a request that raced us) already brought it
+            return m
+        deadline = time.monotonic() + self.settings.busy_wait
+        current = self.loaded.get(rec.name)
+        if current is not None:  # another version, a smaller context, or a dead runner
+            await self._evict(current, "crashed" if not current.runner.alive else "replaced", deadline)
         parallel = self.settings.num_parallel
         need = self.estimate(rec, ctx, parallel)
-        await self._make_room(rec.name, need)
+        await self._make_room(rec.name, need, deadline)
+        return await self._start(rec, ctx, parallel, need, intent.keep_alive)
+
+    async def _make_room(self, name: str, need: int, deadline: float) -> None:
+        guard = self.settings.guard
+        budget = self.budget()
+        if guard == "strict" and need > budget:
+            raise NotEnoughMemory(
+                f"model '{name}' needs {fmt_bytes(need)} ({need} bytes) but the memory budget is "
+                f"only {fmt_bytes(budget)} ({budget} bytes)", need, budget)
+        while True:
+            too_many = len(self.loaded) >= self.settings.max_loaded_models
+            short = guard != "off" and need > self.available()
+            if not too_many and not short:
+                return
+            evictable = [m for m in self.loaded.values() if not m.pinned]
+            idle = [m for m in evictable if m.refs == 0]
+            if short and not too_many and guard == "warn" and not idle:
+                log.warning("memory guard (warn): loading %s without room (%s needed, %s available)",
+                            name, fmt_bytes(need), fmt_bytes(self.available()))
+                return
+            if not evictable:
+                pinned = ", ".join(self.loaded)
+                if too_many:
+                    raise ServerBusy(f"{len(self.loaded)} models are loaded (max_loaded_models) and "
+                                     f"pinned by keep_alive<0: {pinned}")
+                self._refuse(name, need, f"; pinned by keep_alive<0: {pinned}" if pinned else "")
+            victim = (min(idle, key=lambda m: m.last_used) if idle
+                      else min(evictable, key=lambda m: (m.refs, m.last_used)))
+            try:
+                await self._evict(victim, "evicted", deadline)
+            except _StillBusy:
+                if too_many:
+                    raise ServerBusy(f"{len(self.loaded)} models are loaded (max_loaded_models) and "
+                                     f"stayed busy for {self.settings.busy_wait:.0f}s") from None
+                self._refuse(name, need, f"; the loaded models stayed busy for "
+                                         f"{self.settings.busy_wait:.0f}s")
+
+    def _refuse(self, name: str, need: int, why: str):
+        free = self.available()
+        raise NotEnoughMemory(
+            f"model '{name}' needs {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
+            f"({free} bytes) of the {fmt_bytes(self.budget())} memory budget is available{why}",
+            need, free)
+
+    async def _evict(self, m: Loaded, reason: str, deadline: float) -> None:
+        """Unload `m` once its requests are done; meanwhile new requests for it queue up."""
+        m.draining = True
+        try:
+            while m.refs > 0 and self.loaded.get(m.name) is m and m.runner.alive:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _StillBusy()
+                await self._wait_change(remaining)
+        finally:
+            m.draining = False
+        if self.loaded.get(m.name) is m:
+            await self.unload(m.name, reason)
+
+    async def _start(self, rec: ModelRecord, ctx: int, parallel: int, need: int,
+                     keep: float) -> Loaded:
         runner = RunnerProcess(
             self.registry.model_dir(rec), self.settings.run_dir,
             self.settings.logs_dir / "runners.log", num_parallel=parallel, context_length=ctx,
             python=self.settings.runner_python)
+        log.info("loading %s (estimated %s, %s in use of %s)", rec.name, fmt_bytes(need),
+                 fmt_bytes(self.used()), fmt_bytes(self.budget()))
         t0 = time.monotonic()
-        log.info("loading %s (estimated %s)", rec.name, fmt_bytes(need))
-        ready = await runner.start(timeout=self.settings.load_timeout)
-        seconds = time.monotonic() - t0
-        measured = max(ready.rss_bytes, ready.mlx_active_bytes)
-        load_id = self.store.start_load(rec.name, self.node, "request", max(need, measured),
-                                        seconds, pid=runner.pid)
-        m = Loaded(rec.name, rec, runner, size=max(need, measured), estimate=need,
-                   context_length=ready.context_length, num_parallel=parallel, load_id=load_id,
-                   load_seconds=seconds, keep_alive=self.default_keep_alive)
+        self._loading = runner
+        try:
+            ready = await runner.start(timeout=self.settings.load_timeout)
+            seconds = time.monotonic() - t0
+            measured = max(ready.rss_bytes, ready.mlx_active_bytes)
+            load_id = self.store.start_load(rec.name, self.node, "request", max(need, measured),
+                                            seconds, pid=runner.pid)
+        except BaseException:
+            await runner.kill()
+            raise
+        finally:
+            self._loading = None
+        m = Loaded(rec.name, rec, runner, estimate=need, context_length=ready.context_length,
+                   num_parallel=parallel, load_id=load_id, load_seconds=seconds, keep_alive=keep,
+                   measured=measured)
         self.loaded[rec.name] = m
-        asyncio.ensure_future(self._watch(m))
-        log.info("loaded %s in %.2fs (pid %s, rss %s)", rec.name, seconds, runner.pid,
-                 fmt_bytes(ready.rss_bytes))
+        self._spawn(self._watch(m))
+        log.info("loaded %s in %.2fs (pid %s, rss %s, counted %s)", rec.name, seconds, runner.pid,
+                 fmt_bytes(ready.rss_bytes), fmt_bytes(m.size))
         return m
 
-    async def _make_room(self, name: str, need: int) -> None:
-        budget = self.budget()
-        guard = self.settings.guard
-        if need > budget and guard == "strict":
-            raise NotEnoughMemory(
-                f"model '{name}' needs {fmt_bytes(need)} ({need} bytes) but the memory budget is "
-                f"{fmt_bytes(budget)} ({budget} bytes)")
-        deadline = time.monotonic() + self.settings.busy_wait
-        while not self._fits(need) or len(self.loaded) >= self.settings.max_loaded_models:
-            idle = [m for m in self.loaded.values() if m.refs == 0 and not m.pinned]
-            if idle:
-                victim = min(idle, key=lambda m: m.last_used)
-                await self.unload(victim.name, "evicted")
-                continue
-            busy = [m for m in self.loaded.values() if not m.pinned]
-            if busy and time.monotonic() < deadline:
-                await self._wait_change(deadline)
-                continue
-            if guard != "strict":
-                log.warning("memory guard (%s): loading %s without room (%s needed, %s free)",
-                            guard, name, fmt_bytes(need), fmt_bytes(budget - self.used()))
-                return
-            pinned = [m.name for m in self.loaded.values() if m.pinned]
-            free = budget - self.used()
-            why = (f"; pinned by keep_alive<0: {', '.join(pinned)}" if pinned
-                   else "; loaded models are busy" if busy else "")
-            raise NotEnoughMemory(
-                f"model '{name}' needs {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
-                f"({free} bytes) of the {fmt_bytes(budget)} budget is free{why}")
+    # -- unloading --------------------------------------------------------------------------
 
     async def unload(self, name: str, reason: str) -> bool:
-        m = self.loaded.get(name)
+        """Kill the model's runner now, busy or not (eviction waits for idle before calling)."""
+        m = self.loaded.pop(name, None)
         if m is None:
             return False
         m.unloading = True
         if m.expiry:
             m.expiry.cancel()
-        del self.loaded[name]
-        await m.runner.stop()
-        self.store.end_load(m.load_id, reason)
-        log.info("unloaded %s (%s)", name, reason)
-        async with self._changed:
-            self._changed.notify_all()
+            m.expiry = None
+        self._stopping.add(m)
+        try:
+            # Shielded: a caller that goes away must not leave a half-stopped runner behind.
+            await asyncio.shield(self._finish_unload(m, reason))
+        finally:
+            self._notify()
+        return True
+
+    async def _finish_unload(self, m: Loaded, reason: str) -> None:
+        try:
+            await m.runner.stop()
+        finally:
+            self._stopping.discard(m)
+            self.store.end_load(m.load_id, reason)
+            log.info("unloaded %s (%s)", m.name, reason)
+            self._notify()
+
+    async def stop(self, name: str) -> bool:
+        """keep_alive 0 with no prompt (`ollama stop`): unload now if idle, else as soon as the
+        requests it is serving end (Ollama's expireRunner); a later request can change that."""
+        m = self.loaded.get(name)
+        if m is None:
+            return False
+        m.keep_alive = 0
+        m.end_reason = "stopped"
+        if m.refs == 0:
+            return await self.unload(name, "stopped")
         return True
 
     async def _watch(self, m: Loaded) -> None:
         await m.runner.exited.wait()
-        if m.unloading or m.runner.stopping:
+        if m.unloading:
             return
         log.error("runner of %s exited unexpectedly (code %s): %s", m.name, m.runner.exit_code,
                   m.runner.stderr_tail())
         if self.loaded.get(m.name) is m:
             del self.loaded[m.name]
+        if m.expiry:
+            m.expiry.cancel()
+            m.expiry = None
         self.store.end_load(m.load_id, "crashed")
-        async with self._changed:
-            self._changed.notify_all()
+        self._notify()
 
     async def shutdown(self) -> None:
+        self._closed = True
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()  # a load in progress is killed by _start
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loader
+        for intent in self._intents:
+            if not intent.future.done():
+                intent.future.set_exception(SchedulerError("hippod is shutting down", 503))
+        self._intents.clear()
         for name in list(self.loaded):
             await self.unload(name, "shutdown")
 
-    def touch(self, name: str, keep_alive: object) -> None:
-        """A load-only request (empty prompt) sets the model's keep_alive like any request."""
-        m = self.loaded.get(name)
-        if m is not None:
-            m.keep_alive = parse_keep_alive(keep_alive)
+
+class _StillBusy(Exception):
+    """The model to evict kept serving requests past busy_wait."""

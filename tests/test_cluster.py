@@ -59,6 +59,9 @@ class Node:
         wait_until(lambda: in_netns(self.net.ns, self.daemon.ping), 20, f"{self.name} answers")
         return self
 
+    def advertising(self) -> bool:
+        return self.nodes()["discovery"]["advertising"]
+
     def call(self, method: str, path: str, body=None, timeout: float = 300):
         return in_netns(self.net.ns, self.daemon.request, method, path, body, timeout)
 
@@ -102,6 +105,15 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.1) -> float:
         if time.monotonic() - start > timeout:
             pytest.fail(f"timed out after {timeout}s waiting until {what}")
         time.sleep(interval)
+
+
+def joined(a: Node, b: Node) -> None:
+    """Give b a's cluster secret (init on a, join on b) unless it has it, and wait for mutual trust."""
+    if not trusted_and_fresh(b, a):
+        _, answer = a.call("POST", "/api/hippo/cluster/init", {})
+        status, body = b.call("POST", "/api/hippo/cluster/join", {"token": answer["token"]})
+        assert status == 200, body
+    wait_until(lambda: trusted_and_fresh(a, b) and trusted_and_fresh(b, a), 10, "both trust each other")
 
 
 def trusted_and_fresh(a: Node, b: Node) -> bool:
@@ -211,7 +223,7 @@ def test_discovery_never_uses_every_interface_for_a_loopback_daemon():
 class Pair:
     def __init__(self, net, root: Path):
         self.net = net
-        self.a = Node(net[0], root / "alpha", "alpha")
+        self.a = Node(net[0], root / "alpha", "alpha", {"HIPPO_LOG_LEVEL": "debug"})
         self.b = Node(net[1], root / "beta", "beta")
 
 
@@ -266,6 +278,7 @@ def test_nodes_find_each_other_join_and_go_stale(pair):
     assert status == 503 and "not answering" in body["error"]
     b.start()  # the joined secret survived the restart (cluster.key)
     wait_until(lambda: trusted_and_fresh(a, b) and trusted_and_fresh(b, a), 10, "the peer is back")
+    wait_until(b.advertising, 10, "the peer is on mDNS again")
     # A clean stop says goodbye over mDNS: stale at once.
     b.daemon.stop()
     took = wait_until(lambda: a.row(b)["stale"], 10, "the stopped peer is stale")
@@ -278,7 +291,7 @@ def test_nodes_find_each_other_join_and_go_stale(pair):
 @pytest.mark.slow
 def test_pull_copies_from_the_peer_byte_identical(pair, tiny_model_dir):
     a, b = pair.a, pair.b
-    wait_until(lambda: trusted_and_fresh(a, b) and trusted_and_fresh(b, a), 10, "both trust each other")
+    joined(a, b)
     status, body = a.call("POST", "/api/create", {"model": "tiny", "from": str(tiny_model_dir), "stream": False})
     assert status == 200, body
     wait_until(lambda: "tiny:latest" in b.row(a)["models"], 5, "beta sees alpha's model")
@@ -323,6 +336,7 @@ def big_model_dir(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_killed_copy_resumes(pair, big_model_dir):
     a, b = pair.a, pair.b
+    joined(a, b)
     status, body = a.call("POST", "/api/create", {"model": "big", "from": str(big_model_dir), "stream": False})
     assert status == 200, body
     wait_until(lambda: trusted_and_fresh(b, a) and "big:latest" in b.row(a)["models"], 10, "beta sees big")
@@ -359,6 +373,7 @@ def test_killed_copy_resumes(pair, big_model_dir):
 def test_peer_copy_throughput_against_raw_tcp(pair, big_model_dir, capsys):
     """Not a pass/fail bound: prints the peer copy's rate next to raw TCP on the same veth."""
     a, b = pair.a, pair.b
+    joined(a, b)
     status, _ = a.call("POST", "/api/create", {"model": "big", "from": str(big_model_dir), "stream": False})
     assert status == 200
     b.call("DELETE", "/api/delete", {"model": "big"})

@@ -63,10 +63,14 @@ def run_jobs(loop, requests: list[GenerateRequest]) -> list[dict]:
     for i, req in enumerate(requests):
         loop.submit(Job(req, emitter(i)))
     while any(r["done"] is None and r["error"] is None for r in results):
+        # One turn of BatchLoop.run_forever, without blocking when idle.
         loop._take_new(block=False)
+        loop._drop_cancelled()
         loop._admit()
-        if loop.active:
-            loop._step()
+        if loop.solo is not None:
+            loop._step_solo()
+        elif loop.batched:
+            loop._step_batch()
     return results
 
 
@@ -134,6 +138,48 @@ def test_grammar_and_free_requests_share_a_batch(tiny_loop):
     jsonschema.validate(json.loads(a["text"]), CITY)
     assert b["done"].done_reason == "length" and b["done"].completion_tokens == 10
     assert all(isinstance(x, bool) for x in json.loads(c["text"]))
+
+
+def test_grammar_survives_decoding_alone_then_joining_a_batch(tiny_loop):
+    """A lone request decodes on generate_step; a second arrival moves it into the batch, where
+    its last token is shown to the grammar again. Both stretches must stay on the grammar."""
+    from hippod.engine.batch_loop import Job
+
+    texts, done = ["", ""], [None, None]
+
+    def emitter(i):
+        def emit(ev):
+            if isinstance(ev, TokenEvent):
+                texts[i] += ev.text
+            elif isinstance(ev, DoneEvent):
+                done[i] = ev
+            else:
+                raise AssertionError(ev)
+        return emit
+
+    def turn():
+        tiny_loop._take_new(block=False)
+        tiny_loop._admit()
+        if tiny_loop.solo is not None:
+            tiny_loop._step_solo()
+        elif tiny_loop.batched:
+            tiny_loop._step_batch()
+
+    opts = {"temperature": 1.0, "seed": 3, "num_predict": 96}
+    tiny_loop.submit(Job(GenerateRequest(prompt="alone", grammar={"json_schema": CITY}, options=opts),
+                         emitter(0)))
+    for _ in range(6):
+        turn()
+    assert tiny_loop.solo is not None and done[0] is None and texts[0]  # mid-document, alone
+    tiny_loop.submit(Job(GenerateRequest(prompt="second", grammar={"json_schema": CITY},
+                                         options=opts), emitter(1)))
+    turn()
+    assert tiny_loop.solo is None and len(tiny_loop.batched) == 2  # moved
+    while None in done:
+        turn()
+    for text, d in zip(texts, done):
+        assert d.done_reason == "stop", text
+        jsonschema.validate(json.loads(text), CITY)
 
 
 @pytest.mark.parametrize("schema,fragment", [

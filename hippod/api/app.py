@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from aiohttp import web
 
+from hippod import audit  # operations (issue 8)
 from hippod.api import admin, ollama, openai
 from hippod.api import cluster as cluster_routes, peer  # cluster (issue 5)
+from hippod.api import auth, metrics  # operations (issue 8)
 from hippod.api.errors import error_middleware
 from hippod.config import Settings
 from hippod.registry.registry import Registry
@@ -14,15 +18,25 @@ from hippod.store.database import Store
 
 
 def build_app(settings: Settings, store: Store, registry: Registry, scheduler: Scheduler) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, peer.peer_auth_middleware],  # peer: issue 5
+    # Outermost first. Operations (issue 8): metrics count every answer, 401/403 included; CORS
+    # refuses foreign origins and answers preflights before the key is asked for; the audit row
+    # carries the final status; the key is checked inside error_middleware, before any handler.
+    app = web.Application(middlewares=[metrics.metrics_middleware, auth.draining_middleware,
+                                       auth.cors_middleware, audit.audit_middleware, error_middleware,
+                                       auth.auth_middleware, peer.peer_auth_middleware],  # peer: issue 5
                           client_max_size=settings.max_body_bytes)
     app["settings"] = settings
     app["store"] = store
     app["registry"] = registry
     app["scheduler"] = scheduler
+    app["inflight"] = metrics.InFlight()  # operations (issue 8): shutdown drains these
+    app["metrics"] = metrics.Metrics(app)
+    app["started_at"] = datetime.now(timezone.utc)
+    app.on_response_prepare.append(auth.add_cors_headers)
     app.add_routes(ollama.routes)
     app.add_routes(admin.routes)
     app.add_routes(openai.routes)
     app.add_routes(peer.routes)  # cluster (issue 5)
     app.add_routes(cluster_routes.routes)  # cluster (issue 5)
+    app.add_routes(metrics.routes)  # operations (issue 8): /metrics, /api/hippo/audit
     return app

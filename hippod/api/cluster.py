@@ -50,7 +50,9 @@ async def nodes(request: web.Request) -> web.Response:
     return web.json_response({
         "node_id": cluster.node_id,
         "cluster": {"secret": cluster.keyring.secret is not None, "fingerprint": cluster.keyring.fingerprint},
-        "discovery": {"enabled": cluster.discovery is not None, "addresses": cluster.discovery_addresses,
+        "discovery": {"enabled": cluster.discovery is not None,
+                      "advertising": bool(cluster.discovery and cluster.discovery.advertising),
+                      "addresses": cluster.discovery_addresses,
                       "reason": cluster.discovery_reason},
         "nodes": cluster.nodes()})
 

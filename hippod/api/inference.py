@@ -10,6 +10,7 @@ import contextlib
 import time
 from typing import AsyncIterator
 
+from hippod import audit
 from hippod.protocol import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, TokenEvent
 from hippod.scheduler import Lease, Scheduler
 
@@ -26,6 +27,8 @@ class Generation:
         self._stack = contextlib.AsyncExitStack()
         self._events = None
         self._first = None
+        self.first_event_at: float | None = None  # perf_counter of the runner's first event
+        self.error: str | None = None  # why the stream broke off, for the audit log
 
     @property
     def model_name(self) -> str:
@@ -41,8 +44,10 @@ class Generation:
             # Wait for the first event so a request the runner rejects (e.g. a chat template
             # error) still gets its own status instead of an error line inside a 200 stream.
             self._first = await self._events.__anext__()
+            self.first_event_at = time.perf_counter()
         except BaseException:
             await self._stack.aclose()
+            audit.note_generation(self)
             raise
         return self
 
@@ -52,14 +57,21 @@ class Generation:
             yield event
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        async for event in self._all_events():
-            if isinstance(event, DoneEvent):
-                self.done = event
-                return
-            yield event
+        try:
+            async for event in self._all_events():
+                if isinstance(event, DoneEvent):
+                    self.done = event
+                    return
+                yield event
+        except Exception as exc:
+            self.error = str(exc) or type(exc).__name__
+            raise
 
     async def close(self) -> None:
-        await self._stack.aclose()
+        try:
+            await self._stack.aclose()
+        finally:
+            audit.note_generation(self)  # one hook serves every route of both APIs
 
     @property
     def load_seconds(self) -> float:
@@ -74,4 +86,5 @@ async def embed(scheduler: Scheduler, model: str, inputs: list[str], *, truncate
                 keep_alive=None, num_ctx: int | None = None) -> tuple[EmbedResult, Lease]:
     async with scheduler.lease(model, keep_alive=keep_alive, num_ctx=num_ctx) as lease:
         result = await lease.runner.embed(EmbedRequest(inputs, truncate=truncate, num_ctx=num_ctx))
+        audit.note_embedding(lease.loaded.name, inputs, result.prompt_tokens, lease.load_seconds)
         return result, lease

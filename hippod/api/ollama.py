@@ -11,7 +11,7 @@ from aiohttp import web
 
 from hippod import __version__
 from hippod.api import ollama_types as t
-from hippod.api import tooling
+from hippod.api import status_page, tooling
 from hippod.api.errors import BadRequest, read_json, status_and_message
 from hippod.api.fields import get
 from hippod.api.inference import Generation, embed
@@ -33,6 +33,8 @@ def _registry(request: web.Request) -> Registry:
 
 @routes.get("/")
 async def root(request: web.Request) -> web.Response:
+    if status_page.wants_html(request):  # a browser: the status page (issue 8)
+        return await status_page.page(request)
     return web.Response(text="Ollama is running")
 
 
@@ -53,10 +55,9 @@ async def ps(request: web.Request) -> web.Response:
     for m in _scheduler(request).loaded.values():
         entry = t.tag_entry(m.record)
         entry.pop("modified_at")
-        far_future = "2318-01-01T00:00:00Z"  # what Ollama shows for keep_alive < 0
-        entry.update(size=m.size, size_vram=m.size, context_length=m.context_length,
-                     expires_at=t.iso(m.expires_at) if m.expires_at else (
-                         far_future if m.pinned else t.now_iso()))
+        size = m.size
+        entry.update(size=size, size_vram=size, context_length=m.context_length,
+                     expires_at=t.iso(m.expires()))
         entry["hippo"] = {"pid": m.runner.pid, "busy": m.refs, "num_parallel": m.num_parallel,
                           "load_seconds": round(m.load_seconds, 3), "estimate": m.estimate,
                           "node": _scheduler(request).node}
@@ -205,7 +206,7 @@ async def _unload_only(request, name: str, keep_alive, kind: str) -> web.Respons
     except ValueError as e:
         raise BadRequest(str(e), param="keep_alive") from None
     if unload:
-        await scheduler.unload(rec.name, "stopped")
+        await scheduler.stop(rec.name)  # a busy model unloads when its requests end
         return web.json_response({**base, "done_reason": "unload"})
     async with scheduler.lease(rec.name, keep_alive=keep_alive):
         pass

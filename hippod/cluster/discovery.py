@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,6 +137,7 @@ class Discovery:
         self._info: AsyncServiceInfo | None = None
         self._names: dict[str, str] = {}  # service name -> node id, to map removals
         self._tasks: set[asyncio.Task] = set()
+        self.advertising = False  # our name is registered (mDNS probing done)
 
     def _service_info(self) -> AsyncServiceInfo:
         return AsyncServiceInfo(SERVICE_TYPE, self.instance, port=self.port, properties=self._txt(),
@@ -144,10 +146,13 @@ class Discovery:
     async def start(self) -> None:
         # Always an explicit address list: zeroconf's own default would use every interface.
         self._zc = AsyncZeroconf(interfaces=list(self.addresses), ip_version=IPVersion.V4Only)
-        self._info = self._service_info()
-        await self._zc.async_register_service(self._info, allow_name_change=True)
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
-        log.info("discovery: advertising %s on %s", self.instance, ", ".join(self.addresses))
+        self._info = self._service_info()
+        started = time.monotonic()
+        await self._zc.async_register_service(self._info, allow_name_change=True)
+        self.advertising = True
+        log.info("discovery: advertising %s on %s (%.1fs)", self._info.name, ", ".join(self.addresses),
+                 time.monotonic() - started)
 
     async def refresh(self) -> None:
         """Re-announce when the TXT record changed (memory moves; mDNS caches for minutes)."""
@@ -168,6 +173,7 @@ class Discovery:
         self._zc = self._browser = None
 
     def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        log.debug("discovery: %s %s", name, state_change.name)
         if state_change is ServiceStateChange.Removed:
             node_id = self._names.pop(name, None)
             if node_id:

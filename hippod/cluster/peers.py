@@ -37,6 +37,7 @@ PROBE_INTERVAL = 1.5  # seconds between hellos to each peer
 PROBE_TIMEOUT = 2.0
 STALE_AFTER = 6.0  # with the interval and timeout above, a dead peer is stale within 10 s
 FORGET_AFTER = 3600.0
+GOODBYE_GRACE = 5.0
 TXT_REFRESH = 30.0
 HELLO_PATH = "/api/hippo/peer/hello"
 
@@ -130,7 +131,9 @@ class PeerTable:
         self.store = store
         self.loaded: dict[str, list[str]] = {}
         self.backend: dict[str, str | None] = {}
-        self.gone: set[str] = set()  # said goodbye over mDNS: stale until it answers again
+        # Said goodbye over mDNS (monotonic time): stale until it announces itself again or answers
+        # after GOODBYE_GRACE (a stopping daemon still answers for a moment after its goodbye).
+        self.gone: dict[str, float] = {}
 
     def seen(self, ann: Announcement) -> None:
         """A peer announced itself; new ones count as seen now, known ones wait for their probe."""
@@ -142,6 +145,7 @@ class PeerTable:
             chip=ann.chip, trusted=old.trusted if old else False, models=old.models if old else [],
             last_seen=old.last_seen if old else None))
         self.backend.setdefault(ann.node_id, ann.backend)
+        self.gone.pop(ann.node_id, None)
 
     def heard(self, node_id: str, *, trusted: bool, info: NodeInfo | None = None,
               address: str | None = None) -> None:
@@ -165,7 +169,8 @@ class PeerTable:
             rec = replace(rec, models=[])  # an untrusted peer's claims are not shown
             self.loaded.pop(node_id, None)
         self.store.put_peer(rec)
-        self.gone.discard(node_id)
+        if time.monotonic() - self.gone.get(node_id, float("-inf")) > GOODBYE_GRACE:
+            self.gone.pop(node_id, None)
 
     def is_stale(self, rec: PeerRecord) -> bool:
         return rec.node_id in self.gone or _age(rec) > STALE_AFTER
@@ -232,21 +237,26 @@ class Cluster:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Begin probing and discovery; returns at once (mDNS name probing takes a second or more)."""
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT))
-        if self.discovery_addresses:
-            self.discovery = Discovery(self.discovery_addresses, self.node_id, self.name, self.settings.port,
-                                       self.txt, self.peers.seen, self._on_gone)
-            try:
-                await self.discovery.start()
-            except OSError as e:
-                log.warning("discovery could not start on %s: %s", self.discovery_addresses, e)
-                self.discovery = None
-        else:
-            log.info("discovery off: %s", self.discovery_reason)
         if self.keyring.secret is None:
             log.info("no cluster secret: peers will be listed as untrusted "
                      "(run `hippoctl cluster init` here, then `hippoctl cluster join TOKEN` on the others)")
         self._tasks = [asyncio.ensure_future(self._probe_loop()), asyncio.ensure_future(self._txt_loop())]
+        if self.discovery_addresses:
+            self.discovery = Discovery(self.discovery_addresses, self.node_id, self.name, self.settings.port,
+                                       self.txt, self.peers.seen, self._on_gone)
+            self._tasks.append(asyncio.ensure_future(self._start_discovery(self.discovery)))
+        else:
+            log.info("discovery off: %s", self.discovery_reason)
+
+    async def _start_discovery(self, discovery: Discovery) -> None:
+        try:
+            await discovery.start()
+        except OSError as e:
+            log.warning("discovery could not start on %s: %s", self.discovery_addresses, e)
+            await discovery.stop()
+            self.discovery = None
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -259,7 +269,7 @@ class Cluster:
             await self.session.close()
 
     def _on_gone(self, node_id: str) -> None:
-        self.peers.gone.add(node_id)
+        self.peers.gone[node_id] = time.monotonic()
 
     async def _txt_loop(self) -> None:
         while True:

@@ -115,9 +115,11 @@ def make_grammar_processor(tokenizer, grammar: dict) -> "GrammarProcessor":
 class GrammarProcessor:
     """A per-sequence logits processor: `(tokens_so_far, logits[1, vocab]) -> masked logits`.
 
-    BatchGenerator calls it once per step for its sequence. The first call sees the prompt, each
-    later call sees exactly one new token at the end (the one sampled last step), which is fed to
-    the matcher before the next mask is computed.
+    generate_step and BatchGenerator call it once per step for its sequence. The first call sees
+    the prompt, each later call sees exactly one new token at the end (the one sampled last step),
+    which is fed to the matcher before the next mask is computed. A sequence moved from one
+    generator to another is shown its last token again: `expect_repeat()` says so beforehand.
+    Speculative decoding (draft tokens, then rollback) is not supported: it must not be used.
     """
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int]):
@@ -126,18 +128,34 @@ class GrammarProcessor:
         self.eos_ids = eos_ids
         self.started = False
         self.failed = False
+        self.repeat = False
+        self.last_token: int | None = None
         self.bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self.started and not self.failed:
-            token = int(tokens[-1].item())
-            if not self.matcher.consume_token(token):
-                self.failed = True
-                log.warning("grammar rejected token %d: %s", token, self.matcher.get_error())
+        if self.started:
+            self._consume(int(tokens[-1].item()))
         self.started = True
         mx.async_eval(logits)  # the forward pass runs while the mask is computed on the CPU
         allowed = self.allowed(logits.shape[-1])
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+    def expect_repeat(self) -> None:
+        """The next call shows the last consumed token again (the sequence changed generators)."""
+        self.repeat = True
+
+    def _consume(self, token: int) -> None:
+        if self.repeat:
+            self.repeat = False
+            if token == self.last_token:
+                return
+            log.warning("grammar resync: expected token %s again, got %d", self.last_token, token)
+        self.last_token = token
+        if self.failed or token in self.eos_ids:  # nothing follows an end of sequence
+            return
+        if not self.matcher.consume_token(token):
+            self.failed = True
+            log.warning("grammar rejected token %d: %s", token, self.matcher.get_error())
 
     def allowed(self, width: int) -> np.ndarray:
         """Boolean mask over `width` logits; ids past the tokenizer's vocabulary are never allowed."""

@@ -48,8 +48,14 @@ def _model_context_length(model_dir: Path) -> int | None:
 
 
 class Runner:
-    def __init__(self, model_dir: Path, num_parallel: int, context_length: int):
+    def __init__(self, model_dir: Path, num_parallel: int, context_length: int, *,
+                 draft: Path | None = None, self_draft_layers: int = 0, num_draft: int = 3,
+                 prompt_cache_bytes: int = 2 * 2**30):
         self.model_dir = model_dir
+        self.draft = draft
+        self.self_draft_layers = self_draft_layers
+        self.num_draft = num_draft
+        self.prompt_cache_bytes = prompt_cache_bytes
         self.num_parallel = num_parallel
         limit = _model_context_length(model_dir)
         self.context_length = min(context_length, limit) if limit else context_length
@@ -69,9 +75,19 @@ class Runner:
             t0 = time.perf_counter()
             model, tokenizer = load(str(self.model_dir))
             mx.eval(model.parameters())
+            draft_model = None
+            if self.draft is not None:
+                draft_model, _ = load(str(self.draft))
+                mx.eval(draft_model.parameters())
+            elif self.self_draft_layers > 0:
+                from hippod.engine.drafts import self_draft
+
+                draft_model = self_draft(model, self.self_draft_layers)
             self.load_seconds = time.perf_counter() - t0
             self.batch = BatchLoop(model, tokenizer, num_parallel=self.num_parallel,
-                                   context_length=self.context_length, info=self.info)
+                                   context_length=self.context_length, info=self.info,
+                                   draft_model=draft_model, num_draft=self.num_draft,
+                                   prompt_cache_bytes=self.prompt_cache_bytes)
         except BaseException as e:  # reported to the daemon, which shows it to the user
             self.load_error = e
             self.loop_ready.set()
@@ -145,10 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, type=Path)
     ap.add_argument("--num-parallel", type=int, default=4)
     ap.add_argument("--context-length", type=int, default=4096)
+    ap.add_argument("--draft", type=Path, help="a small model of the same tokenizer to draft with")
+    ap.add_argument("--self-draft-layers", type=int, default=0,
+                    help="draft with the target's own first N layers (0: off)")
+    ap.add_argument("--num-draft", type=int, default=3)
+    ap.add_argument("--prompt-cache-bytes", type=int, default=2 * 2**30)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
-    runner = Runner(args.model, args.num_parallel, args.context_length)
+    runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
+                    self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
+                    prompt_cache_bytes=args.prompt_cache_bytes)
     threading.Thread(target=runner.generation_thread, name="generate", daemon=True).start()
     runner.loop_ready.wait()
     if runner.load_error is not None:

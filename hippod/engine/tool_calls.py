@@ -224,13 +224,13 @@ def parse_native_calls(text: str, tokenizer, tools: list[dict] | None
     return "".join(content), calls
 
 
-def parse_tool_calls(text: str, tokenizer, tools: list[dict] | None
+def parse_tool_calls(text: str, tokenizer, tools: list[dict] | None, *, strip: bool = True
                      ) -> tuple[str, list[dict] | None]:
-    """(content, calls or None) for a finished answer."""
+    """(content, calls or None) for a finished answer; `strip` trims the text around calls."""
     if getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_call_start in text:
         content, calls = parse_native_calls(text, tokenizer, tools)
         if calls:
-            return content.strip(), calls
+            return (content.strip() if strip else content.rstrip()), calls
     calls = parse_json_calls(text, tools)
     return ("", calls) if calls else (text, None)
 
@@ -289,7 +289,7 @@ class ToolCallBuffer:
             if calls is None:
                 log.warning("forced tool call did not parse (cut short?): %r", held[:200])
             return ("", calls) if calls else (held, None)
-        content, calls = parse_tool_calls(held, self.tokenizer, self.tools)
+        content, calls = parse_tool_calls(held, self.tokenizer, self.tools, strip=not self.sent)
         if calls is None:
             return held, None
         return content, calls

@@ -1,0 +1,543 @@
+"""The scheduler (issue 3) against real daemons, real runner processes and tiny random llamas.
+
+Memory pressure is forced with HIPPO_MEMORY_BUDGET, computed from the same estimate the daemon
+makes (weights from the safetensors headers + KV cache + runner overhead) so that exactly one tiny
+model fits. Generations are 2-4 tokens: MLX runs on a small CPU here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import ollama
+import psutil
+import pytest
+
+from hippod.config import ConfigError, load_settings, parse_bytes
+from hippod.registry.modelinfo import inspect_model_dir
+from hippod.scheduler import FOREVER, RUNNER_OVERHEAD, kv_cache_bytes, parse_keep_alive
+from tests.daemon import Daemon
+from tests.modelfiles import make_tiny_llama
+
+NUM_CTX = 512
+NUM_PARALLEL = 2
+SHORT = {"num_predict": 2}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def expected_estimate(model_dir: Path) -> int:
+    info = inspect_model_dir(model_dir)
+    ctx = min(NUM_CTX, info.context_length or NUM_CTX)
+    return info.weights_bytes + kv_cache_bytes(info.as_details(), ctx, NUM_PARALLEL) + RUNNER_OVERHEAD
+
+
+def generate(d: Daemon, model: str, prompt: str = "hi", timeout: float = 120, **body):
+    body = {"model": model, "prompt": prompt, "stream": False, "options": SHORT, **body}
+    return d.request("POST", "/api/generate", body, timeout=timeout)
+
+
+def ps(d: Daemon) -> dict[str, dict]:
+    status, body = d.request("GET", "/api/ps")
+    assert status == 200, body
+    return {m["name"]: m for m in body["models"]}
+
+
+def loads(d: Daemon, after: int = 0) -> list[dict]:
+    status, body = d.request("GET", "/api/hippo/loads?limit=200")
+    assert status == 200, body
+    return sorted((r for r in body["loads"] if r["id"] > after), key=lambda r: r["id"])
+
+
+def last_load_id(d: Daemon) -> int:
+    rows = loads(d)
+    return rows[-1]["id"] if rows else 0
+
+
+def hippo_status(d: Daemon) -> dict:
+    status, body = d.request("GET", "/api/hippo/status")
+    assert status == 200, body
+    return body
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def unload_all(d: Daemon) -> None:
+    for name in ps(d):
+        status, body = generate(d, name, prompt="", keep_alive=0)
+        assert status == 200 and body["done_reason"] == "unload", body
+    assert wait_until(lambda: not ps(d) and not d.runner_pids(), 10), ps(d)
+
+
+def ended(d: Daemon, reason: str) -> bool:
+    """The latest load row is closed with `reason` (written once the runner has exited)."""
+    rows = loads(d)
+    return bool(rows) and rows[-1]["end_reason"] == reason
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def load_interval(row: dict) -> tuple[float, float]:
+    """The store stamps started_at when a load has finished: the load ran load_seconds before."""
+    end = parse_time(row["started_at"]).timestamp()
+    return end - row["load_seconds"], end
+
+
+def create(d: Daemon, name: str, model_dir: Path) -> None:
+    status, body = d.request("POST", "/api/create", {"model": name, "from": str(model_dir),
+                                                     "stream": False}, timeout=120)
+    assert status == 200, body
+
+
+class RunnerSampler:
+    """Counts the daemon's runner processes every 20 ms while a scenario runs."""
+
+    def __init__(self, d: Daemon):
+        self.d = d
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.most = max(self.most, len(self.d.runner_pids()))
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sched-models")
+    out = {"a": make_tiny_llama(root / "a", seed=11), "b": make_tiny_llama(root / "b", seed=12)}
+    # More weights than the whole budget below: 49152 x 1024 fp16 embeddings alone are 100 MB.
+    out["big"] = make_tiny_llama(root / "big", seed=13, num_layers=1, hidden_size=1024,
+                                 intermediate_size=256, num_heads=8, num_kv_heads=4)
+    # Loads in no runner: config.json promises a third layer that the weights do not have.
+    broken = make_tiny_llama(root / "broken", seed=14)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (broken / "config.json").write_text(json.dumps(cfg))
+    out["broken"] = broken
+    return out
+
+
+@pytest.fixture(scope="module")
+def budget(models) -> tuple[str, int]:
+    """A HIPPO_MEMORY_BUDGET ("246.3MB"-style) that holds one tiny model but not two."""
+    one = max(expected_estimate(models["a"]), expected_estimate(models["b"]))
+    text = f"{one * 1.5 / 1e6:.1f}MB"
+    return text, parse_bytes(text)
+
+
+def daemon_env(budget_text: str, **extra) -> dict[str, str]:
+    return {"HIPPO_MEMORY_BUDGET": budget_text, "HIPPO_NUM_CTX": str(NUM_CTX),
+            "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL), "HIPPO_BUSY_WAIT": "30", **extra}
+
+
+@pytest.fixture(scope="module")
+def pressured(tmp_path_factory, models, budget):
+    """One daemon whose budget fits one tiny model; tests start from nothing loaded."""
+    d = Daemon(tmp_path_factory.mktemp("sched-home"), env=daemon_env(budget[0])).start()
+    try:
+        for name in ("a", "b", "big", "broken"):
+            create(d, name, models[name])
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def d(pressured):
+    unload_all(pressured)
+    yield pressured
+    assert pressured.proc.poll() is None, "hippod died:\n" + pressured.log()[-3000:]
+
+
+# -- parsing (fast) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (0, 0), ("0", 0), (30, 30), (2.5, 2.5), ("1s", 1), ("5m", 300), ("1h30m", 5400),
+    ("500ms", 0.5), ("1.5h", 5400), ("300", 300), (-1, FOREVER), ("-1", FOREVER),
+    ("-1m", FOREVER), (-0.5, FOREVER),
+])
+def test_parse_keep_alive_like_ollama(value, seconds):
+    assert parse_keep_alive(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["", "soon", "5 minutes", "1d", "m5", None, True, "nan"])
+def test_parse_keep_alive_rejects(value):
+    with pytest.raises(ValueError):
+        parse_keep_alive(value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1.5GB", 1_500_000_000), ("1.5 GB", 1_500_000_000), ("512MiB", 512 * 2**20),
+    ("2g", 2_000_000_000), ("300mb", 300_000_000), ("1000", 1000),
+])
+def test_memory_budget_accepts_sizes(tmp_path, text, expected):
+    settings = load_settings(environ={"HIPPO_HOME": str(tmp_path), "HIPPO_MEMORY_BUDGET": text})
+    assert settings.memory_budget == expected
+
+
+def test_memory_budget_rejects_nonsense(tmp_path):
+    with pytest.raises(ConfigError, match="memory_budget"):
+        load_settings(environ={"HIPPO_HOME": str(tmp_path), "HIPPO_MEMORY_BUDGET": "plenty"})
+
+
+def test_estimate_reads_weights_from_headers(models):
+    """Weights are the tensor bytes of the safetensors file (its size minus the header)."""
+    path = models["a"] / "model.safetensors"
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    info = inspect_model_dir(models["a"])
+    assert info.weights_bytes == path.stat().st_size - header
+    # 2 x layers x kv_heads x head_dim x ctx x fp16 x slots
+    assert kv_cache_bytes(info.as_details(), 512, 2) == 2 * 2 * 2 * 16 * 512 * 2 * 2
+
+
+# -- hot-swap and the memory guard ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_budget_fits_one_of_two_models(d, models, budget):
+    """A, then B: A is evicted, B is served, and the loads table says why."""
+    assert hippo_status(d)["memory_budget"] == budget[1]
+    before = last_load_id(d)
+    status, body = generate(d, "a")
+    assert status == 200 and body["done"], body
+    loaded = ps(d)
+    assert list(loaded) == ["a:latest"]
+    a = loaded["a:latest"]
+    assert a["hippo"]["estimate"] == expected_estimate(models["a"])
+    assert a["size"] >= a["hippo"]["estimate"] and a["size_vram"] == a["size"]
+    assert a["context_length"] == NUM_CTX
+    assert hippo_status(d)["memory_used"] <= budget[1]
+
+    status, body = generate(d, "b")
+    assert status == 200 and body["done"], body
+    assert list(ps(d)) == ["b:latest"]
+    assert not psutil.pid_exists(a["hippo"]["pid"])
+    rows = loads(d, after=before)
+    assert [(r["model"], r["reason"], r["end_reason"]) for r in rows] == [
+        ("a:latest", "request", "evicted"), ("b:latest", "request", None)]
+    assert all(r["load_seconds"] > 0 and r["bytes"] > 0 for r in rows)
+    assert parse_time(rows[0]["ended_at"]).timestamp() <= load_interval(rows[1])[0] + 0.05
+
+
+@pytest.mark.slow
+def test_model_bigger_than_budget_is_refused_with_both_numbers(d, models, budget):
+    need = expected_estimate(models["big"])
+    assert need > budget[1]  # the precondition of this test
+    assert generate(d, "b")[0] == 200
+    before = last_load_id(d)
+    status, body = generate(d, "big")
+    assert status == 507, body
+    assert str(need) in body["error"] and str(budget[1]) in body["error"], body
+    # The daemon is unaffected: nothing evicted, nothing started, B still answers.
+    assert list(ps(d)) == ["b:latest"] and len(d.runner_pids()) == 1
+    assert loads(d, after=before) == []
+    status, body = generate(d, "b")
+    assert status == 200 and body["load_duration"] < 0.5e9, body
+
+
+@pytest.mark.slow
+def test_pinned_model_is_never_evicted(d):
+    client = ollama.Client(host=d.url)
+    client.generate(model="a", prompt="hi", options=SHORT, keep_alive=-1)
+    (a,) = client.ps().models
+    assert a.expires_at.year >= 2300  # like Ollama: now + the longest Go duration
+    status, body = generate(d, "b")
+    assert status == 507, body
+    assert "pinned" in body["error"] and "a:latest" in body["error"], body
+    assert "bytes" in body["error"]
+    assert list(ps(d)) == ["a:latest"]
+    # An empty prompt with keep_alive 0 unloads even a pinned model.
+    r = client.generate(model="a", prompt="", keep_alive=0)
+    assert r.done_reason == "unload"
+    assert wait_until(lambda: not ps(d), 5)
+    assert wait_until(lambda: ended(d, "stopped"), 3), loads(d)[-1]
+
+
+@pytest.mark.slow
+def test_failed_load_is_a_clean_error(d):
+    assert generate(d, "a")[0] == 200
+    before = last_load_id(d)
+    status, body = generate(d, "broken")
+    assert status == 500, body
+    assert "could not load model" in body["error"] and "layers.2" in body["error"], body
+    # The broken model is not in `loaded`, left no runner and no open load row behind.
+    assert "broken:latest" not in ps(d)
+    assert len(d.runner_pids()) == len(ps(d))
+    assert all(r["model"] != "broken:latest" for r in loads(d, after=before))
+    assert all(r["ended_at"] for r in loads(d, after=before))
+    status, body = generate(d, "a")
+    assert status == 200, body
+
+
+# -- keep_alive -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_keep_alive_zero_unloads_after_the_request(d):
+    status, body = generate(d, "a", keep_alive=0)
+    assert status == 200 and body["done"], body
+    assert wait_until(lambda: not ps(d), 3), ps(d)
+    assert wait_until(lambda: ended(d, "expired"), 3), loads(d)[-1]
+
+
+@pytest.mark.slow
+def test_keep_alive_one_second(d):
+    status, body = generate(d, "a", keep_alive="1s")
+    answered = time.monotonic()
+    assert status == 200, body
+    entry = ps(d)["a:latest"]
+    left = (parse_time(entry["expires_at"]) - datetime.now(timezone.utc)).total_seconds()
+    assert 0 < left <= 1.0
+    assert wait_until(lambda: not ps(d), 5, interval=0.02)
+    gone_after = time.monotonic() - answered
+    assert 0.7 <= gone_after <= 3.0, gone_after
+    assert wait_until(lambda: ended(d, "expired"), 3), loads(d)[-1]
+
+
+@pytest.mark.slow
+def test_later_keep_alive_replaces_earlier_and_empty_prompt_loads(d):
+    client = ollama.Client(host=d.url)
+    r = client.generate(model="a", prompt="", keep_alive="1h")  # empty prompt: load only
+    assert r.done and r.done_reason == "load"
+    expires = client.ps().models[0].expires_at
+    assert abs((expires - datetime.now(timezone.utc)) - timedelta(hours=1)) < timedelta(seconds=30)
+    client.generate(model="a", prompt="hi", options=SHORT, keep_alive="10m")
+    expires = client.ps().models[0].expires_at
+    assert abs((expires - datetime.now(timezone.utc)) - timedelta(minutes=10)) < timedelta(seconds=30)
+    assert client.ps().models[0].context_length == NUM_CTX
+
+
+@pytest.mark.slow
+def test_stop_of_a_busy_model_waits_for_its_request(d):
+    """keep_alive 0 with no prompt on a busy model unloads it after the request, never mid-way."""
+    assert generate(d, "a")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    conn.request("POST", "/api/generate", json.dumps(
+        {"model": "a", "prompt": "hi", "options": {"num_predict": 40}}),
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert not json.loads(resp.readline())["done"]  # streaming: the runner is busy
+    status, body = generate(d, "a", prompt="", keep_alive=0)
+    assert status == 200 and body["done_reason"] == "unload"
+    lines = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    conn.close()
+    assert lines and lines[-1].get("done") is True, lines[-3:]  # the stream finished normally
+    assert wait_until(lambda: not ps(d), 5)
+    assert wait_until(lambda: ended(d, "stopped"), 3), loads(d)[-1]
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_requests_over_two_models(d):
+    """Two models that cannot be co-resident: everyone is answered, loads never overlap, and
+    the requests waiting for the same model share one load."""
+    before = last_load_id(d)
+    client = ollama.Client(host=d.url, timeout=180)
+
+    def one(i: int):
+        return client.generate(model="ab"[i % 2], prompt=f"count to {i}", options={"num_predict": 3})
+
+    with RunnerSampler(d) as sampler, ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(one, range(20)))
+    assert len(answers) == 20 and all(a.done and a.eval_count > 0 for a in answers)
+    assert sampler.most == 1, "two runners were alive at once"
+    rows = loads(d, after=before)
+    assert 2 <= len(rows) <= 4, rows  # one load per model per wave, not one per request
+    intervals = sorted(load_interval(r) for r in rows)
+    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+        assert end <= start + 0.05, intervals  # never two loads at once
+    for earlier, later in zip(rows, rows[1:]):
+        assert earlier["end_reason"] == "evicted"
+        assert parse_time(earlier["ended_at"]).timestamp() <= load_interval(later)[0] + 0.05
+    assert hippo_status(d)["pending_requests"] == 0
+    assert all(m["hippo"]["busy"] == 0 for m in ps(d).values())
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_runner_mid_stream(d):
+    assert generate(d, "a")[0] == 200
+    pid = ps(d)["a:latest"]["hippo"]["pid"]
+    before = last_load_id(d) - 1
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("POST", "/api/generate", json.dumps(
+        {"model": "a", "prompt": "Tell me a long story.", "options": {"num_predict": 200}}),
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = json.loads(resp.readline())
+    assert first["done"] is False
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    last = None
+    while line := resp.readline():
+        last = json.loads(line)
+    ended_after = time.monotonic() - killed
+    conn.close()
+    assert last is not None and "error" in last and "stopped" in last["error"], last
+    assert ended_after < 2.0, ended_after
+    assert wait_until(lambda: "a:latest" not in ps(d), 2)
+    crashed = [r for r in loads(d, after=before) if r["pid"] == pid]
+    assert crashed and crashed[0]["end_reason"] == "crashed"
+    status, body = generate(d, "a")
+    assert status == 200 and body["done"], body
+    assert ps(d)["a:latest"]["hippo"]["pid"] != pid
+    assert d.proc.poll() is None
+
+
+# -- queue limit and waiters that go away ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_excess_waiters_get_503_and_disconnects_leave_no_trace(daemon_factory, models, budget):
+    d = daemon_factory("queue", env=daemon_env(budget[0], HIPPO_MAX_QUEUE="2"))
+    create(d, "a", models["a"])
+
+    def one(_):
+        return generate(d, "a")
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    statuses = sorted(s for s, _ in results)
+    assert statuses == [200, 200, 503, 503, 503, 503], results
+    assert all("server busy" in body["error"] for s, body in results if s == 503)
+    assert hippo_status(d)["pending_requests"] == 0
+    # Requests to a loaded model never queue: many at once all pass.
+    with ThreadPoolExecutor(6) as pool:
+        assert [s for s, _ in pool.map(one, range(6))] == [200] * 6
+
+    # A client that gives up while its model loads: the load finishes and stays (for the next
+    # request), no lease or pending count is left behind, no second runner appears.
+    unload_all(d)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=0.3)
+    conn.request("POST", "/api/generate", json.dumps({"model": "a", "prompt": "hi", "stream": False,
+                                                      "options": SHORT}),
+                 {"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.close()
+    assert wait_until(lambda: "a:latest" in ps(d) and hippo_status(d)["pending_requests"] == 0, 30)
+    assert wait_until(lambda: ps(d)["a:latest"]["hippo"]["busy"] == 0, 10)
+    assert len(d.runner_pids()) == 1
+    status, body = generate(d, "a")
+    assert status == 200 and body["load_duration"] < 0.5e9, body
+
+
+# -- guard modes ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_guard_warn_and_off(daemon_factory, models, budget):
+    """warn: load what does not fit, with a warning; off: no memory accounting at all."""
+    warn = daemon_factory("warn", env=daemon_env(budget[0], HIPPO_GUARD="warn"))
+    create(warn, "big", models["big"])
+    status, body = generate(warn, "big")
+    assert status == 200, body
+    assert "memory guard (warn): loading big:latest without room" in warn.log()
+    warn.stop()
+
+    off = daemon_factory("off", env=daemon_env(budget[0], HIPPO_GUARD="off"))
+    for name in ("a", "b"):
+        create(off, name, models[name])
+        assert generate(off, name)[0] == 200
+    assert sorted(ps(off)) == ["a:latest", "b:latest"]  # co-resident over the budget
+    assert hippo_status(off)["memory_used"] > budget[1]
+
+
+# -- the scheduler in-process: cancellation paths HTTP cannot reach ----------------------------
+
+
+@pytest.mark.slow
+def test_cancelled_waiters_in_process(tmp_path, models, budget):
+    """Cancel requests while they wait for a load (what a handler sees when its client goes
+    away): the pending count comes back, the load in progress finishes and is kept, a queued load
+    nobody wants any more never starts, and waiters of one model share one load."""
+    from hippod.registry.registry import Registry
+    from hippod.scheduler import Scheduler
+    from hippod.store.database import Store
+
+    env = {"HIPPO_HOME": str(tmp_path / "home"), **daemon_env(budget[0])}
+    settings = load_settings(environ=env)
+    settings.ensure_dirs()
+    store = Store(settings.db_path)
+    registry = Registry(settings, store)
+
+    async def scenario():
+        for name in ("a", "b"):
+            await registry.create(name, str(models[name]))
+        sched = Scheduler(settings, store, registry, "test")
+        got = []
+
+        async def use(name):
+            async with sched.lease(name, num_ctx=NUM_CTX) as lease:
+                got.append(lease.loaded)
+
+        async def until(predicate, timeout=60):
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+
+        try:
+            gone = asyncio.ensure_future(use("a"))
+            await until(lambda: sched.pending == 1)
+            shared = [asyncio.ensure_future(use("a")) for _ in range(3)]
+            unwanted = asyncio.ensure_future(use("b"))
+            await until(lambda: sched.pending == 5)
+            gone.cancel()
+            unwanted.cancel()
+            await asyncio.gather(gone, unwanted, return_exceptions=True)
+            assert sched.pending == 3
+            await asyncio.gather(*shared)
+            assert len(got) == 3 and got[0] is got[1] is got[2]
+            await until(lambda: sched._loader.done())
+            assert sched.pending == 0 and list(sched.loaded) == ["a:latest"]
+            a = sched.loaded["a:latest"]
+            assert a.refs == 0 and a.expires_at is not None  # idle, keep_alive armed
+            assert [r.model for r in store.recent_loads(10)] == ["a:latest"]  # b never loaded
+            runners = [p for p in psutil.Process().children()  # not the daemons' runners
+                       if "hippod.engine.runner" in " ".join(p.cmdline())]
+            assert [p.pid for p in runners] == [a.runner.pid]
+        finally:
+            await sched.shutdown()
+        assert not sched.loaded and store.open_loads() == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
