@@ -109,7 +109,9 @@ class BatchLoop:
     def running(self) -> int:
         return len(self.batched) + (self.solo is not None)
 
-    def run_forever(self) -> None:
+    def run_forever(self, after_step: Callable[[], None] = lambda: None) -> None:
+        """`after_step` runs once per decoding step: the runner hands that step's events to its
+        event loop in one wake-up instead of one per token."""
         while True:
             self._take_new(block=not self.running and not self.waiting)
             self._drop_cancelled()
@@ -118,6 +120,7 @@ class BatchLoop:
                 self._step_solo()
             elif self.batched:
                 self._step_batch()
+            after_step()
 
     # -- intake ---------------------------------------------------------------------------
 

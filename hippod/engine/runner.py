@@ -35,6 +35,11 @@ log = logging.getLogger("hippo.runner")
 TERMINAL = (DoneEvent, ErrorEvent, EmbedResult, InfoResult)
 
 
+def _deliver_all(batch: list) -> None:
+    for events, event in batch:
+        events.put_nowait(event)
+
+
 def _model_context_length(model_dir: Path) -> int | None:
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
@@ -63,6 +68,8 @@ class Runner:
         self.load_error: BaseException | None = None
         self.batch = None
         self.load_seconds = 0.0
+        self.outbox: list = []  # (queue, event) pairs produced during the current step
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def generation_thread(self) -> None:
         """Load and generate in one thread: MLX streams belong to the thread that made them."""
@@ -93,7 +100,13 @@ class Runner:
             self.loop_ready.set()
             return
         self.loop_ready.set()
-        self.batch.run_forever()
+        self.batch.run_forever(after_step=self._flush)
+
+    def _flush(self) -> None:
+        """Runs on the generation thread after each step: one event-loop wake-up per step."""
+        if self.outbox:
+            batch, self.outbox = self.outbox, []
+            self.loop.call_soon_threadsafe(_deliver_all, batch)
 
     def info(self, active: int) -> InfoResult:
         import mlx.core as mx
@@ -104,7 +117,6 @@ class Runner:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from hippod.engine.batch_loop import Job
 
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
             line = await reader.readline()
@@ -115,7 +127,7 @@ class Runner:
             except (ValueError, KeyError, TypeError) as e:
                 writer.write(encode(ErrorEvent(f"bad runner request: {e}", status=400)))
                 return
-            job = Job(request, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            job = Job(request, emit=lambda ev: self.outbox.append((events, ev)))
             self.batch.submit(job)
             eof = asyncio.ensure_future(reader.read())  # the daemon closing = cancel
             try:
@@ -126,10 +138,12 @@ class Runner:
                         getter.cancel()
                         job.cancelled.set()
                         return
-                    event = getter.result()
-                    writer.write(encode(event))
+                    batch = [getter.result()]
+                    while not events.empty():  # send what piled up in one write
+                        batch.append(events.get_nowait())
+                    writer.write(b"".join(encode(ev) for ev in batch))
                     await writer.drain()
-                    if isinstance(event, TERMINAL):
+                    if any(isinstance(ev, TERMINAL) for ev in batch):
                         return
             except (ConnectionError, BrokenPipeError):
                 job.cancelled.set()
@@ -142,6 +156,7 @@ class Runner:
                 pass
 
     async def serve(self, socket_path: Path) -> None:
+        self.loop = asyncio.get_running_loop()
         server = await asyncio.start_unix_server(self.handle, path=str(socket_path), limit=64 * 2**20)
         import mlx.core as mx
 
