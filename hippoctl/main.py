@@ -17,16 +17,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from hippoctl import service  # operations (issue 8)
+from hippoctl import cluster_cmds, service
 from hippoctl.client import Client, HippoError, base_url
 from hippoctl.tables import (go_duration, human_bytes, human_number, human_time, parse_time,
                              table)
 
 # -- model management ---------------------------------------------------------------------------
-
-
-def pull(client: Client, args: argparse.Namespace) -> None:
-    follow_progress(client.stream("/api/pull", {"model": args.model}))
 
 
 def create(client: Client, args: argparse.Namespace) -> None:
@@ -412,7 +408,11 @@ COMMANDS: tuple[Command, ...] = (
         arg("--verbose", action="store_true", help="print timings after the answer"),
     )),
     Command("stop", stop, "Stop (unload) a running model", (arg("models", nargs="+", metavar="model"),)),
-    Command("pull", pull, "Pull a model from the catalog or the Hugging Face hub", (arg("model"),)),
+    Command("pull", cluster_cmds.pull, "Pull a model: from a trusted peer if one has it, else the hub",
+            cluster_cmds.PULL_ARGS),
+    Command("nodes", cluster_cmds.nodes, "List hippo nodes on the LAN", cluster_cmds.NODES_ARGS),
+    Command("cluster", cluster_cmds.cluster, "Cluster secret: init (prints a join token) | join TOKEN",
+            cluster_cmds.CLUSTER_ARGS),
     Command("list", list_models, "List models", (JSON,), aliases=("ls",)),
     Command("ps", ps, "List running models", (
         JSON,

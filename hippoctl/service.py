@@ -266,37 +266,40 @@ def status(client: Client, args: argparse.Namespace) -> int:
 # -- logs ----------------------------------------------------------------------------------------------
 
 
-def _tail(path: Path, lines: int) -> bytes:
-    """The last `lines` lines of a file, read from the end (logs can be large)."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        end = f.tell()
-        block, data = 8192, b""
-        while end > 0 and data.count(b"\n") <= lines:
-            step = min(block, end)
-            end -= step
-            f.seek(end)
-            data = f.read(step) + data
+def _tail(f, lines: int) -> bytes:
+    """The last `lines` lines of an open file, read from its end (logs can be large)."""
+    f.seek(0, os.SEEK_END)
+    end = f.tell()
+    block, data = 8192, b""
+    while end > 0 and data.count(b"\n") <= lines:
+        step = min(block, end)
+        end -= step
+        f.seek(end)
+        data = f.read(step) + data
+    f.seek(0, os.SEEK_END)
     return b"\n".join(data.split(b"\n")[-lines - 1:]) if data else b""
 
 
 def logs(client: Client, args: argparse.Namespace) -> None:
     name = "runners.log" if args.runners else "hippod.log"
     path = hippo_home(args) / "logs" / name
-    if not path.exists():
-        raise HippoError(f"no log at {path}; has hippod run with this HIPPO_HOME?")
-    out = sys.stdout.buffer
-    out.write(_tail(path, args.lines))
-    out.flush()
-    if args.follow:
-        follow(path, out)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise HippoError(f"no log at {path}; has hippod run with this HIPPO_HOME?") from None
+    with f:
+        out = sys.stdout.buffer
+        out.write(_tail(f, args.lines))
+        out.flush()
+        if args.follow:
+            follow(path, f, out)
 
 
-def follow(path: Path, out, poll: float = 0.25) -> None:
-    """`tail -F`: print what is appended, and carry on into the new file after a rotation."""
-    f = open(path, "rb")
-    f.seek(0, os.SEEK_END)
+def follow(path: Path, f, out, poll: float = 0.25) -> None:
+    """`tail -F` from where `f` stands: print what is appended, and go on into the new file after
+    a rotation. Closes the files it opens; `f` is the caller's."""
     inode = os.fstat(f.fileno()).st_ino
+    opened = None
     try:
         while True:
             chunk = f.read()
@@ -310,14 +313,17 @@ def follow(path: Path, out, poll: float = 0.25) -> None:
             except FileNotFoundError:
                 continue  # between the rename and the new file
             if st.st_ino != inode or st.st_size < f.tell():
-                rest = f.read()  # what was written to the old file after our last read
+                rest = f.read()  # written to the old file after our last read
                 if rest:
                     out.write(rest)
-                f.close()
-                f = open(path, "rb")
+                    out.flush()
+                if opened is not None:
+                    opened.close()
+                f = opened = open(path, "rb")
                 inode = os.fstat(f.fileno()).st_ino
     finally:
-        f.close()
+        if opened is not None:
+            opened.close()
 
 
 # -- audit -----------------------------------------------------------------------------------------------

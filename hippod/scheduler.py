@@ -134,6 +134,7 @@ class Loaded:
     load_id: int
     load_seconds: float
     keep_alive: float
+    asked_context: int = 0  # what the load asked for; the runner may clamp to the model's limit
     measured: int = 0  # the runner's footprint at load: max(RSS, MLX active memory)
     last_used: float = field(default_factory=time.monotonic)
     refs: int = 0  # requests holding a lease now
@@ -200,7 +201,6 @@ class Scheduler:
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
         self._intents: deque[_Intent] = deque()
         self._loader: asyncio.Task | None = None
-        self._loading: RunnerProcess | None = None
         self._stopping: set[Loaded] = set()  # unloaded, but the process has not exited yet
         self._change_waiters: set[asyncio.Future] = set()
         self._tasks: set[asyncio.Task] = set()  # keep background tasks referenced until done
@@ -286,7 +286,8 @@ class Scheduler:
     def _ready(self, rec: ModelRecord, ctx: int) -> Loaded | None:
         m = self.loaded.get(rec.name)
         if (m is None or m.unloading or m.draining or not m.runner.alive
-                or m.record.digest != rec.digest or ctx > m.context_length):
+                or m.record.digest != rec.digest
+                or ctx > max(m.context_length, m.asked_context)):  # reloading would not give more
             return None
         return m
 
@@ -483,21 +484,18 @@ class Scheduler:
         log.info("loading %s (estimated %s, %s in use of %s)", rec.name, fmt_bytes(need),
                  fmt_bytes(self.used()), fmt_bytes(self.budget()))
         t0 = time.monotonic()
-        self._loading = runner
         try:
             ready = await runner.start(timeout=self.settings.load_timeout)
             seconds = time.monotonic() - t0
             measured = max(ready.rss_bytes, ready.mlx_active_bytes)
             load_id = self.store.start_load(rec.name, self.node, "request", max(need, measured),
                                             seconds, pid=runner.pid)
-        except BaseException:
+        except BaseException:  # failed, timed out, or shutting down: leave no process behind
             await runner.kill()
             raise
-        finally:
-            self._loading = None
         m = Loaded(rec.name, rec, runner, estimate=need, context_length=ready.context_length,
                    num_parallel=parallel, load_id=load_id, load_seconds=seconds, keep_alive=keep,
-                   measured=measured)
+                   asked_context=ctx, measured=measured)
         self.loaded[rec.name] = m
         self._spawn(self._watch(m))
         log.info("loaded %s in %.2fs (pid %s, rss %s, counted %s)", rec.name, seconds, runner.pid,

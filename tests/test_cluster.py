@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
 import socket
 import threading
 import time
@@ -223,7 +222,7 @@ def test_discovery_never_uses_every_interface_for_a_loopback_daemon():
 class Pair:
     def __init__(self, net, root: Path):
         self.net = net
-        self.a = Node(net[0], root / "alpha", "alpha", {"HIPPO_LOG_LEVEL": "debug"})
+        self.a = Node(net[0], root / "alpha", "alpha")
         self.b = Node(net[1], root / "beta", "beta")
 
 
@@ -314,6 +313,7 @@ def test_pull_copies_from_the_peer_byte_identical(pair, tiny_model_dir):
     ga, gb = a.generate("tiny"), b.generate("tiny")
     assert gb["eval_count"] == ga["eval_count"] == 4
     assert gb["response"] == ga["response"]
+    wait_until(lambda: "tiny:latest" in b.row(a)["loaded"], 5, "beta sees what alpha has loaded")
 
     # Pulling again is a no-op; --from names the peer; a model no peer has goes to the hub.
     out = b.cli(cluster_cmds.pull, model="tiny", from_node="alpha")
@@ -324,6 +324,27 @@ def test_pull_copies_from_the_peer_byte_identical(pair, tiny_model_dir):
         b.cli(cluster_cmds.pull, model="other", from_node=None)
     with pytest.raises(HippoError, match="no peer named"):
         b.cli(cluster_cmds.pull, model="tiny", from_node="gamma")
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_pull_smollm2_from_the_peer(pair):
+    """The real SmolLM2 (converted from its GGUF), copied over the LAN, answers the same."""
+    from tests.modelfiles import smollm2_mlx_dir
+
+    a, b = pair.a, pair.b
+    joined(a, b)
+    status, body = a.call("POST", "/api/create", {"model": "smollm2", "from": str(smollm2_mlx_dir()),
+                                                  "stream": False})
+    assert status == 200, body
+    wait_until(lambda: "smollm2:latest" in b.row(a)["models"], 5, "beta sees smollm2")
+    status, text = b.call("POST", "/api/hippo/pull", {"model": "smollm2"})
+    assert status == 200 and ndjson(text)[-1] == {"status": "success"}, text
+    assert b.files("smollm2") == a.files("smollm2")
+    ga, gb = a.generate("smollm2"), b.generate("smollm2")
+    assert ga["eval_count"] == gb["eval_count"] == 4 and ga["response"] == gb["response"]
+    for node in (a, b):  # free the memory for the tests that follow
+        node.call("POST", "/api/generate", {"model": "smollm2", "keep_alive": 0})
 
 
 @pytest.fixture(scope="module")
@@ -444,10 +465,12 @@ def test_node_with_another_secret_sees_peers_but_gets_403(tmp_path, tiny_model_d
     with lan(3) as net:
         a = Node(net[0], tmp_path / "a", "alpha", {"HIPPO_CLUSTER_SECRET": trust.make_token(secret)})
         b = Node(net[1], tmp_path / "b", "beta", {"HIPPO_CLUSTER_SECRET": secret})
-        c = Node(net[2], tmp_path / "c", "gamma", {"HIPPO_CLUSTER_SECRET": wrong})
+        c = Node(net[2], tmp_path / "c", "gamma", {"HIPPO_CLUSTER_SECRET": wrong,
+                                                   "HIPPO_DISCOVERY_INTERFACES": net[2].ifname})
         try:
             for n in (a, b, c):
                 n.start()
+            assert c.nodes()["discovery"]["addresses"] == [net[2].address]  # by interface name
             status, body = a.call("POST", "/api/create", {"model": "tiny", "from": str(tiny_model_dir),
                                                           "stream": False})
             assert status == 200, body
@@ -483,6 +506,12 @@ def test_node_with_another_secret_sees_peers_but_gets_403(tmp_path, tiny_model_d
             status, raw, _ = signed_request(a, good, a.node_id, "GET", "/api/hippo/peer/manifest?model=tiny",
                                             headers=headers)
             assert status == 403 and b"replay" in raw
+            # Blobs too, with Range (what a resumed copy asks for).
+            blob = (a.home / "blobs" / f"sha256-{sha}").read_bytes()
+            path = f"/api/hippo/peer/blobs/sha256-{sha}"
+            status, raw, _ = signed_request(a, good, a.node_id, "GET", path,
+                                            headers={**good.sign("GET", path, b"", a.node_id), "Range": "bytes=10-"})
+            assert status == 206 and raw == blob[10:]
             # ...and a request signed for alpha is refused by beta.
             headers = good.sign("GET", "/api/hippo/peer/manifest?model=tiny", b"", a.node_id)
             status, raw, _ = signed_request(b, good, a.node_id, "GET", "/api/hippo/peer/manifest?model=tiny",

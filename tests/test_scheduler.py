@@ -391,6 +391,40 @@ def test_twenty_concurrent_requests_over_two_models(d):
 
 
 @pytest.mark.slow
+def test_swap_waiting_for_a_busy_model_is_not_starved(d):
+    """While B waits for busy A to drain, new requests for A queue behind B instead of keeping
+    A busy (as in Ollama's one pending loop): B is served first, then A is loaded again."""
+    assert generate(d, "a")[0] == 200
+    before = last_load_id(d)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    conn.request("POST", "/api/generate", json.dumps(
+        {"model": "a", "prompt": "hi", "options": {"num_predict": 150}}),  # ~2 s of work here
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert not json.loads(resp.readline())["done"]
+    finished = {}
+
+    def timed(key, model):
+        status, body = generate(d, model, options={"num_predict": 4})
+        finished[key] = (time.monotonic(), status, body)
+
+    with ThreadPoolExecutor(3) as pool:
+        pool.submit(timed, "b", "b")
+        time.sleep(0.3)
+        for key in ("a1", "a2"):
+            pool.submit(timed, key, "a")
+            time.sleep(0.3)
+    resp.read()
+    conn.close()
+    assert all(status == 200 for _, status, _ in finished.values()), finished
+    for key in ("a1", "a2"):
+        assert finished[key][0] > finished["b"][0], "a request for A overtook the swap to B"
+        assert finished[key][2]["load_duration"] > 0.5e9  # it waited for A to come back
+    assert [(r["model"], r["end_reason"]) for r in loads(d, after=before - 1)] == [
+        ("a:latest", "evicted"), ("b:latest", "evicted"), ("a:latest", None)]
+
+
+@pytest.mark.slow
 def test_kill_9_of_a_runner_mid_stream(d):
     assert generate(d, "a")[0] == 200
     pid = ps(d)["a:latest"]["hippo"]["pid"]
@@ -456,6 +490,33 @@ def test_excess_waiters_get_503_and_disconnects_leave_no_trace(daemon_factory, m
     assert len(d.runner_pids()) == 1
     status, body = generate(d, "a")
     assert status == 200 and body["load_duration"] < 0.5e9, body
+
+
+@pytest.mark.slow
+def test_busy_model_is_waited_for_at_most_busy_wait(daemon_factory, models, budget):
+    """B needs A's room while A streams: B waits HIPPO_BUSY_WAIT, then gets a 507 naming both
+    numbers; A is never cut off; once A is idle, B evicts it."""
+    d = daemon_factory("busy", env=daemon_env(budget[0], HIPPO_BUSY_WAIT="1"))
+    for name in ("a", "b"):
+        create(d, name, models[name])
+    assert generate(d, "a")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    conn.request("POST", "/api/generate", json.dumps(
+        {"model": "a", "prompt": "hi", "options": {"num_predict": 400}}),  # ~5 s of work here
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert not json.loads(resp.readline())["done"]
+    t0 = time.monotonic()
+    status, body = generate(d, "b")
+    waited = time.monotonic() - t0
+    assert status == 507 and "stayed busy" in body["error"] and "bytes" in body["error"], body
+    assert 0.9 <= waited < 3, waited
+    lines = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    conn.close()
+    assert lines[-1].get("done") is True and lines[-1]["eval_count"] == 400, lines[-1]
+    status, body = generate(d, "b")
+    assert status == 200, body
+    assert list(ps(d)) == ["b:latest"] and loads(d)[-2]["end_reason"] == "evicted"
 
 
 # -- guard modes ------------------------------------------------------------------------------

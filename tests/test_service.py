@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import plistlib
+import queue
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -190,17 +192,23 @@ def test_logs_tail_and_follow_across_rotation(tmp_path, daemon_factory):
     follower = subprocess.Popen([sys.executable, "-m", "hippoctl", "logs", "-f", "-n", "1", "--home",
                                  str(tmp_path / "h")], stdout=subprocess.PIPE, env={**e, "PYTHONPATH": str(REPO_ROOT)},
                                 cwd=REPO_ROOT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
+
+    def next_line() -> str:
+        return lines.get(timeout=15)
+
     try:
-        assert follower.stdout.readline() == "line 999\n"
+        assert next_line() == "line 999\n"
         with open(log, "a") as f:
             f.write("appended\n")
-        assert follower.stdout.readline() == "appended\n"
+        assert next_line() == "appended\n"
         with open(log, "a") as f:
             f.write("last words\n")
         log.rename(logs / "hippod.log.1")  # what RotatingFileHandler does
         log.write_text("after rotation\n")
-        assert follower.stdout.readline() == "last words\n"
-        assert follower.stdout.readline() == "after rotation\n"
+        assert next_line() == "last words\n"
+        assert next_line() == "after rotation\n"
     finally:
         follower.send_signal(signal.SIGINT)
         follower.wait(10)

@@ -163,9 +163,17 @@ async def pull(request: web.Request) -> web.StreamResponse:
     registry.normalize(name)
     cancel = threading.Event()
 
+    cluster = request.app.get("cluster")
+
     async def work(progress):
         try:
-            await registry.pull(name, progress, cancel=cancel)
+            rec = None
+            if cluster is not None:  # a trusted peer on the LAN first, then the hub
+                from hippod.cluster import transfer
+
+                rec = await transfer.pull(cluster, name, progress, cancel=cancel)
+            if rec is None:
+                await registry.pull(name, progress, cancel=cancel)
         finally:
             cancel.set()
 

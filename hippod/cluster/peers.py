@@ -138,7 +138,9 @@ class PeerTable:
     def seen(self, ann: Announcement) -> None:
         """A peer announced itself; new ones count as seen now, known ones wait for their probe."""
         old = self.store.get_peer(ann.node_id)
-        addresses = list(dict.fromkeys([*ann.addresses, *(old.addresses if old else [])]))
+        # Addresses that answered a probe stay first: mDNS is unauthenticated, so an announcement
+        # naming a known node only adds addresses to try after them.
+        addresses = list(dict.fromkeys([*(old.addresses if old else []), *ann.addresses]))
         self.store.put_peer(PeerRecord(
             node_id=ann.node_id, name=ann.name, addresses=addresses, port=ann.port,
             memory_total=ann.memory_total, memory_free=ann.memory_free, version=ann.version,

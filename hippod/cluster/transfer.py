@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import json
 import logging
-import queue
 import re
 import threading
 import time
@@ -83,10 +82,9 @@ async def fetch_manifest(cluster: Cluster, peer: PeerRecord, name: str) -> dict 
     last_error = "no address"
     for address in peer.addresses:
         headers = cluster.keyring.sign("GET", path, b"", peer.node_id)
+        url = URL(peer_url(address, peer.port, path), encoded=True)  # sent exactly as signed
         try:
-            # encoded=True: the request line must be exactly the path that was signed
-            async with cluster.session.get(URL(peer_url(address, peer.port, path), encoded=True), headers=headers,
-                                           timeout=timeout) as resp:
+            async with cluster.session.get(url, headers=headers, timeout=timeout) as resp:
                 body, status = await resp.read(), resp.status
                 signature = resp.headers.get(trust.H_SIGNATURE)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
@@ -176,53 +174,23 @@ def _open_blob(cluster: Cluster, peer: PeerRecord, sha256: str, offset: int):
 
 def _copy_body(resp, partial: Path, mode: str, offset: int, size: int, digest,
                progress: Callable[[int, int], None], cancel: threading.Event) -> int:
-    """Receive into `partial` from `offset`. This thread reads the socket while a second one
-    hashes and writes, so network, sha256 and disk overlap (each alone is about as fast as a
-    fast LAN). Returns the new offset; what was written stays on disk if it breaks off."""
-    free: queue.Queue = queue.Queue()
-    for _ in range(3):
-        free.put(bytearray(CHUNK))
-    full: queue.Queue = queue.Queue()
-    failed: list[BaseException] = []
-
-    def hash_and_write() -> None:
-        done, reported = offset, offset
-        try:
-            with open(partial, mode) as out:
-                while (item := full.get()) is not None:
-                    buf, n = item
-                    view = memoryview(buf)[:n]
-                    digest.update(view)
-                    out.write(view)
-                    free.put(buf)
-                    done += n
-                    if done - reported >= PROGRESS_EVERY or done == size:
-                        progress(done, size)
-                        reported = done
-        except BaseException as e:  # handed to the reading thread
-            failed.append(e)
-            free.put(bytearray(0))  # wake the reader
-
-    writer = threading.Thread(target=hash_and_write, name="peer-blob-writer", daemon=True)
-    writer.start()
-    try:
-        while offset < size and not failed:
+    """Receive into `partial` from `offset`, hashing as it goes; returns the new offset.
+    What was written stays on disk if the connection breaks off."""
+    view = memoryview(bytearray(CHUNK))
+    reported = offset
+    with open(partial, mode) as out:
+        while offset < size:
             if cancel.is_set():
                 raise TransferError("pull cancelled (pull again to resume)", 499)
-            buf = free.get()
-            if failed:
-                break
-            n = resp.readinto(memoryview(buf)[:min(CHUNK, size - offset)])
+            n = resp.readinto(view[:min(CHUNK, size - offset)])
             if not n:
-                free.put(buf)
                 break
-            full.put((buf, n))
+            digest.update(view[:n])
+            out.write(view[:n])
             offset += n
-    finally:
-        full.put(None)
-        writer.join()
-    if failed:
-        raise failed[0]
+            if offset - reported >= PROGRESS_EVERY or offset == size:
+                progress(offset, size)
+                reported = offset
     return offset
 
 

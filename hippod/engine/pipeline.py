@@ -1,0 +1,308 @@
+"""Pipeline parallelism: one model's layers split over runner processes joined by mx.distributed.
+
+Each rank holds a contiguous range of decoder layers. Rank 0 also holds the embeddings and
+samples; the last rank holds the final norm and the LM head (and the embeddings too when they
+are tied to the head). For every forward pass rank 0 embeds and runs its layers, then sends a
+small header and the hidden state to rank 1; each rank runs its layers and passes the result
+on; the last rank sends the logits of the last position back to rank 0 (its ring neighbour).
+
+The wrapper is generic, like exo's: it finds the decoder's `layers` list and works through each
+family's own forward code instead of re-implementing it. Unlike exo it keeps the layer list at
+full length and puts a pass-through stand-in where another rank's layer was, so a family that
+picks masks or layer kinds by index (llama's sliding layers, gemma3's `i % pattern`) needs no
+patching. A stand-in advances its cache with zero-width keys, so every mask the family builds
+from any layer's cache sees the same offsets as on one machine.
+
+Loading is lazy (mx.load maps the safetensors files); a rank drops the modules it does not run
+before evaluating the parameters, so it reads only its own tensors from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+log = logging.getLogger("hippo.pipeline")
+
+FORWARD, RESET, STOP = 1, 2, 3
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+HEADER = 5  # int32: command, batch, length, width, dtype index
+
+
+@dataclass(frozen=True)
+class Shard:
+    start: int  # first layer this rank runs
+    end: int  # one past its last layer
+    rank: int
+    world: int
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """'0:15' -> (0, 15)."""
+    start, _, end = text.partition(":")
+    a, b = int(start), int(end)
+    if not 0 <= a < b:
+        raise ValueError(f"bad layer range {text!r} (expected START:END with START < END)")
+    return a, b
+
+
+# -- finding the decoder ------------------------------------------------------------------------
+
+
+def decoder_parts(model) -> tuple[nn.Module, nn.Module]:
+    """(owner, decoder): the decoder has the `layers` list; its owner applies the LM head."""
+    for path in (("model",), ("language_model", "model")):
+        owner, obj = None, model
+        for name in path:
+            owner, obj = obj, getattr(obj, name, None)
+        if obj is not None and isinstance(getattr(obj, "layers", None), list):
+            return owner, obj
+    raise ValueError("this model family has no decoder layer list to split")
+
+
+class _Slot:
+    """Holds the hidden state received for the next forward (not an mx parameter)."""
+
+    value = None
+
+
+class _StandIn(nn.Module):
+    """A layer another rank runs: passes the hidden state through (or, right before this rank's
+    first layer, swaps in the one received), and advances its cache by the same number of
+    tokens with zero-width keys, which costs no memory."""
+
+    def __init__(self, layer: nn.Module, slot: _Slot | None = None):
+        super().__init__()
+        for key, value in vars(layer).items():  # flags families read in their loop (use_sliding)
+            if isinstance(value, (bool, int, float, str)) and not key.startswith("_"):
+                object.__setattr__(self, key, value)
+        object.__setattr__(self, "_slot", slot)
+
+    def __call__(self, x, *args, **kwargs):
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = next((a for a in args if hasattr(a, "update_and_fetch")), None)
+        if cache is not None:
+            empty = mx.zeros((x.shape[0], 1, x.shape[1], 0), mx.float16)
+            cache.update_and_fetch(empty, empty)
+        if self._slot is not None and self._slot.value is not None:
+            x, self._slot.value = self._slot.value, None
+        return x
+
+
+class _NoEmbedding(nn.Module):
+    """Ranks after the first never look tokens up: their hidden state arrives over the wire."""
+
+    def __call__(self, inputs):
+        return mx.zeros((*inputs.shape, 1), mx.float16)
+
+
+class _LastPosition(nn.Module):
+    """Wraps the decoder so the owner's head runs on the last position only: a prefill chunk
+    then costs one row of the LM head instead of one per token."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)[:, -1:, :]
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+
+# -- loading one rank's part --------------------------------------------------------------------
+
+
+def load_shard(model_dir: Path, shard: Shard):
+    """The model with only this rank's parts evaluated, and its fresh-cache templates.
+
+    Files the rank does not need may be missing from `model_dir` (a peer copies only the
+    safetensors files holding its tensors); every parameter the rank keeps must be present.
+    """
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    model_dir = Path(model_dir)
+    model, _config = load_model(model_dir, lazy=True, strict=False)
+    owner, decoder = decoder_parts(model)
+    total = len(decoder.layers)
+    if not 0 <= shard.start < shard.end <= total:
+        raise ValueError(f"layers {shard.start}:{shard.end} are outside the model's {total} layers")
+    if shard.first and shard.start != 0 or shard.last and shard.end != total:
+        raise ValueError(f"rank {shard.rank} of {shard.world} cannot hold layers {shard.start}:{shard.end}")
+    templates = model.make_cache() if hasattr(model, "make_cache") else None
+    slot = _Slot()
+    layers = list(decoder.layers)
+    for i, layer in enumerate(layers):
+        if not shard.start <= i < shard.end:
+            inject = not shard.first and i == shard.start - 1
+            layers[i] = _StandIn(layer, slot if inject else None)
+    decoder.layers = layers
+    tied = "lm_head" not in owner
+    if not shard.first and not (shard.last and tied):
+        decoder.embed_tokens = _NoEmbedding()
+    if not shard.last:
+        decoder.norm = nn.Identity()
+        if "lm_head" in owner:
+            owner.pop("lm_head")
+    kept = [name for name, _ in tree_flatten(model.parameters())]
+    _check_present(model_dir, kept)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, owner, decoder, slot, templates
+
+
+def _check_present(model_dir: Path, names: list[str]) -> None:
+    """With strict=False a missing tensor would silently stay random: refuse instead."""
+    from hippod.registry.modelinfo import read_safetensors_header
+
+    have: set[str] = set()
+    for f in model_dir.glob("*.safetensors"):
+        have.update(k for k in read_safetensors_header(f) if k != "__metadata__")
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise ValueError(f"{len(missing)} tensors of this shard are not in {model_dir} "
+                         f"(first: {missing[0]})")
+
+
+# -- the wire -----------------------------------------------------------------------------------
+
+
+def _send(x: mx.array, dst: int, group) -> None:
+    mx.eval(mx.distributed.send(x, dst, group=group))
+
+
+def _recv(shape, dtype, src: int, group) -> mx.array:
+    x = mx.distributed.recv(shape, dtype, src, group=group)
+    mx.eval(x)
+    return x
+
+
+def _header(command: int, x: mx.array | None = None) -> mx.array:
+    if x is None:
+        return mx.array([command, 0, 0, 0, 0], dtype=mx.int32)
+    b, n, d = x.shape
+    return mx.array([command, b, n, d, DTYPES.index(x.dtype)], dtype=mx.int32)
+
+
+class _Parts:
+    def __init__(self, model, owner, decoder, slot, templates):
+        self.model, self.owner, self.decoder, self.slot = model, owner, decoder, slot
+        self.templates = templates
+
+    def make_cache(self) -> list:
+        if self.templates is not None:
+            return [copy.deepcopy(t) for t in self.templates]
+        from mlx_lm.models.cache import KVCache
+
+        return [KVCache() for _ in self.decoder.layers]
+
+
+class ShardedModel:
+    """Rank 0's model as generate_step sees it: a call runs the whole pipeline and returns the
+    logits of the last position. One sequence at a time (B=1, no batching, no prompt cache)."""
+
+    def __init__(self, parts: _Parts, group, world: int):
+        self.parts = parts
+        self.group = group
+        self.world = world
+
+    @property
+    def layers(self) -> list:
+        return self.parts.decoder.layers
+
+    def make_cache(self) -> list:
+        """A new request: the other ranks start fresh caches too."""
+        _send(_header(RESET), 1, self.group)
+        return self.parts.make_cache()
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        if input_embeddings is not None:
+            h = self.parts.decoder(inputs, cache, input_embeddings)
+        else:
+            h = self.parts.decoder(inputs, cache)
+        _send(_header(FORWARD, h), 1, self.group)
+        _send(h, 1, self.group)
+        last = self.world - 1
+        head = _recv((HEADER,), mx.int32, last, self.group).tolist()
+        return _recv((head[1], head[2], head[3]), DTYPES[head[4]], last, self.group)
+
+    def stop(self) -> None:
+        _send(_header(STOP), 1, self.group)
+
+
+def init_group(rank: int, world: int):
+    """Join the ring the daemons described in MLX_HOSTFILE (blocks until every rank is there)."""
+    os.environ["MLX_RANK"] = str(rank)
+    group = mx.distributed.init(backend="ring", strict=True)
+    if group.size() != world or group.rank() != rank:
+        raise RuntimeError(f"distributed group is rank {group.rank()} of {group.size()}, "
+                           f"expected {rank} of {world}")
+    return group
+
+
+def load_first(model_dir: Path, shard: Shard, group):
+    """Rank 0: (ShardedModel, tokenizer)."""
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    parts = _Parts(*load_shard(model_dir, shard))
+    config = load_config(Path(model_dir))
+    tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
+    return ShardedModel(parts, group, shard.world), tokenizer
+
+
+def serve(model_dir: Path, shard: Shard, group, on_ready=lambda: None) -> None:
+    """Ranks 1..N-1: receive, run own layers, pass on; until STOP (or the link breaks)."""
+    parts = _Parts(*load_shard(model_dir, shard))
+    prev, nxt = shard.rank - 1, (shard.rank + 1) % shard.world
+    on_ready()
+    cache = parts.make_cache()
+    while True:
+        head = _recv((HEADER,), mx.int32, prev, group).tolist()
+        command = head[0]
+        if command in (RESET, STOP):
+            if not shard.last:
+                _send(mx.array(head, dtype=mx.int32), nxt, group)
+            if command == STOP:
+                return
+            cache = parts.make_cache()
+            continue
+        if command != FORWARD:
+            raise RuntimeError(f"unknown pipeline command {command}")
+        b, n, d = head[1:4]
+        parts.slot.value = _recv((b, n, d), DTYPES[head[4]], prev, group)
+        dummy = mx.zeros((b, n), mx.int32)
+        if shard.last:
+            owner = parts.owner
+            decoder = owner["model"]
+            owner["model"] = _LastPosition(decoder)
+            try:
+                out = owner(dummy, cache=cache)
+            finally:
+                owner["model"] = decoder
+        else:
+            out = parts.decoder(dummy, cache)
+        _send(_header(FORWARD, out), nxt, group)
+        _send(out, nxt, group)
