@@ -55,6 +55,7 @@ class Daemon:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self._log = open(self.log_path, "ab")
+        self._log_offset = self._log.tell()  # a restart must not see the last run's lines
         self.started_at = time.perf_counter()
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=REPO_ROOT)
@@ -65,7 +66,7 @@ class Daemon:
             if self.netns is None and self.ping():
                 self.ready_seconds = time.perf_counter() - self.started_at
                 return self
-            if self.netns and "listening on" in self.log():
+            if self.netns and "listening on" in self.log()[self._log_offset:]:
                 self.ready_seconds = time.perf_counter() - self.started_at
                 return self
             time.sleep(0.05)

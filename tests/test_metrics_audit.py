@@ -144,6 +144,12 @@ def test_retention_prunes_old_rows_and_prompts_stay_out_by_default(daemon_factor
     assert [r["model"] for r in audit_rows(d, limit=1)] == ["nosuch"]
     assert d.request("GET", "/api/hippo/audit?since=yesterday")[0] == 400
 
+    # a scraper that asks for OpenMetrics gets it
+    req = urllib.request.Request(d.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert r.read().decode().endswith("# EOF\n")
+
     # hippoctl audit: a table, JSON, --since
     host = f"127.0.0.1:{d.port}"
     out = hippoctl(host, "audit")
