@@ -105,6 +105,21 @@ def ps(client: Client, args: argparse.Namespace) -> None:
              m.get("context_length") or "", until(m))
             for m in answer.get("models") or []]
     print(table(("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"), rows))
+    print_splits(answer)
+
+
+def print_splits(answer: dict) -> None:
+    """Pipeline split (issue 6): which node runs which layers of a split model, and the layers
+    this node runs for a peer's split."""
+    for m in answer.get("models") or []:
+        split = (m.get("hippo") or {}).get("split")
+        if split:
+            parts = ", ".join(f"{s['node']} layers {s['layers'][0]}-{s['layers'][1] - 1} "
+                              f"({human_bytes(s.get('bytes'))})" for s in split)
+            print(f"{m.get('name')} is split over {len(split)} nodes: {parts}")
+    for h in (answer.get("hippo") or {}).get("hosted") or []:
+        print(f"running layers {h['layers'][0]}-{h['layers'][1] - 1} of {h['model']} for a peer's split "
+              f"(rank {h['rank']} of {h['world']}, {human_bytes(h.get('bytes'))})")
 
 
 def processor(entry: dict) -> str:
@@ -153,6 +168,10 @@ def stop(client: Client, args: argparse.Namespace) -> None:
 
 
 def run(client: Client, args: argparse.Namespace) -> int | None:
+    if getattr(args, "nodes", None) is not None:  # pipeline split (issue 6): pin the model's nodes
+        nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+        client.post("/api/hippo/placement", {"model": args.model,
+                                             "nodes": None if nodes in ([], ["auto"]) else nodes})
     prompt = " ".join(args.prompt)
     if sys.stdin is None or not sys.stdin.isatty():
         # piped input comes first, as in `cat notes | ollama run m summarize`
@@ -406,6 +425,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--num-predict", type=int, help="most tokens to generate"),
         arg("--keep-alive", help='how long the model stays loaded after ("5m", "1h", "0", "-1" = forever)'),
         arg("--verbose", action="store_true", help="print timings after the answer"),
+        arg("--nodes", help="split the model over these nodes, e.g. alpha,beta (this node runs the "
+            "first layers); kept for the model until changed; 'auto' lets hippod decide again"),
     )),
     Command("stop", stop, "Stop (unload) a running model", (arg("models", nargs="+", metavar="model"),)),
     Command("pull", cluster_cmds.pull, "Pull a model: from a trusted peer if one has it, else the hub",

@@ -62,10 +62,6 @@ class Trace:
 _current: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("hippo_trace", default=None)
 
 
-def current() -> Trace | None:
-    return _current.get()
-
-
 def _prompt_text(request) -> str:
     """The prompt as the client sent it: text, or the messages as JSON."""
     if getattr(request, "messages", None):

@@ -133,6 +133,8 @@ async def serve(settings: Settings, started: float) -> None:
     from hippod.cluster.peers import Cluster
     cluster = app["cluster"] = Cluster(settings, store, registry, scheduler, node)
     # -- end cluster --
+    from hippod.cluster.splits import Splits  # pipeline split (issue 6): one model over several nodes
+    splits = app["splits"] = scheduler.splits = Splits(settings, scheduler, registry, cluster)
     # After drain() and the runners' stop, handlers left (a pull, say) get this long, then are cancelled.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
@@ -145,6 +147,7 @@ async def serve(settings: Settings, started: float) -> None:
     log.info("hippod %s listening on http://%s:%d (home %s, started in %.0f ms)", __version__,
              settings.host, settings.port, settings.home, (time.perf_counter() - started) * 1000)
     await cluster.start()  # cluster (issue 5)
+    await splits.start()  # pipeline split (issue 6)
     from hippod import audit  # operations (issue 8): retention of the audit log, log rotation
     chores = [asyncio.ensure_future(audit.prune_periodically(store, settings.audit_retention_days)),
               asyncio.ensure_future(rotate_logs_periodically(settings))]
@@ -168,6 +171,7 @@ async def serve(settings: Settings, started: float) -> None:
     await scheduler.shutdown()
     await runner.cleanup()
     await scheduler.shutdown()  # a model a last request loaded meanwhile: no runner outlives us
+    await splits.stop()  # pipeline split (issue 6): layers run for peers stop with us
     store.close()
     log.info("stopped")
 

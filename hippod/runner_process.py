@@ -43,8 +43,12 @@ class RunnerError(Exception):
 
 class RunnerProcess:
     def __init__(self, model_dir: Path, run_dir: Path, log_path: Path, *, num_parallel: int,
-                 context_length: int, python: str | None = None):
+                 context_length: int, python: str | None = None,
+                 extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None):
         self.model_dir = model_dir
+        # pipeline split (issue 6): --layers/--rank/--world and MLX_HOSTFILE for a shard's runner
+        self.extra_args = list(extra_args or [])
+        self.extra_env = dict(extra_env or {})
         name = f"runner-{uuid.uuid4().hex[:12]}.sock"
         self.socket_path = run_dir / name
         if len(str(self.socket_path)) > 100:  # AF_UNIX paths are limited to ~104 bytes on macOS
@@ -77,10 +81,10 @@ class RunnerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             self.python, "-m", "hippod.engine.runner", "--model", str(self.model_dir),
             "--socket", str(self.socket_path), "--num-parallel", str(self.num_parallel),
-            "--context-length", str(self.context_length),
+            "--context-length", str(self.context_length), *self.extra_args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env},
         )
         self._watchers.append(asyncio.ensure_future(self._pump(self.proc.stderr)))
         try:

@@ -205,6 +205,12 @@ class Scheduler:
         self._change_waiters: set[asyncio.Future] = set()
         self._tasks: set[asyncio.Task] = set()  # keep background tasks referenced until done
         self._closed = False
+        self.splits = None  # pipeline split (issue 6): hippod.cluster.splits.Splits, set by the daemon
+
+    @property
+    def active(self) -> int:
+        """Requests holding a lease now (running, or queued inside a runner for a slot)."""
+        return sum(m.refs for m in self.loaded.values())
 
     # -- memory -----------------------------------------------------------------------------
 
@@ -221,7 +227,8 @@ class Scheduler:
 
     def used(self) -> int:
         """Loaded models, plus unloaded ones whose process is still on its way out."""
-        return sum(m.size for m in (*self.loaded.values(), *self._stopping))
+        hosted = self.splits.hosted_bytes() if self.splits is not None else 0  # issue 6: peers' layers
+        return sum(m.size for m in (*self.loaded.values(), *self._stopping)) + hosted
 
     def available(self) -> int:
         free = self.budget() - self.used()
@@ -413,10 +420,25 @@ class Scheduler:
         deadline = time.monotonic() + self.settings.busy_wait
         current = self.loaded.get(rec.name)
         if current is not None:  # another version, a smaller context, or a dead runner
-            await self._evict(current, "crashed" if not current.runner.alive else "replaced", deadline)
+            try:
+                await self._evict(current, "replaced" if current.runner.alive else "crashed",
+                                  deadline)
+            except _StillBusy:
+                raise ServerBusy(f"'{rec.name}' must be reloaded (another version or a larger "
+                                 f"context) but stayed busy for {self.settings.busy_wait:.0f}s"
+                                 ) from None
         parallel = self.settings.num_parallel
         need = self.estimate(rec, ctx, parallel)
-        await self._make_room(rec.name, need, deadline)
+        # -- pipeline split (issue 6): a forced placement, or too big for this node alone --
+        if self.splits is not None and self.splits.forced(rec.name):
+            return await self.splits.load(rec, ctx, intent.keep_alive)
+        try:
+            await self._make_room(rec.name, need, deadline)
+        except NotEnoughMemory as refusal:
+            if self.splits is None:
+                raise
+            return await self.splits.load(rec, ctx, intent.keep_alive, refusal)
+        # -- end pipeline split --
         return await self._start(rec, ctx, parallel, need, intent.keep_alive)
 
     async def _make_room(self, name: str, need: int, deadline: float) -> None:

@@ -319,6 +319,20 @@ def test_failed_load_is_a_clean_error(d):
     assert status == 200, body
 
 
+@pytest.mark.slow
+def test_larger_context_reloads_once(d):
+    """A num_ctx above the loaded one reloads the model ("replaced"); smaller ones reuse it; one
+    above the model's own limit (2048 here) is clamped and does not reload again and again."""
+    before = last_load_id(d)
+    for num_ctx in (256, 128, 512, None, 4096, 8192, 1024):
+        options = {**SHORT, **({"num_ctx": num_ctx} if num_ctx else {})}
+        status, body = generate(d, "a", options=options)
+        assert status == 200, body
+    assert ps(d)["a:latest"]["context_length"] == 2048
+    rows = loads(d, after=before)
+    assert [(r["end_reason"]) for r in rows] == ["replaced", "replaced", None], rows
+
+
 # -- keep_alive -------------------------------------------------------------------------------
 
 
@@ -517,7 +531,7 @@ def test_busy_model_is_waited_for_at_most_busy_wait(daemon_factory, models, budg
     assert generate(d, "a")[0] == 200
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
     conn.request("POST", "/api/generate", json.dumps(
-        {"model": "a", "prompt": "hi", "options": {"num_predict": 400}}),  # ~5 s of work here
+        {"model": "a", "prompt": "hi", "options": {"num_predict": 250}}),  # ~3 s of work here
         {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert not json.loads(resp.readline())["done"]
@@ -528,7 +542,7 @@ def test_busy_model_is_waited_for_at_most_busy_wait(daemon_factory, models, budg
     assert 0.9 <= waited < 3, waited
     lines = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
     conn.close()
-    assert lines[-1].get("done") is True and lines[-1]["eval_count"] == 400, lines[-1]
+    assert lines[-1].get("done") is True and lines[-1]["eval_count"] == 250, lines[-1]
     status, body = generate(d, "b")
     assert status == 200, body
     assert list(ps(d)) == ["b:latest"] and loads(d)[-2]["end_reason"] == "evicted"

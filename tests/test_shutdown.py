@@ -119,3 +119,29 @@ def test_sigterm_during_four_live_streams(tmp_path, tiny_model_dir):
         assert "waiting up to 8s for 4 running request(s)" in log and "stopped" in log.splitlines()[-1]
     finally:
         d.stop()
+
+
+@pytest.mark.slow
+def test_a_second_signal_cuts_the_grace_period_short(tmp_path, tiny_model_dir):
+    d = Daemon(tmp_path / "home", env={"HIPPO_SHUTDOWN_GRACE": "120"}).start()
+    try:
+        status, body = d.request("POST", "/api/create", {"model": "tiny", "from": str(tiny_model_dir), "stream": False})
+        assert status == 200, body
+        stream = Stream(d.port, LONG)
+        stream.start()
+        assert stream.started.wait(60) and stream.lines, stream.failure
+        runners = d.runner_pids()
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert d.proc.poll() is None  # still letting the stream run
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGINT)  # the operator insists (Ctrl-C, or a second SIGTERM)
+        assert d.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 15
+        stream.join(10)
+        assert stream.ended_with_error, stream.lines[-1]
+        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in runners)
+        with Store(d.home / "hippo.db") as store:
+            assert store.integrity_ok() and store.open_loads() == []
+    finally:
+        d.stop()

@@ -9,6 +9,7 @@ from aiohttp import web
 from hippod import audit  # operations (issue 8)
 from hippod.api import admin, ollama, openai
 from hippod.api import cluster as cluster_routes, peer  # cluster (issue 5)
+from hippod.api import splits as split_routes  # pipeline split (issue 6)
 from hippod.api import auth, metrics  # operations (issue 8)
 from hippod.api.errors import error_middleware
 from hippod.config import Settings
@@ -38,5 +39,6 @@ def build_app(settings: Settings, store: Store, registry: Registry, scheduler: S
     app.add_routes(openai.routes)
     app.add_routes(peer.routes)  # cluster (issue 5)
     app.add_routes(cluster_routes.routes)  # cluster (issue 5)
+    app.add_routes(split_routes.routes)  # pipeline split (issue 6)
     app.add_routes(metrics.routes)  # operations (issue 8): /metrics, /api/hippo/audit
     return app

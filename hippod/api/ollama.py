@@ -61,8 +61,15 @@ async def ps(request: web.Request) -> web.Response:
         entry["hippo"] = {"pid": m.runner.pid, "busy": m.refs, "num_parallel": m.num_parallel,
                           "load_seconds": round(m.load_seconds, 3), "estimate": m.estimate,
                           "node": _scheduler(request).node}
+        split = getattr(m.runner, "split", None)  # pipeline split (issue 6): node -> layers, bytes
+        if split:
+            entry["hippo"]["split"] = split
         out.append(entry)
-    return web.json_response({"models": out})
+    answer = {"models": out}
+    splits = request.app.get("splits")  # issue 6: layers this node runs for a peer's split
+    if splits is not None and splits.hosted:
+        answer["hippo"] = {"hosted": [h.row() for h in splits.hosted.values()]}
+    return web.json_response(answer)
 
 
 @routes.post("/api/show")

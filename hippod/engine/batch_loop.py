@@ -43,6 +43,7 @@ from hippod.protocol import (
 )
 
 log = logging.getLogger("hippo.runner")
+MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
 
 
@@ -223,6 +224,8 @@ class BatchLoop:
     def _cached(self, namespace: str, tokens: list[int]) -> tuple[list | None, list[int]]:
         """The longest cached prefix's KV (a copy) and the tokens still to process (never none)."""
         cache, rest = self.prompt_cache.fetch_nearest_cache(namespace, tokens)
+        if cache is not None and len(tokens) - len(rest) < MIN_REUSE:
+            return None, tokens  # a few shared tokens save nothing; a fresh cache is simpler
         if cache is not None and not rest:
             trim_prompt_cache(cache, 1)
             rest = tokens[-1:]

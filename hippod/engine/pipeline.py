@@ -22,11 +22,15 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import selectors
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from hippod.engine.batch_loop import BatchLoop
+from hippod.protocol import ErrorEvent
 
 log = logging.getLogger("hippo.pipeline")
 
@@ -190,14 +194,69 @@ def _check_present(model_dir: Path, names: list[str]) -> None:
 # -- the wire -----------------------------------------------------------------------------------
 
 
-def _send(x: mx.array, dst: int, group) -> None:
-    mx.eval(mx.distributed.send(x, dst, group=group))
+class Wire:
+    """send/recv over the group, waiting for data without spinning.
+
+    The ring backend's socket thread busy-polls while a recv is posted: a rank waiting for its
+    neighbour (or a loaded, idle split waiting for the next request) would burn a core. So a
+    message's first recv is posted only once one of the ring's sockets is readable; the data
+    then sits in the kernel buffer and the recv completes at once.
+    """
+
+    def __init__(self, group, hostfile: str | None = None):
+        self.group = group
+        self.fds = _ring_socket_fds(group, hostfile or os.environ.get("MLX_HOSTFILE"))
+        self.selector = selectors.DefaultSelector()
+        for fd in self.fds:
+            self.selector.register(fd, selectors.EVENT_READ)
+        if not self.fds:
+            log.warning("could not find the ring's sockets: waiting for peers will spin a core")
+
+    def send(self, x: mx.array, dst: int) -> None:
+        mx.eval(mx.distributed.send(x, dst, group=self.group))
+
+    def recv(self, shape, dtype, src: int, wait: bool = False) -> mx.array:
+        if wait and self.fds:
+            while not self.selector.select():
+                pass
+        x = mx.distributed.recv(shape, dtype, src, group=self.group)
+        mx.eval(x)
+        return x
+
+    def send_message(self, header: mx.array, x: mx.array | None, dst: int) -> None:
+        if x is not None:
+            mx.eval(x)  # compute first: the neighbour wakes when the header arrives
+        self.send(header, dst)
+        if x is not None:
+            self.send(x, dst)
+
+    def recv_header(self, src: int) -> list[int]:
+        return self.recv((HEADER,), mx.int32, src, wait=True).tolist()
 
 
-def _recv(shape, dtype, src: int, group) -> mx.array:
-    x = mx.distributed.recv(shape, dtype, src, group=group)
-    mx.eval(x)
-    return x
+def _ring_socket_fds(group, hostfile: str | None) -> list[int]:
+    """File descriptors of this rank's ring connections, found by their addresses."""
+    if not hostfile:
+        return []
+    import json
+
+    import psutil
+
+    try:
+        hosts = [[str(a) for a in entry] for entry in json.loads(Path(hostfile).read_text())]
+    except (OSError, ValueError):
+        return []
+    rank, size = group.rank(), group.size()
+    mine = {int(a.rsplit(":", 1)[1]) for a in hosts[rank]}
+    theirs = {a for r in ((rank + 1) % size, (rank - 1) % size) for a in hosts[r]}
+    fds = []
+    for c in psutil.Process().net_connections(kind="tcp"):
+        if c.fd is None or c.fd < 0 or c.status != psutil.CONN_ESTABLISHED or not c.raddr:
+            continue
+        remote = f"{c.raddr.ip}:{c.raddr.port}"
+        if c.laddr.port in mine or remote in theirs or f"[{c.raddr.ip}]:{c.raddr.port}" in theirs:
+            fds.append(c.fd)
+    return fds
 
 
 def _header(command: int, x: mx.array | None = None) -> mx.array:
@@ -224,9 +283,9 @@ class ShardedModel:
     """Rank 0's model as generate_step sees it: a call runs the whole pipeline and returns the
     logits of the last position. One sequence at a time (B=1, no batching, no prompt cache)."""
 
-    def __init__(self, parts: _Parts, group, world: int):
+    def __init__(self, parts: _Parts, wire: Wire, world: int):
         self.parts = parts
-        self.group = group
+        self.wire = wire
         self.world = world
 
     @property
@@ -235,7 +294,7 @@ class ShardedModel:
 
     def make_cache(self) -> list:
         """A new request: the other ranks start fresh caches too."""
-        _send(_header(RESET), 1, self.group)
+        self.wire.send_message(_header(RESET), None, 1)
         return self.parts.make_cache()
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
@@ -243,18 +302,18 @@ class ShardedModel:
             h = self.parts.decoder(inputs, cache, input_embeddings)
         else:
             h = self.parts.decoder(inputs, cache)
-        _send(_header(FORWARD, h), 1, self.group)
-        _send(h, 1, self.group)
+        self.wire.send_message(_header(FORWARD, h), h, 1)
         last = self.world - 1
-        head = _recv((HEADER,), mx.int32, last, self.group).tolist()
-        return _recv((head[1], head[2], head[3]), DTYPES[head[4]], last, self.group)
+        head = self.wire.recv_header(last)
+        return self.wire.recv((head[1], head[2], head[3]), DTYPES[head[4]], last)
 
     def stop(self) -> None:
-        _send(_header(STOP), 1, self.group)
+        self.wire.send_message(_header(STOP), None, 1)
 
 
 def init_group(rank: int, world: int):
-    """Join the ring the daemons described in MLX_HOSTFILE (blocks until every rank is there)."""
+    """Join the ring the daemons described in MLX_HOSTFILE. Blocks until every rank is there,
+    so call it before loading: the ring's connect retries last only a few seconds."""
     os.environ["MLX_RANK"] = str(rank)
     group = mx.distributed.init(backend="ring", strict=True)
     if group.size() != world or group.rank() != rank:
@@ -270,21 +329,26 @@ def load_first(model_dir: Path, shard: Shard, group):
     parts = _Parts(*load_shard(model_dir, shard))
     config = load_config(Path(model_dir))
     tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
-    return ShardedModel(parts, group, shard.world), tokenizer
+    return ShardedModel(parts, Wire(group), shard.world), tokenizer
 
 
 def serve(model_dir: Path, shard: Shard, group, on_ready=lambda: None) -> None:
     """Ranks 1..N-1: receive, run own layers, pass on; until STOP (or the link breaks)."""
     parts = _Parts(*load_shard(model_dir, shard))
-    prev, nxt = shard.rank - 1, (shard.rank + 1) % shard.world
+    wire = Wire(group)
     on_ready()
+    _serve_loop(parts, wire, shard)
+
+
+def _serve_loop(parts: _Parts, wire: Wire, shard: Shard) -> None:
+    prev, nxt = shard.rank - 1, (shard.rank + 1) % shard.world
     cache = parts.make_cache()
     while True:
-        head = _recv((HEADER,), mx.int32, prev, group).tolist()
+        head = wire.recv_header(prev)
         command = head[0]
         if command in (RESET, STOP):
             if not shard.last:
-                _send(mx.array(head, dtype=mx.int32), nxt, group)
+                wire.send_message(mx.array(head, dtype=mx.int32), None, nxt)
             if command == STOP:
                 return
             cache = parts.make_cache()
@@ -292,7 +356,7 @@ def serve(model_dir: Path, shard: Shard, group, on_ready=lambda: None) -> None:
         if command != FORWARD:
             raise RuntimeError(f"unknown pipeline command {command}")
         b, n, d = head[1:4]
-        parts.slot.value = _recv((b, n, d), DTYPES[head[4]], prev, group)
+        parts.slot.value = wire.recv((b, n, d), DTYPES[head[4]], prev)
         dummy = mx.zeros((b, n), mx.int32)
         if shard.last:
             owner = parts.owner
@@ -304,5 +368,65 @@ def serve(model_dir: Path, shard: Shard, group, on_ready=lambda: None) -> None:
                 owner["model"] = decoder
         else:
             out = parts.decoder(dummy, cache)
-        _send(_header(FORWARD, out), nxt, group)
-        _send(out, nxt, group)
+        wire.send_message(_header(FORWARD, out), out, nxt)
+
+
+# -- runner processes ---------------------------------------------------------------------------
+
+
+def first_rank_loop(model_dir: Path, shard: Shard, *, context_length: int, info):
+    """Rank 0's generation loop: joins the ring, loads its layers, decodes one request at a
+    time with generate_step (no batching, no prompt cache, no speculation: the other ranks
+    hold one KV cache each, reset at every request)."""
+    group = init_group(shard.rank, shard.world)
+    model, tokenizer = load_first(model_dir, shard, group)
+    return SoloLoop(model, tokenizer, num_parallel=1, context_length=context_length, info=info,
+                    prompt_cache_bytes=0)
+
+
+class SoloLoop(BatchLoop):
+    """BatchLoop that never batches: with one slot, a request always decodes alone."""
+
+    def _insert_batch(self, a) -> None:
+        self._start_solo(a)
+
+    def _embed(self, job) -> None:
+        job.emit(ErrorEvent("embeddings are not available from a model split across nodes", status=400))
+
+
+def serve_rank(model_dir: Path, shard: Shard, context_length: int) -> int:
+    """Main of a runner that holds a middle or last part: prints the ready line, serves until
+    STOP; exits when its stdin closes (the daemon stops it) or the ring breaks."""
+    import sys
+    import threading
+    import time
+
+    import psutil
+
+    from hippod.protocol import ReadyEvent, encode
+
+    def exit_when_stdin_closes() -> None:
+        sys.stdin.buffer.read()
+        os._exit(0)
+
+    threading.Thread(target=exit_when_stdin_closes, name="stdin", daemon=True).start()
+    t0 = time.perf_counter()
+    try:
+        group = init_group(shard.rank, shard.world)
+        parts = _Parts(*load_shard(model_dir, shard))
+        wire = Wire(group)
+    except BaseException as e:  # reported to the daemon, which shows it to the user
+        message = f"could not load layers {shard.start}:{shard.end}: {type(e).__name__}: {e}"
+        sys.stdout.write(encode(ErrorEvent(message, status=500)).decode())
+        sys.stdout.flush()
+        return 1
+    ready = ReadyEvent(os.getpid(), time.perf_counter() - t0, psutil.Process().memory_info().rss,
+                       mx.get_active_memory(), context_length)
+    sys.stdout.write(encode(ready).decode())
+    sys.stdout.flush()
+    try:
+        _serve_loop(parts, wire, shard)
+    except BaseException:
+        log.exception("the split's pipeline broke")
+        os._exit(3)
+    os._exit(0)

@@ -33,6 +33,7 @@ from hippod.protocol import (
 
 log = logging.getLogger("hippo.runner")
 TERMINAL = (DoneEvent, ErrorEvent, EmbedResult, InfoResult)
+FLUSH_SECONDS = 0.004
 
 
 def _deliver_all(batch: list) -> None:
@@ -55,8 +56,9 @@ def _model_context_length(model_dir: Path) -> int | None:
 class Runner:
     def __init__(self, model_dir: Path, num_parallel: int, context_length: int, *,
                  draft: Path | None = None, self_draft_layers: int = 0, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30):
+                 prompt_cache_bytes: int = 2 * 2**30, shard=None):
         self.model_dir = model_dir
+        self.shard = shard  # pipeline split (issue 6): this runner is rank 0 of a split model
         self.draft = draft
         self.self_draft_layers = self_draft_layers
         self.num_draft = num_draft
@@ -68,11 +70,14 @@ class Runner:
         self.load_error: BaseException | None = None
         self.batch = None
         self.load_seconds = 0.0
-        self.outbox: list = []  # (queue, event) pairs produced during the current step
+        self.outbox: list = []  # (queue, event) pairs not yet handed to the event loop
+        self._flushed_at = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def generation_thread(self) -> None:
         """Load and generate in one thread: MLX streams belong to the thread that made them."""
+        if self.shard is not None:  # pipeline split (issue 6)
+            return self._split_thread()
         try:
             import mlx.core as mx
             from mlx_lm import load
@@ -102,11 +107,39 @@ class Runner:
         self.loop_ready.set()
         self.batch.run_forever(after_step=self._flush)
 
+    def _split_thread(self) -> None:
+        """Rank 0 of a split model (issue 6): joins the ring, loads its layers, serves one
+        request at a time. A broken link ends the process, so the daemon notices at once."""
+        try:
+            from hippod.engine.pipeline import first_rank_loop
+
+            t0 = time.perf_counter()
+            self.batch = first_rank_loop(self.model_dir, self.shard, context_length=self.context_length,
+                                         info=self.info)
+            self.load_seconds = time.perf_counter() - t0
+        except BaseException as e:
+            self.load_error = e
+            self.loop_ready.set()
+            return
+        self.loop_ready.set()
+        try:
+            self.batch.run_forever(after_step=self._flush)
+        except BaseException:
+            log.exception("the split's pipeline broke")
+        os._exit(3)
+
     def _flush(self) -> None:
-        """Runs on the generation thread after each step: one event-loop wake-up per step."""
-        if self.outbox:
-            batch, self.outbox = self.outbox, []
-            self.loop.call_soon_threadsafe(_deliver_all, batch)
+        """Runs on the generation thread after each step. Waking the event loop costs the
+        generation thread the GIL, so tokens go out at most every FLUSH_SECONDS (a few tokens
+        at GPU speed, invisible to a reader); a finished job's events go out at once."""
+        if not self.outbox:
+            return
+        now = time.perf_counter()
+        if now - self._flushed_at < FLUSH_SECONDS and not isinstance(self.outbox[-1][1], TERMINAL):
+            return
+        batch, self.outbox = self.outbox, []
+        self._flushed_at = now
+        self.loop.call_soon_threadsafe(_deliver_all, batch)
 
     def info(self, active: int) -> InfoResult:
         import mlx.core as mx
@@ -181,12 +214,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="draft with the target's own first N layers (0: off)")
     ap.add_argument("--num-draft", type=int, default=3)
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 * 2**30)
+    # pipeline split (issue 6): the ring is described by MLX_HOSTFILE
+    ap.add_argument("--layers", help="run only layers START:END of a model split across nodes")
+    ap.add_argument("--rank", type=int, default=0, help="this runner's rank in the split")
+    ap.add_argument("--world", type=int, default=1, help="runners in the split")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
+    shard = None
+    if args.layers:  # pipeline split (issue 6): ranks after the first only pass hidden states on
+        from hippod.engine.pipeline import Shard, parse_layers, serve_rank
+
+        shard = Shard(*parse_layers(args.layers), args.rank, args.world)
+        if shard.rank > 0:
+            return serve_rank(args.model, shard, args.context_length)
+        args.num_parallel = 1
     runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
                     self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
-                    prompt_cache_bytes=args.prompt_cache_bytes)
+                    prompt_cache_bytes=args.prompt_cache_bytes, shard=shard)
     threading.Thread(target=runner.generation_thread, name="generate", daemon=True).start()
     runner.loop_ready.wait()
     if runner.load_error is not None:

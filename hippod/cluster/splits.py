@@ -1,0 +1,667 @@
+"""Models split across nodes (pipeline parallelism): planning, starting, watching, stopping.
+
+The node that takes a request is the *coordinator*: its runner is rank 0 (embeddings and
+sampling) and streams tokens to its daemon like any runner. When the scheduler cannot fit a
+model here (or the model has a forced placement), `Splits.load` asks trusted peers how much
+memory their guards can give, plans layer ranges (cluster/planner.py), and then, over the
+signed peer API:
+
+  1. prepare: each peer checks the room, copies the safetensors files holding its tensors
+     from us if it lacks the model, and picks a port for the ring;
+  2. start: with the hostfile of every rank, each peer starts its runner and answers when it
+     is ready, while our rank-0 runner starts here (MLX's ring connects them);
+  3. the split is an ordinary loaded model for the scheduler (keep_alive, eviction, ps), with
+     a `SplitRunner` as its runner: stopping it stops the peers' runners too.
+
+Faults: the coordinator pings each peer twice a second. A peer that does not answer for
+LOST_AFTER seconds (dead, or its link dropped), or whose runner is gone, ends the split: the
+local runner is killed, so the request's stream ends with an error at once, and the next
+request plans again on the nodes that are left. A peer whose coordinator stops pinging kills
+its own runner after HOST_LOST_AFTER seconds, so nothing is left behind on either side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from hippod.cluster import planner, trust
+from hippod.cluster.peers import peer_url
+from hippod.registry.modelinfo import read_safetensors_header
+from hippod.runner_process import RunnerError, RunnerProcess
+from hippod.scheduler import (
+    RUNNER_OVERHEAD,
+    Loaded,
+    NotEnoughMemory,
+    SchedulerError,
+    fmt_bytes,
+)
+from hippod.store.records import ModelRecord, PeerRecord
+
+log = logging.getLogger("hippo.splits")
+
+PEER_PREFIX = "/api/hippo/peer/split/"
+PING_INTERVAL = 0.5
+PING_TIMEOUT = 1.0
+LOST_AFTER = 2.0  # seconds without an answer before the coordinator ends the split
+HOST_LOST_AFTER = 3.0  # seconds without a ping before a peer kills the runner it hosts
+BUDGET_TIMEOUT = 2.0
+STOP_TIMEOUT = 2.0
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class SplitError(SchedulerError):
+    pass
+
+
+# -- what a model's parts weigh ---------------------------------------------------------------
+
+
+def tensor_groups(model_dir: Path) -> dict[str, dict[str, int]]:
+    """Tensor name -> bytes, grouped: 'layer:<i>', 'head' (final norm, lm_head), 'first' (the rest)."""
+    groups: dict[str, dict[str, int]] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        for name, t in read_safetensors_header(shard).items():
+            if name == "__metadata__":
+                continue
+            groups.setdefault(_group_of(name), {})[name] = t["data_offsets"][1] - t["data_offsets"][0]
+    return groups
+
+
+def _group_of(name: str) -> str:
+    m = _LAYER.search(name)
+    if m:
+        return f"layer:{int(m.group(1))}"
+    if name.startswith("lm_head") or ".lm_head." in name or re.search(r"(^|\.)model\.norm\.", name) \
+            or name.startswith("norm."):
+        return "head"
+    return "first"
+
+
+def model_parts(model_dir: Path, details: dict, num_ctx: int) -> planner.ModelParts:
+    """The planner's view of a model: bytes per layer (weights + KV cache for `num_ctx`, one
+    sequence: a split serves one request at a time), the first and last node's extras."""
+    groups = tensor_groups(model_dir)
+    count = int(details.get("num_layers") or 0) or len([g for g in groups if g.startswith("layer:")])
+    kv = (2 * int(details.get("kv_heads") or 0) * int(details.get("head_dim") or 0) * num_ctx
+          * int(details.get("kv_dtype_bytes") or 2))
+    layers = tuple(sum(groups.get(f"layer:{i}", {}).values()) + kv for i in range(count))
+    first = sum(groups.get("first", {}).values())
+    head = groups.get("head", {})
+    last = sum(head.values())
+    if not any(n.startswith("lm_head") or ".lm_head." in n for n in head):
+        last += sum(v for n, v in groups.get("first", {}).items() if "embed_tokens" in n)  # tied
+    return planner.ModelParts(layers, first, last, RUNNER_OVERHEAD)
+
+
+def files_for_layers(model_dir_files: list[dict], index: dict | None, start: int, end: int,
+                     first: bool, last: bool) -> list[dict]:
+    """The manifest entries a rank needs: everything but safetensors files none of whose tensors
+    it runs (known from model.safetensors.index.json; without an index, every file)."""
+    weights = [f for f in model_dir_files if f["name"].endswith(".safetensors")]
+    others = [f for f in model_dir_files if not f["name"].endswith(".safetensors")]
+    if not index or len(weights) <= 1:
+        return others + weights
+    wanted: set[str] = set()
+    for tensor, file in (index.get("weight_map") or {}).items():
+        group = _group_of(tensor)
+        keep = (group.startswith("layer:") and start <= int(group[6:]) < end) \
+            or (group == "first" and (first or (last and "embed_tokens" in tensor))) \
+            or (group == "head" and last)
+        if keep:
+            wanted.add(file)
+    return others + [f for f in weights if f["name"] in wanted]
+
+
+# -- forced placements ------------------------------------------------------------------------
+
+
+class Placements:
+    """Models pinned to a list of nodes (`hippoctl run MODEL --nodes A,B`), kept in
+    `<home>/placements.json` so they work like per-model configuration."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            data = json.loads(path.read_text())
+            self.nodes = {str(k): [str(n) for n in v] for k, v in data.items() if isinstance(v, list)}
+        except (OSError, ValueError, AttributeError):
+            self.nodes = {}
+
+    def get(self, model: str) -> list[str] | None:
+        return self.nodes.get(model)
+
+    def set(self, model: str, nodes: list[str] | None) -> None:
+        if nodes:
+            self.nodes[model] = list(nodes)
+        else:
+            self.nodes.pop(model, None)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.nodes, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.path)
+
+
+# -- the coordinator's runner -----------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One peer of a split, as the coordinator knows it."""
+
+    peer: PeerRecord
+    address: str  # where we reached it (its ring address too)
+    share: planner.Share
+    rank: int
+    last_ok: float = field(default_factory=time.monotonic)
+
+
+class SplitRunner(RunnerProcess):
+    """Rank 0's runner process, plus the peers that hold the other layers.
+
+    To the scheduler it is the model's runner: stopping or killing it stops the whole split,
+    and it exits (with a message saying why) when a peer is lost.
+    """
+
+    def __init__(self, splits: "Splits", split_id: str, model: str, shares: list[planner.Share],
+                 members: list[Member], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.splits = splits
+        self.split_id = split_id
+        self.model = model
+        self.shares = shares
+        self.members = members
+        self.lost: str | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._peers_stopped = False
+
+    @property
+    def split(self) -> list[dict]:
+        """What /api/ps shows: node -> layers [start, end), bytes."""
+        return [{"node": s.node, "rank": i, "layers": [s.start, s.end], "bytes": s.bytes}
+                for i, s in enumerate(self.shares)]
+
+    def watch(self) -> None:
+        self._watchdog = asyncio.ensure_future(self._watch_peers())
+
+    async def _watch_peers(self) -> None:
+        try:
+            while self.alive and self.lost is None:
+                await asyncio.gather(*(self._ping(m) for m in self.members))
+                now = time.monotonic()
+                for m in self.members:
+                    if self.lost is None and now - m.last_ok > LOST_AFTER:
+                        self.lost = (f"peer {m.peer.name} ({m.address}) stopped answering for "
+                                     f"{now - m.last_ok:.1f}s")
+                if self.lost is not None:
+                    log.error("split %s of %s: %s; stopping its runners", self.split_id, self.model,
+                              self.lost)
+                    await self.kill()
+                    break
+                await asyncio.sleep(PING_INTERVAL)
+        finally:
+            await self.stop_peers()
+            self.splits.forget_hostfile(self.split_id)
+
+    async def _ping(self, m: Member) -> None:
+        try:
+            status, body = await self.splits.call(m.peer, m.address, "POST", PEER_PREFIX + "ping",
+                                                  {"split": self.split_id}, PING_TIMEOUT)
+        except SplitError:
+            return
+        if status == 200 and body.get("alive"):
+            m.last_ok = time.monotonic()
+        elif status in (200, 404) and self.lost is None:
+            self.lost = f"the runner on peer {m.peer.name} is gone ({body.get('error') or 'not alive'})"
+
+    async def stop_peers(self) -> None:
+        if self._peers_stopped:
+            return
+        self._peers_stopped = True
+        await asyncio.gather(*(self.splits.stop_member(self.split_id, m) for m in self.members))
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await super().stop(grace)
+        await self._end()
+
+    async def kill(self) -> None:
+        await super().kill()
+        if self._watchdog is not None and asyncio.current_task() is not self._watchdog:
+            await self._end()
+
+    async def _end(self) -> None:
+        if self._watchdog is not None and asyncio.current_task() is not self._watchdog:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watchdog
+        await self.stop_peers()
+        self.splits.forget_hostfile(self.split_id)
+
+    def _died_message(self) -> str:
+        if self.lost:
+            return f"the model split across nodes stopped: {self.lost}"
+        if self.exit_code == 3:  # the runner's own verdict: the ring to a peer broke
+            return "the model split across nodes stopped: the link to a peer's runner broke"
+        return super()._died_message()
+
+
+# -- what a peer runs for a coordinator -------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Hosted:
+    split: str
+    model: str
+    coordinator: str  # node id
+    model_dir: Path
+    start: int
+    end: int
+    rank: int
+    world: int
+    bytes: int
+    context_length: int
+    address: str
+    port: int
+    runner: RunnerProcess | None = None
+    starting: bool = False
+    last_ping: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.monotonic)
+
+    def row(self) -> dict:
+        return {"split": self.split, "model": self.model, "coordinator": self.coordinator,
+                "layers": [self.start, self.end], "rank": self.rank, "world": self.world,
+                "bytes": self.bytes, "pid": self.runner.pid if self.runner else None,
+                "running": bool(self.runner and self.runner.alive)}
+
+
+# -- the whole thing --------------------------------------------------------------------------
+
+
+class Splits:
+    def __init__(self, settings, scheduler, registry, cluster):
+        self.settings = settings
+        self.scheduler = scheduler
+        self.registry = registry
+        self.cluster = cluster
+        self.placements = Placements(settings.home / "placements.json")
+        self.hosted: dict[str, Hosted] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession()
+        self._watch = asyncio.ensure_future(self._watch_hosted())
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        for h in list(self.hosted.values()):
+            await self._drop(h, "shutdown")
+        if self.session is not None:
+            await self.session.close()
+
+    # -- hooks for the scheduler --------------------------------------------------------
+
+    def forced(self, model: str) -> list[str] | None:
+        nodes = self.placements.get(model)
+        if not nodes:
+            return None
+        others = [n for n in nodes if not self._is_me(n)]
+        return others or None
+
+    def hosted_bytes(self) -> int:
+        return sum(h.bytes for h in self.hosted.values())
+
+    def _is_me(self, ref: str) -> bool:
+        return ref in (self.cluster.name, self.cluster.node_id, self.scheduler.node, "self") or (
+            len(ref) >= 4 and self.cluster.node_id.startswith(ref))
+
+    # -- talking to peers ---------------------------------------------------------------
+
+    async def call(self, peer: PeerRecord, address: str | None, method: str, path: str,
+                   body: dict | None, timeout: float) -> tuple[int, dict]:
+        """A signed request to a peer (at `address`, or each known address in turn); the
+        answer must carry the peer's signature. (status, JSON body)."""
+        assert self.session is not None
+        data = json.dumps(body or {}).encode()
+        last_error = "no address"
+        for addr in [address] if address else peer.addresses:
+            headers = self.cluster.keyring.sign(method, path, data, peer.node_id)
+            headers["Content-Type"] = "application/json"
+            try:
+                async with self.session.request(method, peer_url(addr, peer.port, path), data=data,
+                                                headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    raw, status = await resp.read(), resp.status
+                    signature = resp.headers.get(trust.H_SIGNATURE)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                last_error = str(e) or type(e).__name__
+                continue
+            if not self.cluster.keyring.verify_response(headers.get(trust.H_NONCE, ""), status, raw,
+                                                        signature, peer.node_id):
+                raise SplitError(f"peer {peer.name} answered without a valid signature", 502)
+            try:
+                answer = json.loads(raw) if raw else {}
+            except ValueError:
+                answer = {}
+            if isinstance(answer, dict):
+                answer.setdefault("_address", addr)
+                return status, answer
+            return status, {"_address": addr}
+        raise SplitError(f"cannot reach peer {peer.name}: {last_error}", 502)
+
+    async def stop_member(self, split_id: str, m: Member) -> None:
+        with contextlib.suppress(SplitError):
+            await self.call(m.peer, m.address, "POST", PEER_PREFIX + "stop", {"split": split_id},
+                            STOP_TIMEOUT)
+
+    async def _budget(self, peer: PeerRecord) -> tuple[PeerRecord, int, str] | None:
+        try:
+            status, body = await self.call(peer, None, "POST", PEER_PREFIX + "budget", {},
+                                           BUDGET_TIMEOUT)
+        except SplitError as e:
+            log.info("peer %s cannot take layers now: %s", peer.name, e)
+            return None
+        if status != 200 or not isinstance(body.get("available"), int):
+            log.info("peer %s answered %s to a budget question: %s", peer.name, status, body)
+            return None
+        return peer, body["available"], body["_address"]
+
+    # -- coordinator: planning and starting a split ------------------------------------
+
+    def _candidates(self, forced: list[str] | None) -> list[PeerRecord]:
+        if not forced:
+            return self.cluster.peers.usable()
+        peers = []
+        for ref in forced:
+            p = self.cluster.peers.find(ref)
+            if p is None:
+                raise SplitError(f"placement names node {ref!r}, which is not a known peer "
+                                 "(see `hippoctl nodes`)", 400)
+            if not p.trusted:
+                raise SplitError(f"peer {p.name} is not trusted: it does not hold this cluster's "
+                                 "secret", 403)
+            if self.cluster.peers.is_stale(p):
+                raise SplitError(f"peer {p.name} is not answering", 503)
+            peers.append(p)
+        return peers
+
+    async def load(self, rec: ModelRecord, ctx: int, keep: float,
+                   refusal: NotEnoughMemory | None = None) -> Loaded:
+        """Plan, start and register a split of `rec`; raise the refusal with the numbers when
+        the nodes cannot hold it."""
+        forced = self.forced(rec.name)
+        peers = self._candidates(forced)
+        if not peers:
+            assert refusal is not None
+            raise refusal
+        answers = await asyncio.gather(*(self._budget(p) for p in peers))
+        if forced and any(a is None for a in answers):
+            missing = [p.name for p, a in zip(peers, answers) if a is None]
+            raise SplitError(f"cannot split '{rec.name}': peer(s) {', '.join(missing)} did not answer", 503)
+        offers = [a for a in answers if a is not None]
+        if not offers and refusal is not None:
+            raise NotEnoughMemory(f"{refusal}; no trusted peer could take a share", refusal.needed,
+                                  refusal.available)
+        parts = model_parts(self.registry.model_dir(rec), rec.details or {}, ctx)
+        local = planner.Node(self.cluster.name, self.scheduler.available())
+        nodes = [planner.Node(p.name, free) for p, free, _ in offers]
+        label = f"model '{rec.name}'"
+        try:
+            if forced:
+                shares = planner.plan([local, *nodes], parts, label)
+            else:
+                shares = planner.plan_auto(local, nodes, parts, label)
+        except planner.PlanRefused as e:
+            raise NotEnoughMemory(str(e), e.needed, e.available) from None
+        if len(shares) == 1:  # cannot happen after a refusal, but a forced list may name only us
+            raise refusal or SplitError(f"'{rec.name}' needs no split", 400)
+        by_name = {p.name: (p, addr) for p, _, addr in offers}
+        members = [Member(by_name[s.node][0], by_name[s.node][1], s, rank)
+                   for rank, s in enumerate(shares) if rank > 0]
+        log.info("splitting %s over %s", rec.name,
+                 ", ".join(f"{s.node} layers {s.start}-{s.end - 1} ({fmt_bytes(s.bytes)})" for s in shares))
+        return await self._start(rec, ctx, keep, shares, members)
+
+    async def _start(self, rec: ModelRecord, ctx: int, keep: float, shares: list[planner.Share],
+                     members: list[Member]) -> Loaded:
+        split_id = uuid.uuid4().hex[:12]
+        world = len(shares)
+        t0 = time.monotonic()
+        runner: SplitRunner | None = None
+        prepared: list[Member] = []
+        try:
+            answers = await asyncio.gather(*(self._prepare(split_id, rec, ctx, m, world) for m in members),
+                                           return_exceptions=True)
+            for m, a in zip(members, answers):
+                if not isinstance(a, BaseException):
+                    prepared.append(m)
+            for a in answers:
+                if isinstance(a, BaseException):
+                    raise a
+            me = answers[0]["seen_as"]
+            hosts = [[f"{me}:{_free_port(me)}"]] + [[f"{m.address}:{a['port']}"] for m, a in zip(members, answers)]
+            hostfile = self._hostfile(split_id, hosts)
+            share = shares[0]
+            runner = SplitRunner(
+                self, split_id, rec.name, shares, members, self.registry.model_dir(rec),
+                self.settings.run_dir, self.settings.logs_dir / "runners.log", num_parallel=1,
+                context_length=ctx, python=self.settings.runner_python,
+                extra_args=["--layers", f"{share.start}:{share.end}", "--rank", "0", "--world", str(world)],
+                extra_env={"MLX_HOSTFILE": str(hostfile)})
+            starts = [runner.start(timeout=self.settings.load_timeout)]
+            starts += [self._start_member(split_id, m, hosts) for m in members]
+            results = await asyncio.gather(*starts, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            ready = results[0]
+        except BaseException as e:
+            if runner is not None:
+                await RunnerProcess.kill(runner)
+            await asyncio.gather(*(self.stop_member(split_id, m) for m in prepared))
+            self.forget_hostfile(split_id)
+            if isinstance(e, (SchedulerError, NotEnoughMemory)):
+                raise
+            if isinstance(e, RunnerError):
+                raise SplitError(f"could not start the split of '{rec.name}': {e}", e.status) from None
+            raise
+        seconds = time.monotonic() - t0
+        total = sum(s.bytes for s in shares)
+        measured = max(ready.rss_bytes, ready.mlx_active_bytes)
+        load_id = self.scheduler.store.start_load(rec.name, self.scheduler.node, "split", total, seconds,
+                                                  pid=runner.pid)
+        m = Loaded(rec.name, rec, runner, estimate=shares[0].bytes, context_length=ready.context_length,
+                   num_parallel=1, load_id=load_id, load_seconds=seconds, keep_alive=keep,
+                   asked_context=ctx, measured=measured)
+        self.scheduler.loaded[rec.name] = m
+        self.scheduler._spawn(self.scheduler._watch(m))
+        runner.watch()
+        log.info("loaded %s split over %d nodes in %.2fs", rec.name, world, seconds)
+        return m
+
+    async def _prepare(self, split_id: str, rec: ModelRecord, ctx: int, m: Member, world: int) -> dict:
+        body = {"split": split_id, "model": rec.name, "digest": rec.digest, "layers": [m.share.start, m.share.end],
+                "rank": m.rank, "world": world, "bytes": m.share.bytes, "context_length": ctx}
+        status, answer = await self.call(m.peer, m.address, "POST", PEER_PREFIX + "prepare", body,
+                                         self.settings.load_timeout)
+        if status != 200:
+            raise SplitError(f"peer {m.peer.name} cannot take layers {m.share.start}-{m.share.end - 1} of "
+                             f"'{rec.name}': {answer.get('error') or status}", 507 if status == 507 else 502)
+        return answer
+
+    async def _start_member(self, split_id: str, m: Member, hosts: list) -> dict:
+        status, answer = await self.call(m.peer, m.address, "POST", PEER_PREFIX + "start",
+                                         {"split": split_id, "hosts": hosts}, self.settings.load_timeout)
+        if status != 200:
+            raise SplitError(f"peer {m.peer.name} could not start its runner: "
+                             f"{answer.get('error') or status}", 502)
+        m.last_ok = time.monotonic()
+        return answer
+
+    def _hostfile(self, split_id: str, hosts: list) -> Path:
+        path = self.settings.run_dir / f"split-{split_id}.json"
+        path.write_text(json.dumps(hosts))
+        return path
+
+    def forget_hostfile(self, split_id: str) -> None:
+        (self.settings.run_dir / f"split-{split_id}.json").unlink(missing_ok=True)
+
+    # -- host: running layers for a peer -------------------------------------------------
+
+    def budget(self) -> dict:
+        return {"available": self.scheduler.available(), "budget": self.scheduler.budget(),
+                "node": self.cluster.name}
+
+    async def prepare(self, sender: str, body: dict, local_address: str, remote: str) -> dict:
+        """Check room, get the files, pick a ring port. Raises SplitError with a status."""
+        split_id, name, digest = str(body["split"]), str(body["model"]), str(body["digest"])
+        start, end = (int(x) for x in body["layers"])
+        rank, world, need = int(body["rank"]), int(body["world"]), int(body["bytes"])
+        if split_id in self.hosted:
+            raise SplitError(f"split {split_id} is already prepared here", 409)
+        free = self.scheduler.available()
+        if need > free:
+            raise SplitError(f"node {self.cluster.name} cannot hold layers {start}-{end - 1} of '{name}': "
+                             f"they need {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
+                             f"({free} bytes) of its memory budget is free", 507)
+        coordinator = self.cluster.peers.store.get_peer(sender)
+        if coordinator is None:
+            raise SplitError("unknown coordinator", 403)
+        model_dir = await self._model_files(coordinator, name, digest, start, end, rank, world)
+        hosted = Hosted(split_id, name, sender, model_dir, start, end, rank, world, need,
+                        int(body.get("context_length") or self.settings.num_ctx), local_address,
+                        _free_port(local_address))
+        self.hosted[split_id] = hosted
+        log.info("prepared layers %d-%d of %s for %s (split %s)", start, end - 1, name, coordinator.name,
+                 split_id)
+        return {"port": hosted.port, "address": local_address, "seen_as": remote}
+
+    async def _model_files(self, coordinator: PeerRecord, name: str, digest: str, start: int, end: int,
+                           rank: int, world: int) -> Path:
+        """Our copy of the model if we have this version, else the files this rank needs,
+        copied from the coordinator into `<home>/shards/<digest>/` (kept for next time)."""
+        from hippod.cluster import transfer
+
+        rec = self.registry.store.get_model(self.registry.normalize(name))
+        if rec is not None and rec.digest == digest and not rec.missing:
+            return self.registry.model_dir(rec)
+        manifest = await transfer.fetch_manifest(self.cluster, coordinator, name)
+        if manifest is None or manifest.get("digest") != digest:
+            raise SplitError(f"peer {coordinator.name} no longer has this version of '{name}'", 409)
+        files = manifest["files"]
+        target = self.settings.home / "shards" / digest
+        target.mkdir(parents=True, exist_ok=True)
+        index = None
+        entry = next((f for f in files if f["name"] == "model.safetensors.index.json"), None)
+        if entry is not None:
+            await self._fetch(coordinator, entry, target)
+            with contextlib.suppress(OSError, ValueError):
+                index = json.loads((target / entry["name"]).read_text())
+        needed = files_for_layers(files, index, start, end, rank == 0, rank == world - 1)
+        for f in needed:
+            await self._fetch(coordinator, f, target)
+        log.info("copied %d of %d files of %s from %s for layers %d-%d", len(needed), len(files), name,
+                 coordinator.name, start, end - 1)
+        return target
+
+    async def _fetch(self, peer: PeerRecord, f: dict, target: Path) -> None:
+        from hippod.cluster import transfer
+
+        dest = target / f["name"]
+        if dest.is_file() and dest.stat().st_size == f["size"]:
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.cluster.blob_locks.setdefault(f["sha256"], asyncio.Lock())
+        async with lock:
+            await asyncio.to_thread(transfer.download_blob, self.cluster, peer, f["sha256"], f["size"],
+                                    dest, lambda done, total: None, threading.Event())
+
+    async def start_hosted(self, sender: str, body: dict) -> dict:
+        h = self.hosted.get(str(body.get("split")))
+        if h is None or h.coordinator != sender:
+            raise SplitError("no such split prepared here", 404)
+        if h.runner is not None:
+            raise SplitError("this split's runner is already started", 409)
+        hosts = body.get("hosts")
+        if not isinstance(hosts, list) or len(hosts) != h.world:
+            raise SplitError("hosts must list one address per rank", 400)
+        hostfile = self.settings.run_dir / f"split-{h.split}.json"
+        hostfile.write_text(json.dumps(hosts))
+        h.runner = RunnerProcess(
+            h.model_dir, self.settings.run_dir, self.settings.logs_dir / "runners.log", num_parallel=1,
+            context_length=h.context_length, python=self.settings.runner_python,
+            extra_args=["--layers", f"{h.start}:{h.end}", "--rank", str(h.rank), "--world", str(h.world)],
+            extra_env={"MLX_HOSTFILE": str(hostfile)})
+        h.starting = True
+        try:
+            ready = await h.runner.start(timeout=self.settings.load_timeout)
+        except BaseException as e:
+            await self._drop(h, "failed")
+            if isinstance(e, RunnerError):
+                raise SplitError(str(e), 500) from None
+            raise
+        finally:
+            h.starting = False
+        h.last_ping = time.monotonic()
+        log.info("running layers %d-%d of %s for split %s (pid %s)", h.start, h.end - 1, h.model, h.split,
+                 h.runner.pid)
+        return {"pid": ready.pid, "rss_bytes": ready.rss_bytes, "load_seconds": ready.load_seconds}
+
+    def ping(self, sender: str, split_id: str) -> dict:
+        h = self.hosted.get(split_id)
+        if h is None or h.coordinator != sender:
+            raise SplitError("no such split here", 404)
+        h.last_ping = time.monotonic()
+        return {"alive": bool(h.runner and h.runner.alive)}
+
+    async def stop_hosted(self, sender: str, split_id: str) -> bool:
+        h = self.hosted.get(split_id)
+        if h is None or h.coordinator != sender:
+            return False
+        await self._drop(h, "stopped by its coordinator")
+        return True
+
+    async def _drop(self, h: Hosted, why: str) -> None:
+        if self.hosted.get(h.split) is h:
+            del self.hosted[h.split]
+        if h.runner is not None:
+            await h.runner.stop(grace=1.0)
+        (self.settings.run_dir / f"split-{h.split}.json").unlink(missing_ok=True)
+        log.info("dropped layers %d-%d of %s (split %s): %s", h.start, h.end - 1, h.model, h.split, why)
+
+    async def _watch_hosted(self) -> None:
+        """Runners whose coordinator went quiet (dead, or the link dropped) are killed."""
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            now = time.monotonic()
+            for h in list(self.hosted.values()):
+                try:
+                    if h.runner is None:
+                        if now - h.created > self.settings.load_timeout:
+                            await self._drop(h, "never started")
+                    elif not h.starting and not h.runner.alive:
+                        await self._drop(h, f"its runner exited ({h.runner.exit_code})")
+                    elif not h.starting and now - h.last_ping > HOST_LOST_AFTER:
+                        await self._drop(h, f"no word from its coordinator for {now - h.last_ping:.1f}s")
+                except Exception:
+                    log.exception("could not drop split %s", h.split)
+
+
+def _free_port(address: str) -> int:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
