@@ -146,6 +146,9 @@ class Client:
         conn = cls(self._host, self._port, timeout=CONNECT_TIMEOUT)
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json, application/x-ndjson", "User-Agent": "hippoctl"}
+        key = os.environ.get("HIPPO_API_KEY")
+        if key:  # the daemon requires it on every route when it has one
+            headers["Authorization"] = f"Bearer {key}"
         if data is not None:
             headers["Content-Type"] = "application/json"
         try:

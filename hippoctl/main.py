@@ -26,7 +26,10 @@ from hippoctl.tables import (go_duration, human_bytes, human_number, human_time,
 
 
 def create(client: Client, args: argparse.Namespace) -> None:
-    follow_progress(client.stream("/api/create", {"model": args.model, "from": _source(args.source)}))
+    body = {"model": args.model, "from": _source(args.source)}
+    if args.draft is not None:
+        body["draft"] = args.draft
+    follow_progress(client.stream("/api/create", body))
 
 
 def _source(text: str) -> str:
@@ -410,6 +413,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("model", help="name of the new model"),
         arg("-f", "--from", dest="source", required=True,
             help="a .gguf file, an MLX model directory, or an existing model's name"),
+        arg("--draft", help="a smaller model of the same tokenizer that drafts tokens for this one "
+            "(speculative decoding; '' removes it)"),
     )),
     Command("show", show, "Show information for a model", (
         arg("model"), JSON,

@@ -35,6 +35,11 @@ class Settings:
     max_queue: int = 512
     num_parallel: int = 4
     num_ctx: int = 4096
+    # Speculative decoding for requests that decode alone: a model's own draft (catalog or
+    # `create --draft`) wins; else, when > 0, the target's first N layers draft for it.
+    self_draft_layers: int = 0
+    num_draft: int = 3
+    prompt_cache_bytes: int = 2 * 2**30  # KV kept for reuse by the next turn, per model
     load_timeout: float = 300.0
     busy_wait: float = 120.0  # seconds a request waits for a busy model to become evictable
     # API
@@ -101,7 +106,7 @@ def _coerce(name: str, typ: str, value: Any) -> Any:
     if value is None:
         return None
     try:
-        if name == "memory_budget":
+        if name in ("memory_budget", "prompt_cache_bytes"):
             return parse_bytes(value)
         if name == "home":
             return Path(os.path.expanduser(str(value)))
@@ -181,6 +186,12 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     values["home"] = Path(os.path.expanduser(str(home)))
 
     s = Settings(**values)
+    try:
+        from hippod.durations import parse_keep_alive
+
+        parse_keep_alive(s.keep_alive)
+    except ValueError as e:
+        raise ConfigError(f"setting keep_alive: {e}") from None
     if s.guard not in ("strict", "warn", "off"):
         raise ConfigError(f"setting guard: must be strict, warn or off, not {s.guard!r}")
     if not (0 < s.memory_safety <= 1):

@@ -136,7 +136,7 @@ async def serve(settings: Settings, started: float) -> None:
     from hippod.cluster.splits import Splits  # pipeline split (issue 6): one model over several nodes
     splits = app["splits"] = scheduler.splits = Splits(settings, scheduler, registry, cluster)
     # After drain() and the runners' stop, handlers left (a pull, say) get this long, then are cancelled.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     try:

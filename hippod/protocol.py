@@ -108,6 +108,7 @@ class ReadyEvent:
     rss_bytes: int
     mlx_active_bytes: int
     context_length: int
+    device: str = "gpu"  # "gpu" (Metal or CUDA) or "cpu": what /api/ps calls size_vram
     type: str = "ready"
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import platform
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 import psutil
 
 from hippod.config import Settings
+from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-exported)
 from hippod.registry.registry import Registry, RegistryError
 from hippod.runner_process import RunnerProcess
 from hippod.store.database import Store
@@ -41,7 +40,6 @@ log = logging.getLogger("hippo.scheduler")
 # safetensors bytes was 135 MiB right after load and 140 MiB after generating, for a 6 MB random
 # llama and for SmolLM2-135M 4-bit alike; rounded up to leave a little headroom.
 RUNNER_OVERHEAD = 150 * 2**20
-FOREVER = float("inf")
 # Ollama turns keep_alive < 0 into the longest Go duration (2^63 ns, ~292 years): /api/ps shows
 # that far-future time, and so do we.
 LONGEST_KEEP_ALIVE = timedelta(microseconds=2**63 // 1000)
@@ -66,33 +64,6 @@ class NotEnoughMemory(SchedulerError):
 
 
 # -- keep_alive -------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-
-
-def parse_keep_alive(value: object) -> float:
-    """Ollama's keep_alive: seconds (number) or a Go duration ('5m', '1h30m', '-1m'); plain
-    numbers in strings are seconds too. Negative = forever, 0 = unload when the request ends."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"invalid keep_alive {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            sign = -1 if text.startswith("-") else 1
-            body = text.lstrip("+-")
-            parts = _DURATION.findall(body)
-            if not parts or "".join(n + u for n, u in parts) != body:
-                raise ValueError(f"invalid keep_alive duration {value!r} (use e.g. 5m, 30s, 1h, -1)") from None
-            seconds = sign * sum(float(n) * _UNIT[u] for n, u in parts)
-    if math.isnan(seconds):
-        raise ValueError(f"invalid keep_alive {value!r}")
-    return FOREVER if seconds < 0 else seconds
-
 
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -238,7 +209,35 @@ class Scheduler:
         return max(free, 0)
 
     def estimate(self, rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
-        return estimate_bytes(rec, num_ctx, num_parallel)
+        """estimate_bytes plus what this daemon's engine settings add: the prompt cache (kept
+        no larger than the batch's own KV term) and a draft model's weights."""
+        d = rec.details or {}
+        cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, num_ctx, num_parallel))
+        draft = self._draft_for(rec)
+        draft_bytes = int((draft.details or {}).get("weights_bytes") or draft.size) if draft else 0
+        return estimate_bytes(rec, num_ctx, num_parallel) + cache + draft_bytes
+
+    def _draft_for(self, rec: ModelRecord) -> ModelRecord | None:
+        """The model's own draft (catalog entry or `create --draft`), when it is here."""
+        name = (rec.details or {}).get("draft")
+        if not name:
+            return None
+        try:
+            draft = self.registry.get(name)
+        except RegistryError:
+            return None
+        return None if draft.missing or draft.digest == rec.digest else draft
+
+    def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int) -> list[str]:
+        d = rec.details or {}
+        cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, ctx, parallel))
+        args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache)]
+        draft = self._draft_for(rec)
+        if draft is not None:
+            args += ["--draft", str(self.registry.model_dir(draft))]
+        elif 0 < self.settings.self_draft_layers < int(d.get("num_layers") or 0):
+            args += ["--self-draft-layers", str(self.settings.self_draft_layers)]
+        return args
 
     def context_for(self, rec: ModelRecord, num_ctx: int | None) -> int:
         """The context a request needs: num_ctx or the default, never more than the model has."""
@@ -502,7 +501,7 @@ class Scheduler:
         runner = RunnerProcess(
             self.registry.model_dir(rec), self.settings.run_dir,
             self.settings.logs_dir / "runners.log", num_parallel=parallel, context_length=ctx,
-            python=self.settings.runner_python)
+            python=self.settings.runner_python, extra_args=self._engine_args(rec, ctx, parallel))
         log.info("loading %s (estimated %s, %s in use of %s)", rec.name, fmt_bytes(need),
                  fmt_bytes(self.used()), fmt_bytes(self.budget()))
         t0 = time.monotonic()

@@ -13,9 +13,10 @@ import pytest
 
 from hippod.protocol import DoneEvent, ErrorEvent, GenerateRequest, TokenEvent
 
+# Bounded, so a model stuck on "1111..." still has to close the document within its budget.
 CITY = {"type": "object",
         "properties": {"city": {"type": "string", "maxLength": 12},
-                       "population": {"type": "integer"}},
+                       "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
         "required": ["city", "population"], "additionalProperties": False}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

@@ -56,9 +56,13 @@ async def ps(request: web.Request) -> web.Response:
         entry = t.tag_entry(m.record)
         entry.pop("modified_at")
         size = m.size
-        entry.update(size=size, size_vram=size, context_length=m.context_length,
-                     expires_at=t.iso(m.expires()))
+        ready = getattr(m.runner, "ready", None)
+        device = getattr(ready, "device", "gpu")
+        # Ollama's meaning: size_vram is the part in accelerator memory (0 = all on the CPU).
+        entry.update(size=size, size_vram=size if device == "gpu" else 0,
+                     context_length=m.context_length, expires_at=t.iso(m.expires()))
         entry["hippo"] = {"pid": m.runner.pid, "busy": m.refs, "num_parallel": m.num_parallel,
+                          "device": device,
                           "load_seconds": round(m.load_seconds, 3), "estimate": m.estimate,
                           "node": _scheduler(request).node}
         split = getattr(m.runner, "split", None)  # pipeline split (issue 6): node -> layers, bytes
@@ -200,12 +204,17 @@ async def create(request: web.Request) -> web.StreamResponse:
     registry = _registry(request)
     registry.normalize(name)
     stream = get(body, "stream", bool, True)
+    draft = get(body, "draft", str)  # hippo: the model that drafts for this one (speculative)
+    if draft:
+        registry.normalize(draft)
 
     async def work(progress):
         if source.startswith(("/", "~")):
             await registry.create(name, source, progress)
         else:
             registry.copy(source, name)
+        if draft is not None:
+            registry.set_draft(name, draft)
 
     return await _progress_stream(request, stream, work)
 
@@ -258,6 +267,8 @@ async def _run(request: web.Request, gen: Generation, stream: bool, chunk) -> we
                             d.completion_tokens, d.eval_seconds)
         final = chunk(None if stream else "".join(text_parts))
         final.update(done=True, done_reason=d.done_reason, **timings.as_ns())
+        if d.drafted:  # speculative decoding (hippo's addition to Ollama's final chunk)
+            final.update(draft_count=d.drafted, draft_accepted_count=d.accepted)
         if d.tool_calls and "message" in final:
             final["message"]["tool_calls"] = tooling.ollama_tool_calls(d.tool_calls)
         if not stream:

@@ -70,7 +70,7 @@ async def _respond(request: web.Request, gen: Generation, env: t.Envelope, strea
                 d = gen.done
                 return web.json_response(whole("".join(parts), t.finish_reason(d.done_reason),
                                                t.usage(d.prompt_tokens, d.completion_tokens,
-                                                       d.cached_tokens)))
+                                                       d.cached_tokens, d.drafted, d.accepted)))
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
             if opening is not None:
@@ -90,7 +90,7 @@ async def _respond(request: web.Request, gen: Generation, env: t.Envelope, strea
             await _send(resp, closing(t.finish_reason(d.done_reason)))
             if include_usage:
                 await _send(resp, t.usage_chunk(env, t.usage(d.prompt_tokens, d.completion_tokens,
-                                                             d.cached_tokens)))
+                                                             d.cached_tokens, d.drafted, d.accepted)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp

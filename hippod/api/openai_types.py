@@ -353,10 +353,15 @@ def finish_reason(done_reason: str) -> str:
     return "length" if done_reason == "length" else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          drafted: int = 0, accepted: int = 0) -> dict:
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if drafted:  # speculative decoding, in OpenAI's own words for predicted tokens
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": max(drafted - accepted, 0)}
+    return out
 
 
 def error_body(status: int, message: str, param: str | None) -> dict:

@@ -114,10 +114,12 @@ def files_for_layers(model_dir_files: list[dict], index: dict | None, start: int
     if not index or len(weights) <= 1:
         return others + weights
     wanted: set[str] = set()
-    for tensor, file in (index.get("weight_map") or {}).items():
+    weight_map = index.get("weight_map") or {}
+    tied = not any(_group_of(t) == "head" and "lm_head" in t for t in weight_map)
+    for tensor, file in weight_map.items():
         group = _group_of(tensor)
         keep = (group.startswith("layer:") and start <= int(group[6:]) < end) \
-            or (group == "first" and (first or (last and "embed_tokens" in tensor))) \
+            or (group == "first" and (first or (last and tied and "embed_tokens" in tensor))) \
             or (group == "head" and last)
         if keep:
             wanted.add(file)

@@ -105,7 +105,14 @@ class Runner:
             self.loop_ready.set()
             return
         self.loop_ready.set()
-        self.batch.run_forever(after_step=self._flush)
+        try:
+            self.batch.run_forever(after_step=self._flush)
+        except BaseException:
+            # Without its generation thread the runner can only hang its requests: exit, so the
+            # daemon notices a crash at once, fails those requests and reloads on the next one.
+            log.exception("generation thread died")
+            sys.stderr.flush()
+            os._exit(70)
 
     def _split_thread(self) -> None:
         """Rank 0 of a split model (issue 6): joins the ring, loads its layers, serves one
@@ -194,7 +201,8 @@ class Runner:
         import mlx.core as mx
 
         ready = ReadyEvent(os.getpid(), self.load_seconds, psutil.Process().memory_info().rss,
-                           mx.get_active_memory(), self.context_length)
+                           mx.get_active_memory(), self.context_length,
+                           device=str(mx.default_device().type).rsplit(".", 1)[-1])
         sys.stdout.write(encode(ready).decode())
         sys.stdout.flush()
         loop = asyncio.get_running_loop()

@@ -258,6 +258,18 @@ class Registry:
         self.store.put_model(new)
         return new
 
+    def set_draft(self, name: object, draft: object) -> ModelRecord:
+        """Name the model that drafts for `name` in speculative decoding ('' removes it)."""
+        rec = self.get(name)
+        details = dict(rec.details or {})
+        if draft:
+            details["draft"] = self.normalize(draft)
+        else:
+            details.pop("draft", None)
+        new = replace(rec, details=details, modified_at=_now())
+        self.store.put_model(new)
+        return new
+
     def delete(self, name: object) -> None:
         """Blocking (waits for a running import): call from a thread."""
         rec = self.get(name)
