@@ -291,6 +291,9 @@ def ratio(a, b):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", action="append", choices=sorted(SHAPES))
+    ap.add_argument("--model-dir", type=Path, help="benchmark this MLX model directory instead "
+                    "(e.g. tests.modelfiles.smollm2_mlx_dir())")
+    ap.add_argument("--smollm2", action="store_true", help="benchmark the real SmolLM2-135M (CPU-sized)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="8,32")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hippo-bench")
@@ -298,9 +301,14 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--skip-server", action="store_true")
     args = ap.parse_args()
-    shapes = args.shape or ["tiny"]
+    shapes = args.shape or ([] if args.model_dir or args.smollm2 else ["tiny"])
+    if args.smollm2:
+        from tests.modelfiles import smollm2_mlx_dir
+        args.model_dir = smollm2_mlx_dir()
+    if args.model_dir:
+        shapes.append(str(args.model_dir))
     conc = [1] + [int(c) for c in args.concurrency.split(",") if c]
-    if args.tokenizer is None:
+    if args.tokenizer is None and any(s in SHAPES for s in shapes):
         from tests.modelfiles import smollm2_mlx_dir
         args.tokenizer = smollm2_mlx_dir()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -309,7 +317,8 @@ def main() -> int:
     device = str(mx.default_device())
     results = {}
     for shape in shapes:
-        model_dir = make_model(shape, args.work / shape, args.tokenizer)
+        model_dir = Path(shape) if shape not in SHAPES else make_model(shape, args.work / shape, args.tokenizer)
+        shape = model_dir.name[:8] if shape not in SHAPES else shape
         print(f"[{shape}] raw mlx_lm ...", flush=True)
         raw = bench_raw(model_dir, args.tokens, conc)
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import json
 import struct
 import time
 
@@ -67,8 +68,12 @@ def test_unknown_model_is_not_found(client, hippod):
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"stop": [1, 2]}, "stop"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+     "response_format.json_schema.schema"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to choose from
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"stream_options": {"include_usage": "yes"}, "stream": True}, "stream_options.include_usage"),
@@ -286,3 +291,74 @@ def test_out_of_memory_is_a_507_in_openai_shape(daemon_factory, smol_gguf):
         assert exc.value.status_code == 507
         assert exc.value.type == "insufficient_memory" and exc.value.code == "507"
     assert small.runner_pids() == []
+
+
+# -- structured output and tools through the SDK (issue 4) ----------------------------------------
+
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population"],
+        "properties": {"city": {"type": "string", "maxLength": 16},
+                       "population": {"type": "integer", "minimum": 0, "maximum": 99999999}}}
+
+
+@pytest.mark.slow
+def test_json_schema_response_format_validates(client):
+    import concurrent.futures
+
+    import jsonschema
+
+    prompts = [f"Give the largest city of {c} and its population as JSON."
+               for c in ("France", "Japan", "Brazil", "Kenya", "Canada", "Spain")]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+
+    def ask(p):
+        r = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": p}],
+                                           response_format=fmt, max_tokens=48, **GREEDY)
+        return r.choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, prompts))
+    for a in answers:
+        assert a.finish_reason == "stop", a
+        jsonschema.validate(json.loads(a.message.content), CITY)
+
+
+@pytest.mark.slow
+def test_named_tool_choice_round_trip(client):
+    import jsonschema
+
+    params = {"type": "object", "required": ["city"], "additionalProperties": False,
+              "properties": {"city": {"type": "string", "maxLength": 20},
+                             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                               "parameters": params}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=SMOL, messages=messages, tools=tools, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, **GREEDY)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)  # OpenAI sends arguments as a JSON string
+    jsonschema.validate(args, params)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 18, "sky": "clear"}'}]
+    second = client.chat.completions.create(model=SMOL, messages=messages, tools=tools,
+                                            max_tokens=16, **GREEDY)
+    answer = second.choices[0]
+    assert answer.message.role == "assistant" and not answer.message.tool_calls
+    assert answer.message.content
+
+
+@pytest.mark.slow
+def test_streamed_tool_call_arrives_as_one_delta(client):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "required": ["q"], "properties": {"q": {"type": "string", "maxLength": 12}}}}}]
+    chunks = list(client.chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": "Look up Paris."}], tools=tools,
+        tool_choice="required", max_tokens=32, stream=True, **GREEDY))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "lookup"
+    assert "q" in json.loads(calls[0].function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -10,6 +10,7 @@ that drops mid-generation.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
 import subprocess
@@ -268,13 +269,13 @@ def make_tiny(family: str, dst: Path, num_layers: int, seed: int = 0) -> Path:
 
 
 @SLOW
-@pytest.mark.parametrize("family,bounds", [("qwen3", [0, 2, 5, 7]), ("gemma3_text", [0, 2, 4, 7])])
-def test_other_families_split_three_ways_token_identical(tmp_path, family, bounds):
+@pytest.mark.parametrize("family,bounds,long", [("qwen3", [0, 2, 5, 7], False), ("gemma3_text", [0, 2, 4, 7], True)])
+def test_other_families_split_three_ways_token_identical(tmp_path, family, bounds, long):
     """The wrapper is generic: untied heads, and gemma3's scaled embeddings and sliding-window
     layers chosen by index, split at boundaries that cut its 3-layer pattern."""
     model_dir = make_tiny(family, tmp_path / family, num_layers=7)
-    r = compare_split_with_one(model_dir, tmp_path, bounds, n=8, long=True)
-    assert r["expected"][2][2].prompt_tokens > 2048
+    r = compare_split_with_one(model_dir, tmp_path, bounds, n=8, long=long)
+    assert not long or r["expected"][2][2].prompt_tokens > 2048
     assert len(set(r["expected"][0][0])) >= 2, r["expected"]  # not a degenerate model
     for (tokens, _, _), (want, _, _) in zip(r["got"], r["expected"]):
         assert tokens == want
@@ -346,11 +347,12 @@ def split_of(node) -> list[dict] | None:
 
 @pytest.mark.netns
 @pytest.mark.slow
-def test_forced_split_over_two_daemons_matches_one_daemon(tmp_path):
+def test_forced_split_over_two_daemons_matches_one_daemon(tmp_path, monkeypatch):
     from hippoctl import main as ctl
     from tests.netns import lan
 
     tc = _cluster_helpers()
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # `hippoctl run` reads a pipe first: an empty one
     budget = {"HIPPO_MEMORY_BUDGET": "2GB", "HIPPO_NUM_CTX": "1024"}
     with lan(2) as net:
         pair = Pair(net, tmp_path, budget, budget)
@@ -439,7 +441,7 @@ def test_auto_split_follows_budgets_and_survives_a_dropped_link(tmp_path):
             done = threading.Event()
             body = {"model": "smol", "prompt": "Once upon a time", "raw": True,
                     "options": {"temperature": 0, "num_predict": 500}}
-            start_in_netns(a.net.ns, stream_lines, a.daemon, body, lines, done)
+            start_in_netns(a.net.ns, stream_lines, a, body, lines, done)
             tc.wait_until(lambda: len(lines) >= 3, 60, "a few tokens streamed")
             dropped = time.monotonic()
             link(a.net, "down")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from aiohttp import web
 
@@ -55,6 +56,10 @@ def status_and_message(exc: BaseException) -> tuple[int, str, str | None]:
 @web.middleware
 async def error_middleware(request: web.Request, handler):
     try:
+        limit = request.app["settings"].max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            # Refused up front, whether or not the route reads a body (aiohttp checks only on read).
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -82,11 +87,36 @@ async def read_json(request: web.Request) -> dict:
     if not raw.strip():
         raise BadRequest("request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
+        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates (b"\xed\xa0\x80") through.
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("request body is not valid UTF-8") from None
+    try:
+        body = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"invalid JSON in request body: {e}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    if _has_lone_surrogate(body):  # "\ud800" is valid JSON but no text: tokenizers, SQLite and logs choke on it
+        raise BadRequest("request body is not valid UTF-8: it holds an unpaired surrogate (\\ud800-\\udfff)")
     return body
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Any string (key or value) in a parsed JSON document with an unpaired surrogate; no recursion,
+    since the document may be nested as deep as the parser allows."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False

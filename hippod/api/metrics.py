@@ -191,7 +191,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     text = text.strip()
     m = _AGO.match(text)
     if m:
-        return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m.group(1)) * _SECONDS[m.group(2)])
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m.group(1)) * _SECONDS[m.group(2)])
+        except OverflowError:  # '99999999999d' ago is before year 1
+            raise BadRequest(f"since: {text!r} reaches back too far", param="since") from None
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

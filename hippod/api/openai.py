@@ -52,7 +52,7 @@ async def _send(resp: web.StreamResponse, obj: dict) -> None:
 async def _respond(request: web.Request, gen: Generation, env: t.Envelope, stream: bool,
                    include_usage: bool, *, whole: Callable[[str, str, dict], dict],
                    opening: dict | None, piece: Callable[[str], dict],
-                   closing: Callable[[str], dict]) -> web.StreamResponse:
+                   closing: Callable[[str], dict | list[dict]]) -> web.StreamResponse:
     """Drive a started Generation into one JSON answer or an SSE stream; always close it.
 
     Closing the Generation closes the runner connection, which cancels the job: a client that
@@ -87,7 +87,9 @@ async def _respond(request: web.Request, gen: Generation, env: t.Envelope, strea
                 await resp.write_eof()
                 return resp
             d = gen.done
-            await _send(resp, closing(t.finish_reason(d.done_reason)))
+            end = closing(t.finish_reason(d.done_reason))
+            for chunk in end if isinstance(end, list) else [end]:
+                await _send(resp, chunk)
             if include_usage:
                 await _send(resp, t.usage_chunk(env, t.usage(d.prompt_tokens, d.completion_tokens,
                                                              d.cached_tokens, d.drafted, d.accepted)))
@@ -107,8 +109,8 @@ def _envelope(gen: Generation, prefix: str, obj: str) -> t.Envelope:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = t.parse_chat(await read_json(request))
     _check_model_name(request, body.model)
-    req = GenerateRequest(messages=body.messages, tools=body.tools, options=body.options,
-                          grammar=body.grammar)
+    req = GenerateRequest(messages=body.messages, tools=body.tools, tool_choice=body.tool_choice,
+                          options=body.options, grammar=body.grammar)
     gen = await Generation(_scheduler(request), body.model, req, body.keep_alive).start()
     env = _envelope(gen, "chatcmpl", "chat.completion.chunk" if body.stream else "chat.completion")
     usage_on = body.include_usage
@@ -118,10 +120,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     return await _respond(
         request, gen, env, body.stream, body.include_usage,
-        whole=lambda text, reason, usage: t.chat_completion(env, text, reason, usage),
+        whole=lambda text, reason, usage: t.chat_completion(env, text, reason, usage,
+                                                            gen.done.tool_calls),
         opening=t.chat_chunk(env, {"role": "assistant", "content": ""}, with_usage=usage_on),
         piece=piece,
-        closing=lambda reason: t.chat_chunk(env, {}, reason, with_usage=usage_on))
+        closing=lambda reason: t.chat_closing_chunks(env, reason, gen.done.tool_calls, usage_on))
 
 
 @routes.post("/v1/completions")

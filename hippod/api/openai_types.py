@@ -19,6 +19,7 @@ from typing import Any
 from hippod import __version__
 from hippod.api.errors import BadRequest
 from hippod.api.fields import get, number_in
+from hippod.api import tooling
 from hippod.api.ollama_types import parse_tools
 from hippod.store.records import ModelRecord
 
@@ -93,39 +94,14 @@ def parse_stream(body: dict) -> tuple[bool, bool]:
 
 
 def parse_response_format(raw: Any) -> dict | None:
-    """`response_format` -> the runner's grammar request (None = free text).
-
-    Structured output lands in the runner later: then json_object maps to {"json_object": True}
-    and json_schema to {"json_schema": schema}, here and nowhere else.
-    """
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
-        raise BadRequest("response_format must be an object with a 'type'", param="response_format")
-    kind = raw["type"]
-    if kind == "text":
-        return None
-    if kind in ("json_object", "json_schema"):
-        raise BadRequest(f"response_format type {kind!r} is not supported yet", param="response_format")
-    raise BadRequest(f"response_format type {kind!r} is unknown; use text, json_object or json_schema",
-                     param="response_format")
+    """`response_format` -> the runner's grammar request (None = free text)."""
+    return tooling.grammar_from_response_format(raw)
 
 
-def parse_tool_choice(raw: Any, tools: list[dict] | None) -> list[dict] | None:
-    """The tools the template sees, given `tool_choice`.
-
-    "none" hides the tools, so the model answers in text. Forcing a call ("required" or a named
-    function) needs constrained decoding in the runner: refused until it exists, then handled here.
-    """
-    if raw is None or raw == "auto":
-        return tools
-    if raw == "none":
-        return None
-    if raw == "required" or isinstance(raw, dict):
-        shown = raw if isinstance(raw, str) else "a named function"
-        raise BadRequest(f"tool_choice {shown!r} is not supported yet; use 'auto' or 'none'",
-                         param="tool_choice")
-    raise BadRequest("tool_choice must be 'none', 'auto', 'required' or an object", param="tool_choice")
+def parse_tool_choice(raw: Any, tools: list[dict] | None) -> str | dict | None:
+    """`tool_choice` checked against `tools` (the runner hides tools for "none" and forces a
+    valid call for "required" or a named function)."""
+    return tooling.tool_choice(raw, tools)
 
 
 # -- /v1/chat/completions ---------------------------------------------------------------------
@@ -219,6 +195,7 @@ class ChatBody:
     model: str
     messages: list[dict]
     tools: list[dict] | None
+    tool_choice: str | dict | None
     grammar: dict | None
     stream: bool
     include_usage: bool
@@ -245,7 +222,8 @@ def parse_chat(body: dict) -> ChatBody:
     return ChatBody(
         model=get(body, "model", str, required=True),
         messages=parse_messages(body.get("messages")),
-        tools=parse_tool_choice(body.get("tool_choice"), tools),
+        tools=tools,
+        tool_choice=parse_tool_choice(body.get("tool_choice"), tools),
         grammar=parse_response_format(body.get("response_format")),
         stream=stream,
         include_usage=include_usage,
@@ -389,14 +367,28 @@ class Envelope:
                 "system_fingerprint": self.system_fingerprint, "choices": choices, **extra}
 
 
-def assistant_message(text: str) -> dict:
-    """The finished assistant message; tool calls parsed from the output will be added here."""
+def assistant_message(text: str, tool_calls: list[dict] | None = None) -> dict:
+    """The finished assistant message, with the tool calls the runner parsed from the output."""
+    if tool_calls:
+        return {"role": "assistant", "content": text or None, "refusal": None,
+                "tool_calls": tooling.openai_tool_calls(tool_calls)}
     return {"role": "assistant", "content": text, "refusal": None}
 
 
-def chat_completion(env: Envelope, text: str, reason: str, usage_: dict) -> dict:
-    return env.wrap([{"index": 0, "message": assistant_message(text), "logprobs": None,
-                      "finish_reason": reason}], usage=usage_)
+def chat_completion(env: Envelope, text: str, reason: str, usage_: dict,
+                    tool_calls: list[dict] | None = None) -> dict:
+    return env.wrap([{"index": 0, "message": assistant_message(text, tool_calls), "logprobs": None,
+                      "finish_reason": "tool_calls" if tool_calls else reason}], usage=usage_)
+
+
+def chat_closing_chunks(env: Envelope, reason: str, tool_calls: list[dict] | None,
+                        with_usage: bool) -> list[dict]:
+    """The end of a streamed chat: the tool calls as one delta, then the finish_reason."""
+    if not tool_calls:
+        return [chat_chunk(env, {}, reason, with_usage=with_usage)]
+    calls = tooling.openai_tool_calls(tool_calls, streaming=True)
+    return [chat_chunk(env, {"tool_calls": calls}, with_usage=with_usage),
+            chat_chunk(env, {}, "tool_calls", with_usage=with_usage)]
 
 
 def chat_chunk(env: Envelope, delta: dict, reason: str | None = None, with_usage: bool = False) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from aiohttp import web
 
-from hippod.api.errors import BadRequest, error_middleware, error_response
+from hippod.api.errors import BadRequest, error_middleware, error_response, read_json
 from hippod.cluster import trust
 from hippod.cluster.peers import NodeInfo
 
@@ -51,7 +51,7 @@ async def peer_auth_middleware(request: web.Request, handler):
 @routes.post("/api/hippo/peer/hello")
 async def hello(request: web.Request) -> web.Response:
     try:
-        info = NodeInfo.from_dict(await request.json())
+        info = NodeInfo.from_dict(await read_json(request))  # read_json: deep or non-UTF-8 JSON is a 400
     except ValueError as e:
         raise BadRequest(f"hello: {e}") from None
     cluster = request.app["cluster"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hippod.api.errors import BadRequest, read_json
-from hippod.api.fields import get
+from hippod.api.fields import get, number_in
 
 routes = web.RouteTableDef()
 
@@ -40,6 +40,12 @@ async def prepare(request: web.Request) -> web.Response:
     if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers)
             and 0 <= layers[0] < layers[1]):
         raise BadRequest("layers must be [start, end] with start < end", param="layers")
+    for key in ("split", "model", "digest"):
+        get(body, key, str, required=True)
+    for key in ("rank", "world", "bytes"):  # splits.prepare converts them: a list or 1e400 was a 500
+        number_in(get(body, key, int, required=True), key, 0, 2**62)
+    if get(body, "context_length", int) is not None:
+        number_in(body["context_length"], "context_length", 1, 2**24)
     sock = request.transport.get_extra_info("sockname") if request.transport else None
     local = str(sock[0]).split("%")[0] if sock else "127.0.0.1"
     remote = (request.remote or "127.0.0.1").split("%")[0]

@@ -72,7 +72,8 @@ class NodeInfo:
 
         def num(key: str) -> int:
             v = d.get(key)
-            return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else 0
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 2**63  # inf, NaN, huge: 0
+            return int(v) if ok else 0
 
         return cls(node_id=d["node_id"], name=str(d.get("name") or "")[:64],
                    version=str(d.get("version") or "?")[:32], port=num("port"),

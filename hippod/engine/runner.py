@@ -133,6 +133,7 @@ class Runner:
             self.batch.run_forever(after_step=self._flush)
         except BaseException:
             log.exception("the split's pipeline broke")
+            sys.stderr.flush()
         os._exit(3)
 
     def _flush(self) -> None:

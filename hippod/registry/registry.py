@@ -8,6 +8,7 @@ reads. Copies share blobs; deleting the last model that uses a blob removes it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -151,14 +152,14 @@ class Registry:
 
     def _ingest_dir(self, src: Path, name: str, *, source: str, fmt: str, move: bool,
                     extra: dict | None, progress: Progress | None) -> ModelRecord:
+        try:  # before walking the tree: `from: "/"` must not scan the whole disk
+            info = inspect_model_dir(src)
+        except ModelFormatError as e:
+            raise RegistryError(str(e)) from None
         files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")
                        and p.suffix in MODEL_FILE_SUFFIXES)
         if not files:
             raise RegistryError(f"{src}: no model files found")
-        try:
-            info = inspect_model_dir(src)
-        except ModelFormatError as e:
-            raise RegistryError(str(e)) from None
         manifest = []
         for p in files:
             rel = p.relative_to(src).as_posix()
@@ -224,14 +225,20 @@ class Registry:
         full = self.normalize(name)
         if not isinstance(source_path, str) or not source_path:
             raise RegistryError("'from' must be a path to a .gguf file or a model directory")
+        if "\x00" in source_path:
+            raise RegistryError("'from' must not contain a NUL character")
         src = Path(os.path.expanduser(source_path))
         if not src.is_absolute():
             raise RegistryError(f"'from' must be an absolute path on the daemon's machine, not {source_path!r}")
-        if not src.exists():
-            raise RegistryError(f"{src}: no such file or directory")
-        if src.is_dir():
-            return await asyncio.to_thread(self.ingest_dir, src, full, source=f"dir:{src}",
-                                           fmt="safetensors", move=False, progress=progress)
+        try:
+            if not src.exists():
+                raise RegistryError(f"{src}: no such file or directory")
+            if src.is_dir():
+                return await asyncio.to_thread(self.ingest_dir, src, full, source=f"dir:{src}",
+                                               fmt="safetensors", move=False, progress=progress)
+        except OSError as e:  # unreadable, name too long, disk full: the user's to fix, not a 500
+            raise RegistryError(f"cannot import {src}: {e.strerror or e}",
+                                507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 400) from None
         if src.suffix.lower() != ".gguf":
             raise RegistryError(f"{src}: expected a .gguf file or a model directory")
         work = self.tmp_dir / f"gguf-{uuid.uuid4().hex}"
