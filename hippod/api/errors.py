@@ -6,6 +6,7 @@ Handlers raise; this middleware answers `{"error": "..."}` (Ollama, admin) or
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -50,6 +51,8 @@ def status_and_message(exc: BaseException) -> tuple[int, str, str | None]:
         return exc.status, str(exc), exc.param
     if isinstance(exc, (RegistryError, SchedulerError, RunnerError)):
         return exc.status, str(exc), None
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. the store's StoreDiskFull
+        return 507, f"disk full: {exc.strerror or exc}", None
     return 500, f"internal error: {type(exc).__name__}: {exc}", None
 
 

@@ -59,6 +59,7 @@ HOST_LOST_AFTER = 3.0  # seconds without a ping before a peer kills the runner i
 BUDGET_TIMEOUT = 2.0
 STOP_TIMEOUT = 2.0
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_HOST = re.compile(r"[0-9A-Za-z.:\[\]-]{1,100}:\d{1,5}")
 
 
 class SplitError(SchedulerError):
@@ -598,8 +599,10 @@ class Splits:
         if h.runner is not None:
             raise SplitError("this split's runner is already started", 409)
         hosts = body.get("hosts")
-        if not isinstance(hosts, list) or len(hosts) != h.world:
-            raise SplitError("hosts must list one address per rank", 400)
+        if not (isinstance(hosts, list) and len(hosts) == h.world and all(
+                isinstance(e, list) and e and all(isinstance(a, str) and _HOST.fullmatch(a) for a in e)
+                for e in hosts)):
+            raise SplitError("hosts must list one [\"address:port\"] per rank", 400)
         hostfile = self.settings.run_dir / f"split-{h.split}.json"
         hostfile.write_text(json.dumps(hosts))
         h.runner = RunnerProcess(

@@ -320,7 +320,9 @@ class Registry:
                 await asyncio.to_thread(hub.download_repo, entry.repo, entry.revision, dest, report,
                                         cancel=cancel)
             except hub.HubError as e:
-                raise RegistryError(str(e), 404 if "not found" in str(e) else 502) from None
+                text = str(e)
+                full = "disk full" in text or "not enough disk space" in text  # ours to fix, not the hub's
+                raise RegistryError(text, 404 if "not found" in text else 507 if full else 502) from None
             progress({"status": "writing manifest"})
             extra = {"draft": entry.draft} if entry.draft else {}
             rec = await asyncio.to_thread(

@@ -8,6 +8,7 @@ lock up front (where busy_timeout applies) instead of failing when a read upgrad
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from hippod.store.records import BlobRecord, LoadRecord, ModelRecord, PeerRecord, RequestRecord
@@ -127,6 +129,11 @@ def migration_head() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
+class StoreDiskFull(OSError):
+    """SQLite could not write because the disk is full: an OSError with errno ENOSPC, so callers
+    that already treat a full disk as the user's problem (507, a clear message) treat this too."""
+
+
 class Store:
     """hippo's database: one SQLite file, migrated to head when opened."""
 
@@ -176,8 +183,13 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with Session(self._writer) as session, session.begin():
-            yield session
+        try:
+            with Session(self._writer) as session, session.begin():
+                yield session
+        except OperationalError as e:
+            if getattr(e.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise StoreDiskFull(errno.ENOSPC, f"cannot write to {self.db_path}: the disk is full") from None
+            raise
 
     # models
 
