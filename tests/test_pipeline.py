@@ -351,6 +351,7 @@ def split_of(node) -> list[dict] | None:
 @pytest.mark.slow
 def test_forced_split_over_two_daemons_matches_one_daemon(tmp_path, monkeypatch):
     from hippoctl import main as ctl
+    from hippoctl.client import HippoError
     from tests.netns import lan
 
     tc = _cluster_helpers()
@@ -387,6 +388,8 @@ def test_forced_split_over_two_daemons_matches_one_daemon(tmp_path, monkeypatch)
             tc.wait_until(lambda: not a.daemon.runner_pids() and not b.daemon.runner_pids(), 10,
                           "both runners stopped")
             assert "hippo" not in ps(b)
+            with pytest.raises(HippoError, match="gamma.*not a known peer"):
+                a.cli(ctl.run, prompt=["Say hello."], nodes="alpha,gamma", **run)
             # Back to automatic: the model fits alpha alone again.
             a.cli(ctl.run, prompt=["Say hello."], nodes="auto", **run)
             assert split_of(a) is None

@@ -321,7 +321,7 @@ class Splits:
         nodes = self.placements.get(model)
         if not nodes:
             return None
-        others = [n for n in nodes if not self._is_me(n)]
+        others = list(dict.fromkeys(n for n in nodes if not self._is_me(n)))
         return others or None
 
     def hosted_bytes(self) -> int:
@@ -444,16 +444,8 @@ class Splits:
         world = len(shares)
         t0 = time.monotonic()
         runner: SplitRunner | None = None
-        prepared: list[Member] = []
         try:
-            answers = await asyncio.gather(*(self._prepare(split_id, rec, ctx, m, world) for m in members),
-                                           return_exceptions=True)
-            for m, a in zip(members, answers):
-                if not isinstance(a, BaseException):
-                    prepared.append(m)
-            for a in answers:
-                if isinstance(a, BaseException):
-                    raise a
+            answers = await _all_or_nothing([self._prepare(split_id, rec, ctx, m, world) for m in members])
             me = answers[0]["seen_as"]
             hosts = [[f"{me}:{_free_port(me)}"]] + [[f"{m.address}:{a['port']}"] for m, a in zip(members, answers)]
             hostfile = self._hostfile(split_id, hosts)
@@ -464,17 +456,15 @@ class Splits:
                 context_length=ctx, python=self.settings.runner_python,
                 extra_args=["--layers", f"{share.start}:{share.end}", "--rank", "0", "--world", str(world)],
                 extra_env={"MLX_HOSTFILE": str(hostfile)})
+            # Every rank blocks in the ring's connect until all are up: start them together, and
+            # give up on all of them as soon as one fails.
             starts = [runner.start(timeout=self.settings.load_timeout)]
             starts += [self._start_member(split_id, m, hosts) for m in members]
-            results = await asyncio.gather(*starts, return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            ready = results[0]
+            ready = (await _all_or_nothing(starts))[0]
         except BaseException as e:
             if runner is not None:
                 await RunnerProcess.kill(runner)
-            await asyncio.gather(*(self.stop_member(split_id, m) for m in prepared))
+            await asyncio.gather(*(self.stop_member(split_id, m) for m in members))
             self.forget_hostfile(split_id)
             if isinstance(e, (SchedulerError, NotEnoughMemory)):
                 raise
@@ -663,6 +653,21 @@ class Splits:
                         await self._drop(h, f"no word from its coordinator for {now - h.last_ping:.1f}s")
                 except Exception:
                     log.exception("could not drop split %s", h.split)
+
+
+async def _all_or_nothing(coros: list) -> list:
+    """Results of all `coros`, or the first exception, with the others cancelled at once."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _free_port(address: str) -> int:

@@ -421,7 +421,8 @@ def serve_rank(model_dir: Path, shard: Shard, context_length: int) -> int:
         sys.stdout.flush()
         return 1
     ready = ReadyEvent(os.getpid(), time.perf_counter() - t0, psutil.Process().memory_info().rss,
-                       mx.get_active_memory(), context_length)
+                       mx.get_active_memory(), context_length,
+                       device=str(mx.default_device().type).rsplit(".", 1)[-1])
     sys.stdout.write(encode(ready).decode())
     sys.stdout.flush()
     try:

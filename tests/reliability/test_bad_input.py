@@ -387,7 +387,6 @@ def test_invalid_utf8_in_bodies_and_query_strings_is_a_400(fuzzed):
 
 def test_model_names_with_dots_slashes_and_nul_never_reach_the_disk(fuzzed):
     home = fuzzed.d.home
-    before = sorted(p.name for p in home.rglob("*"))
     for name in NAMES:
         for method, path, body in (("POST", "/api/show", {"model": name}), ("POST", "/api/pull", {"model": name}),
                                    ("POST", "/api/copy", {"source": MODEL, "destination": name}),
@@ -399,14 +398,13 @@ def test_model_names_with_dots_slashes_and_nul_never_reach_the_disk(fuzzed):
             answer = post(fuzzed, method, path, encode(body))
             if any(c in name for c in ("..", "\x00")) and "from" not in body:
                 assert answer.status in (400, 404), (path, name, answer.status, answer.text[:200])
-    # nothing was written outside the daemon's own directories, and no file name carries the input
+    # nothing was written beside the daemon's home, and no file name in it carries the input
+    assert {p.name for p in home.parent.iterdir()} == {"home", "tiny"}
     for p in home.rglob("*"):
         assert ".." not in p.name and "\x00" not in p.name
     after = {p.relative_to(home).parts[0] for p in home.rglob("*")}
     assert after <= {"blobs", "models", "logs", "run", "tmp", "hippo.db", "hippo.db-wal", "hippo.db-shm",
                      "node-id", "test-daemon.log", "placements.json", "cluster.key", "shards"}, after
-    assert before
-    assert not list(Path("/etc").glob("passwd:*"))
 
 
 def test_random_bytes_and_methods(fuzzed):

@@ -18,7 +18,6 @@ import http.client
 import json
 import random
 import socket
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

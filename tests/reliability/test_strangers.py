@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hippod.cluster import trust
-from tests.daemon import REPO_ROOT, Daemon, free_port
+from tests.daemon import REPO_ROOT, free_port
 from tests.modelfiles import make_tiny_llama
 from tests.reliability.conftest import FULL, record
 from tests.reliability.wire import send
@@ -114,7 +114,7 @@ def test_without_the_key_an_oversize_body_is_refused_unread(keyed):
 @pytest.mark.reliability_full
 def test_stranger_without_the_secret_on_the_same_veth(tmp_path):
     from tests.netns import in_netns, lan
-    from tests.test_cluster import Node, signed_request, wait_until
+    from tests.test_cluster import Node, wait_until
 
     secret = trust.new_secret()
     model = make_tiny_llama(tmp_path / "m", seed=51)
