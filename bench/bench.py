@@ -153,6 +153,8 @@ async def _stream_hippod(session, url, model, tokens, prompt=None) -> tuple[floa
                 break
             first = first or now
             last = now
+    if first is None:  # the model ended at once (a real model may answer EOS)
+        return time.perf_counter() - t0, 0.0, count
     return first - t0, last - first, count
 
 
@@ -177,6 +179,8 @@ async def _stream_mlx_server(session, url, model, tokens, prompt=None) -> tuple[
             if msg.get("choices") and msg["choices"][0].get("text"):
                 first = first or now
                 last = now
+    if first is None:  # the model ended at once (a real model may answer EOS)
+        return time.perf_counter() - t0, 0.0, count
     return first - t0, last - first, count
 
 

@@ -277,6 +277,7 @@ class Hosted:
     port: int
     runner: RunnerProcess | None = None
     starting: bool = False
+    pinged: bool = False  # the coordinator pings once its own runner is up too
     last_ping: float = field(default_factory=time.monotonic)
     created: float = field(default_factory=time.monotonic)
 
@@ -620,6 +621,7 @@ class Splits:
         if h is None or h.coordinator != sender:
             raise SplitError("no such split here", 404)
         h.last_ping = time.monotonic()
+        h.pinged = True
         return {"alive": bool(h.runner and h.runner.alive)}
 
     async def stop_hosted(self, sender: str, split_id: str) -> bool:
@@ -649,7 +651,8 @@ class Splits:
                             await self._drop(h, "never started")
                     elif not h.starting and not h.runner.alive:
                         await self._drop(h, f"its runner exited ({h.runner.exit_code})")
-                    elif not h.starting and now - h.last_ping > HOST_LOST_AFTER:
+                    elif not h.starting and now - h.last_ping > (HOST_LOST_AFTER if h.pinged
+                                                                 else self.settings.load_timeout):
                         await self._drop(h, f"no word from its coordinator for {now - h.last_ping:.1f}s")
                 except Exception:
                     log.exception("could not drop split %s", h.split)
