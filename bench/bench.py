@@ -42,11 +42,12 @@ _counter = iter(range(10**9))
 
 def fresh_prompt() -> str:
     """A prompt no earlier request shared, so hippod's prompt cache gives it no head start."""
-    return f"Request {next(_counter)}. " + PROMPT
+    return f"Story {next(_counter)}. " + PROMPT
 
 
-PROMPT = ("Write a long story about a lighthouse keeper who finds a map in a bottle, "
-          "and describe every step of the journey that follows in great detail.")
+# A story opening: a real model continues it (an instruction given raw may end at once).
+PROMPT = ("Once upon a time, in a small village by the sea, there lived an old lighthouse "
+          "keeper who every night climbed the tower and")
 
 
 def free_port() -> int:
