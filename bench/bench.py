@@ -90,7 +90,7 @@ def make_model(shape: str, dst: Path, tokenizer_dir: Path) -> Path:
 # -- raw mlx_lm -----------------------------------------------------------------------------
 
 
-def bench_raw(model_dir: Path, tokens: int, concurrency: list[int]) -> dict:
+def bench_raw(model_dir: Path, tokens: int, concurrency: list[int], spec_layers: int = 0) -> dict:
     import mlx.core as mx
     from mlx_lm import load, stream_generate
     from mlx_lm.generate import BatchGenerator
@@ -98,7 +98,8 @@ def bench_raw(model_dir: Path, tokens: int, concurrency: list[int]) -> dict:
     t0 = time.perf_counter()
     model, tok = load(str(model_dir))
     load_s = time.perf_counter() - t0
-    for _ in stream_generate(model, tok, tok.encode(fresh_prompt()), max_tokens=8):  # warm-up
+    # Warm-ups run as long as the measurement: on CUDA every new cache size compiles kernels.
+    for _ in stream_generate(model, tok, tok.encode(fresh_prompt()), max_tokens=tokens):
         pass
     prompt = tok.encode(fresh_prompt())
     t0 = time.perf_counter()
@@ -128,6 +129,18 @@ def bench_raw(model_dir: Path, tokens: int, concurrency: list[int]) -> dict:
         out[f"agg_tps_{n}"] = produced / (time.perf_counter() - t0)
         gen.close()
         del gen
+    if spec_layers:  # speculative decoding with the target's own first layers as the draft
+        from hippod.engine.drafts import self_draft
+
+        draft = self_draft(model, spec_layers)
+        for p in (fresh_prompt(), fresh_prompt()):  # the first pass warms up
+            drafted = accepted = 0
+            for r in stream_generate(model, tok, tok.encode(p), max_tokens=tokens,
+                                     draft_model=draft, num_draft_tokens=3):
+                accepted += bool(r.from_draft)
+                last = r
+        out["spec_decode_tps"] = last.generation_tps
+        out["spec_acceptance"] = accepted / max(last.generation_tokens, 1)
     del model
     gc.collect()
     mx.clear_cache()
@@ -189,7 +202,7 @@ async def bench_http(url: str, model: str, tokens: int, concurrency: list[int], 
     stream = _stream_hippod if kind == "hippod" else _stream_mlx_server
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as s:
-        await stream(s, url, model, 8)  # warm-up (and load)
+        await stream(s, url, model, tokens)  # warm-up (and load), as long as the measurement
         ttft, span, count = await stream(s, url, model, tokens)
         out = {"ttft_s": ttft, "decode_tps": (count - 1) / span if span > 0 else 0.0}
         # A repeated prompt (a chat's next turn re-sends the history): prompt caching shows here.
@@ -274,6 +287,37 @@ def bench_hippod(model_dir: Path, tokens: int, concurrency: list[int], home: Pat
         proc.wait(60)
 
 
+def bench_hippod_spec(model_dir: Path, tokens: int, home: Path, layers: int) -> dict:
+    """Single-stream decode with HIPPO_SELF_DRAFT_LAYERS, and the acceptance hippod reports."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HIPPO_HOME": str(home), "HIPPO_SELF_DRAFT_LAYERS": str(layers),
+           "HIPPO_MEMORY_BUDGET": os.environ.get("HIPPO_MEMORY_BUDGET", "60GB"),
+           "HIPPO_DISCOVERY": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "hippod.daemon", "--port", str(port)], env=env,
+                            stdout=open(home / "bench-spec.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(url, "/api/version", proc)
+
+        async def run() -> dict:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as s:
+                await s.post(url + "/api/create", json={"model": "spec", "from": str(model_dir),
+                                                        "stream": False})
+                await _stream_hippod(s, url, "spec", tokens)  # warm-up
+                _, span, count = await _stream_hippod(s, url, "spec", tokens)
+                body = {"model": "spec", "prompt": fresh_prompt(), "raw": True, "stream": False,
+                        "options": {"temperature": 0, "num_predict": tokens}}
+                async with s.post(url + "/api/generate", json=body) as r:
+                    final = await r.json()
+                return {"spec_decode_tps": (count - 1) / span if span > 0 else 0.0,
+                        "spec_acceptance": final.get("draft_accepted_count", 0) / max(final["eval_count"], 1)}
+
+        return asyncio.run(run())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def fresh_process_first_token(model_dir: Path) -> float:
     """What a cold start costs raw mlx_lm: a new process loads the model and makes one token.
     (A hippod hot-swap starts a new runner process too; on CUDA its kernels are compiled anew.)"""
@@ -305,6 +349,8 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, help="dir with tokenizer.json (default: converted SmolLM2)")
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--spec-layers", type=int, default=0,
+                    help="also measure speculative decoding drafted by the first N layers")
     args = ap.parse_args()
     shapes = args.shape or ([] if args.model_dir or args.smollm2 else ["tiny"])
     if args.smollm2:
@@ -325,7 +371,7 @@ def main() -> int:
         model_dir = Path(shape) if shape not in SHAPES else make_model(shape, args.work / shape, args.tokenizer)
         shape = model_dir.name[:8] if shape not in SHAPES else shape
         print(f"[{shape}] raw mlx_lm ...", flush=True)
-        raw = bench_raw(model_dir, args.tokens, conc)
+        raw = bench_raw(model_dir, args.tokens, conc, args.spec_layers)
         t0 = time.perf_counter()
         import mlx_lm
 
@@ -345,6 +391,10 @@ def main() -> int:
         home = Path(tempfile.mkdtemp(prefix="hippo-bench-home-"))
         print(f"[{shape}] hippod ...", flush=True)
         hip = bench_hippod(model_dir, args.tokens, conc, home)
+        if args.spec_layers:
+            spec_home = Path(tempfile.mkdtemp(prefix="hippo-bench-spec-"))
+            hip.update(bench_hippod_spec(model_dir, args.tokens, spec_home, args.spec_layers))
+            shutil.rmtree(spec_home, ignore_errors=True)
         print(f"[{shape}] hippod: {json.dumps(hip)}", flush=True)
         shutil.rmtree(home, ignore_errors=True)
         results[shape] = {"raw": raw, "server": server, "hippod": hip}
@@ -370,6 +420,13 @@ def main() -> int:
             else:
                 print(f"| {shape:8} | {label:24} | {fmt(a):>10} | {fmt(b):>13} | {fmt(c):>8} | "
                       f"{ratio(c, a):>10} | {ratio(c, b):>13} |")
+        if raw.get("spec_decode_tps"):
+            print(f"| {shape:8} | {'speculative tok/s':24} | {fmt(raw['spec_decode_tps']):>10} | {'-':>13} | "
+                  f"{fmt(hip.get('spec_decode_tps')):>8} | {ratio(hip.get('spec_decode_tps'), raw['spec_decode_tps']):>10} | {'-':>13} |")
+            print(f"| {shape:8} | {'speculative speedup':24} | {ratio(raw['spec_decode_tps'], raw['decode_tps']):>10} | {'-':>13} | "
+                  f"{ratio(hip.get('spec_decode_tps'), hip.get('decode_tps')):>8} | {'-':>10} | {'-':>13} |")
+            print(f"| {shape:8} | {'draft acceptance':24} | {raw['spec_acceptance']:>10.2f} | {'-':>13} | "
+                  f"{hip.get('spec_acceptance', 0):>8.2f} | {'-':>10} | {'-':>13} |")
         print(f"| {shape:8} | {'hot-swap s (load B)':24} | {fmt(raw.get('load_again_s'), 2):>10} | {'-':>13} | "
               f"{fmt(hip.get('swap_s'), 2):>8} | {ratio(hip.get('swap_s'), raw.get('load_again_s')):>10} | {'-':>13} |")
         print(f"| {shape:8} | {'new process: load+1 tok s':24} | {fmt(raw.get('cold_first_token_s'), 2):>10} | {'-':>13} | "
