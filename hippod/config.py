@@ -102,6 +102,15 @@ def parse_bytes(value: Any) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def fmt_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as Ollama and Finder show sizes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
 def _coerce(name: str, typ: str, value: Any) -> Any:
     if value is None:
         return None

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 
 import psutil
 
-from hippod.config import Settings
+from hippod.config import Settings, fmt_bytes
 from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-exported)
 from hippod.registry.registry import Registry, RegistryError
 from hippod.runner_process import RunnerProcess
@@ -64,14 +64,6 @@ class NotEnoughMemory(SchedulerError):
 
 
 # -- keep_alive -------------------------------------------------------------------------------
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
 
 # -- memory estimate --------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from html import escape
 from aiohttp import web
 
 from hippod import __version__
-from hippod.scheduler import fmt_bytes
+from hippod.config import fmt_bytes
 
 REFRESH_SECONDS = 5
 RECENT = 15

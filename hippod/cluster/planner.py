@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hippod.config import fmt_bytes
+
 
 @dataclass(frozen=True)
 class Node:
@@ -48,14 +50,6 @@ class PlanRefused(Exception):
         super().__init__(message)
         self.needed = needed
         self.available = available
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def share_bytes(parts: ModelParts, index: int, count: int, start: int, end: int) -> int:

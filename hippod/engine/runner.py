@@ -104,15 +104,19 @@ class Runner:
             self.load_error = e
             self.loop_ready.set()
             return
+        self._serve("generation thread died", 70)
+
+    def _serve(self, why: str, code: int) -> None:
+        """Run the loop; should it ever end, end the process. Without its generation thread a
+        runner can only hang its requests, while a dead process is noticed by the daemon at
+        once, which fails those requests and reloads on the next one."""
         self.loop_ready.set()
         try:
             self.batch.run_forever(after_step=self._flush)
         except BaseException:
-            # Without its generation thread the runner can only hang its requests: exit, so the
-            # daemon notices a crash at once, fails those requests and reloads on the next one.
-            log.exception("generation thread died")
-            sys.stderr.flush()
-            os._exit(70)
+            log.exception(why)
+        sys.stderr.flush()
+        os._exit(code)
 
     def _split_thread(self) -> None:
         """Rank 0 of a split model (issue 6): joins the ring, loads its layers, serves one
@@ -128,13 +132,7 @@ class Runner:
             self.load_error = e
             self.loop_ready.set()
             return
-        self.loop_ready.set()
-        try:
-            self.batch.run_forever(after_step=self._flush)
-        except BaseException:
-            log.exception("the split's pipeline broke")
-            sys.stderr.flush()
-        os._exit(3)
+        self._serve("the split's pipeline broke", 3)
 
     def _flush(self) -> None:
         """Runs on the generation thread after each step. Waking the event loop costs the

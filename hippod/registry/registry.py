@@ -168,6 +168,11 @@ class Registry:
             digest, size = self._store_blob(p, move)
             manifest.append({"name": rel, "sha256": digest, "size": size})
         model_digest = self._link_model_dir(manifest)
+        return self._record(name, manifest, model_digest, info, source=source, fmt=fmt, extra=extra)
+
+    def _record(self, name: str, manifest: list[dict], model_digest: str, info, *, source: str,
+                fmt: str, extra: dict | None) -> ModelRecord:
+        """Write the model's row (keeping its creation time) and drop what no model uses now."""
         details = info.as_details()
         details.update(extra or {})
         existing = self.store.get_model(name)
@@ -203,21 +208,8 @@ class Registry:
                 info = inspect_model_dir(self.settings.models_dir / model_digest)
             except ModelFormatError as e:
                 raise RegistryError(str(e)) from None
-            details = info.as_details()
-            details.update(extra or {})
-            existing = self.store.get_model(name)
-            rec = ModelRecord(
-                name=name, source=source, digest=model_digest, files=manifest, format=fmt,
-                family=info.family, parameters=details.get("parameters") or info.parameters,
-                parameter_size=details.get("parameter_size") or info.parameter_size,
-                quantization=details.get("quantization") or info.quantization,
-                size=sum(f["size"] for f in manifest), context_length=info.context_length,
-                details=details, missing=False,
-                created_at=existing.created_at if existing else _now(), modified_at=_now(),
-            )
-            self.store.put_model(rec)
-            self._collect_garbage()
-            return rec
+            return self._record(name, manifest, model_digest, info, source=source, fmt=fmt,
+                                extra=extra)
 
     async def create(self, name: object, source_path: str, progress: Progress | None = None
                      ) -> ModelRecord:
