@@ -501,7 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `run MODEL --temperature 0 "prompt"`: argparse leaves a prompt typed after the options
+    # unparsed; it belongs to the prompt, as in `ollama run`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "prompt", None), list) and not any(e.startswith("-") for e in extra):
+            args.prompt += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
