@@ -13,13 +13,14 @@ import json
 import uuid
 from typing import Any
 
-import llguidance
 
 from hippod.api.errors import BadRequest
 
 
 def check_schema(schema: Any, param: str) -> None:
     """A 400 unless llguidance can enforce `schema` (the runner compiles it the same way)."""
+    import llguidance  # only when a request carries a schema: keeps daemon start-up lean
+
     if not isinstance(schema, dict):
         raise BadRequest(f"{param} must be a JSON schema object", param=param)
     try:
