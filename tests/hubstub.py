@@ -94,6 +94,8 @@ def _error(status: int, code: str, message: str, commit: str | None = None) -> w
 class HubStub:
     """A running stub hub. Use as a context manager, or call close()."""
 
+    rate: int | None = None  # bytes per second to send file bodies at (None: as fast as possible)
+
     def __init__(self, repos: dict[str, Path], *, lfs_redirect: bool = True) -> None:
         self.repos = {repo_id.lower(): _scan_repo(repo_id, Path(d)) for repo_id, d in repos.items()}
         self.lfs_redirect = lfs_redirect
@@ -266,14 +268,17 @@ class HubStub:
             return response
         cut = self._take_cut(f.name)
         budget = end - start + 1 if cut is None else min(cut, end - start + 1)
-        with open(f.path, "rb") as source:
+        step = _CHUNK if self.rate is None else max(self.rate // 20, 1)
+        with open(f.path, "rb") as source, contextlib.suppress(ConnectionError):  # the puller may die
             source.seek(start)
             while budget > 0:
-                chunk = source.read(min(_CHUNK, budget))
+                chunk = source.read(min(step, budget))
                 if not chunk:
                     break
                 await response.write(chunk)
                 budget -= len(chunk)
+                if self.rate is not None:
+                    await asyncio.sleep(len(chunk) / self.rate)
         if cut is not None:
             request.transport.close()  # the client sees a body shorter than Content-Length
             return response

@@ -11,7 +11,6 @@ and restarted, a disk that is too small or fills up mid-pull, and a peer link cu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -26,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from tests.daemon import Daemon
 from tests.hubstub import HubStub
@@ -158,27 +156,6 @@ class SlowHub(HubStub):
     """The hub stand-in, sending file bodies at `rate` bytes per second (so a pull can be interrupted)."""
 
     rate = 4 * MiB
-
-    async def _send_file(self, request: web.Request, f, headers: dict) -> web.StreamResponse:
-        start, end, status = 0, f.size - 1, 200
-        if request.headers.get("Range"):
-            start = int(request.headers["Range"].split("=")[1].split("-")[0])
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
-        response = web.StreamResponse(status=status, headers={**headers, "Accept-Ranges": "bytes",
-                                                              "Content-Type": "application/octet-stream"})
-        response.content_length = end - start + 1
-        await response.prepare(request)
-        if request.method == "HEAD":
-            return response
-        step = max(self.rate // 20, 1)
-        with open(f.path, "rb") as source, contextlib.suppress(ConnectionError):  # the puller may die
-            source.seek(start)
-            while chunk := source.read(step):
-                await response.write(chunk)
-                await asyncio.sleep(len(chunk) / self.rate)
-            await response.write_eof()
-        return response
 
 
 @pytest.fixture(scope="module")
