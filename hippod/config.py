@@ -5,7 +5,6 @@ One frozen dataclass so every module reads the same, already-validated values.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -212,7 +211,3 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     if s.shutdown_grace < 0 or s.audit_retention_days < 0:
         raise ConfigError("shutdown_grace and audit_retention_days must not be negative")
     return s
-
-
-def replace(settings: Settings, **changes: Any) -> Settings:
-    return dataclasses.replace(settings, **changes)

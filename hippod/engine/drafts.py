@@ -36,7 +36,3 @@ def self_draft(model, num_layers: int):
         lm.model = short
         setattr(draft, path[0], lm)
     return draft
-
-
-def draft_layers(model) -> list:
-    return _decoder(model)[1].layers
