@@ -69,6 +69,9 @@ class DoneEvent:
     # Calls parsed from the answer (their text was not streamed): [{"name", "arguments": {...}}],
     # "id" too when the model wrote one. None when the request had no tools or made no call.
     tool_calls: list[dict] | None = None
+    # A required call (tool_choice "required" or named) that the token limit cut short, with
+    # done_reason "length": [{"name": what was written of it, "arguments": the raw JSON so far}].
+    partial_tool_calls: list[dict] | None = None
     type: str = "done"
 
 
