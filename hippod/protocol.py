@@ -116,9 +116,20 @@ class ReadyEvent:
     type: str = "ready"
 
 
+@dataclass
+class SpareReadyEvent:
+    """Printed by a spare runner (started with --spare) once MLX is imported and the device warm;
+    it then waits for one stdin line, {"argv": [...]}, naming the model to load."""
+
+    pid: int
+    rss_bytes: int
+    warm_seconds: float
+    type: str = "spare"
+
+
 _REQUESTS = {"generate": GenerateRequest, "embed": EmbedRequest, "info": InfoRequest}
 _EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorEvent, "embeddings": EmbedResult,
-           "info": InfoResult, "ready": ReadyEvent}
+           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent}
 
 
 def encode(message: Any) -> bytes:
