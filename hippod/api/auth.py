@@ -25,6 +25,7 @@ import psutil
 from aiohttp import web
 
 from hippod.api.errors import error_response
+from hippod.api import ui
 from hippod.api.peer import is_peer_path
 from hippod.cluster.trust import H_SIGNATURE
 from hippod.config import Settings, is_loopback
@@ -188,6 +189,8 @@ async def auth_middleware(request: web.Request, handler):
         return await handler(request)
     if is_peer_path(request.path) and H_SIGNATURE in request.headers:
         return await handler(request)  # signed by a peer: peer_auth_middleware judges it
+    if request.method in ("GET", "HEAD") and request.path in ui.PATHS:
+        return await handler(request)  # the static chat page; it asks for the key itself
     token = _bearer(request)
     if token is None or not _same_secret(token, key):
         why = "missing" if token is None else "wrong"

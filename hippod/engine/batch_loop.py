@@ -6,6 +6,13 @@ Mac is the common case. So a request that arrives alone runs on generate_step (o
 speculative_generate_step when the model has a draft); the moment a second request arrives,
 the running one moves into the BatchGenerator with its KV cache, and both continue batched.
 
+Admission: whatever is queued when the loop picks up work starts together. A request that finds
+the runner idle and nothing else queued starts alone at once (no wait window); requests that
+arrive together (a burst) are inserted into the BatchGenerator in one call, so they share one
+batched prefill instead of the first decoding alone and the rest prefilling behind it. A prompt
+that joins a running batch is prefilled in chunks of `prefill_step_size` tokens, one chunk per
+decoding step, so the streams already running keep producing a token every step.
+
 Jobs arrive from the socket side through a thread-safe queue; events go back through each job's
 `emit` callback. Cancelling a job removes it at the next step, so a client that disconnects
 frees its slot at once. Finished sequences leave their KV cache in an LRU prompt cache, so the
@@ -31,7 +38,14 @@ from hippod.engine.grammar import make_grammar_processor
 from hippod.engine.prompts import PromptError, render_prompt
 from hippod.engine.sampling import make_request_processors, make_request_sampler
 from hippod.engine.stops import StopMatcher
-from hippod.engine.tool_calls import ToolCallBuffer, forced_call_grammar, prepare_request, uses_tools
+from hippod.engine.tool_calls import (
+    ToolCallBuffer,
+    forced_call_grammar,
+    forced_failure,
+    partial_call,
+    prepare_request,
+    uses_tools,
+)
 from hippod.protocol import (
     DoneEvent,
     EmbedRequest,
@@ -45,6 +59,21 @@ from hippod.protocol import (
 log = logging.getLogger("hippo.runner")
 MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
+PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
+PREFILL_BATCH = 8  # prompts prefilled together in one forward pass
+
+
+@dataclass
+class AdmissionStats:
+    """What admission did, for the runner's info answer and for tests."""
+
+    solo_starts: int = 0  # requests that found the runner idle and started alone
+    batch_inserts: list = field(default_factory=list)  # sizes of each insert into the generator
+    prefill_chunks: list = field(default_factory=list)  # sequences in each batched prefill step
+
+    def as_dict(self) -> dict:
+        return {"solo_starts": self.solo_starts, "batch_inserts": self.batch_inserts[-64:],
+                "prefill_chunks": self.prefill_chunks[-64:]}
 
 
 @dataclass
@@ -81,7 +110,7 @@ class _Active:
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
                  info: Callable[[int], object], draft_model=None, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30):
+                 prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
@@ -96,11 +125,13 @@ class BatchLoop:
         self.batched: dict[int, _Active] = {}
         self.solo: _Active | None = None
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
+        self.stats = AdmissionStats()
         self.generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=num_parallel,
-            prefill_batch_size=min(num_parallel, 8),
+            prefill_batch_size=min(num_parallel, PREFILL_BATCH),
+            prefill_step_size=prefill_step_size,
         )
 
     def submit(self, job: Job) -> None:
@@ -170,23 +201,51 @@ class BatchLoop:
             self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
 
     def _admit(self) -> None:
-        while self.waiting and self.running < self.num_parallel:
+        starting = self._prepare_waiting()
+        if not starting:
+            return
+        if self.running == 0 and len(starting) == 1:
+            self.stats.solo_starts += 1
+            self._start(self._start_solo, starting[0])
+            return
+        if self.solo is not None:
+            self._move_solo_to_batch()
+        self._start(self._insert_batch, starting)
+
+    def _prepare_waiting(self) -> list[_Active]:
+        """Prepare every queued request there is room for. After one pass the inbox is read
+        again: requests that came in while the first ones were tokenized join them."""
+        starting: list[_Active] = []
+        looked_again = False
+        while self.running + len(starting) < self.num_parallel:
+            if not self.waiting:
+                if looked_again:
+                    break
+                looked_again = True
+                self._take_new(block=False)
+                continue
             job = self.waiting.popleft()
-            try:
-                active = self._prepare(job)
-                if active is None:
-                    continue
-                if self.running == 0 and not self.waiting:
-                    self._start_solo(active)
-                else:
-                    if self.solo is not None:
-                        self._move_solo_to_batch()
-                    self._insert_batch(active)
-            except PromptError as e:
-                job.emit(ErrorEvent(str(e), status=400))
-            except Exception as e:  # a bad request must not take the runner down
-                log.exception("could not start request")
-                job.emit(ErrorEvent(f"could not start generation: {e}", status=500))
+            active = self._start(self._prepare, job)
+            if active is not None:
+                starting.append(active)
+        return starting
+
+    def _start(self, step: Callable, arg):
+        """Run one admission step; a bad request gets its error and never takes the runner down."""
+        try:
+            return step(arg)
+        except PromptError as e:
+            for a in arg if isinstance(arg, list) else [arg]:
+                self._job_of(a).emit(ErrorEvent(str(e), status=400))
+        except Exception as e:
+            log.exception("could not start request")
+            for a in arg if isinstance(arg, list) else [arg]:
+                self._job_of(a).emit(ErrorEvent(f"could not start generation: {e}", status=500))
+        return None
+
+    @staticmethod
+    def _job_of(item) -> Job:
+        return item if isinstance(item, Job) else item.job
 
     def _prepare(self, job: Job) -> _Active | None:
         req: GenerateRequest = job.request
@@ -210,6 +269,8 @@ class BatchLoop:
             stop = [stop]
         processors = make_request_processors(opts)
         tool_grammar = forced_call_grammar(req) if uses_tools(req) else None
+        if tool_grammar:
+            stop = []  # a required call is the whole answer: stop sequences apply to content
         grammar = None
         if tool_grammar or req.grammar:  # last, so nothing after it revives a forbidden token
             grammar = make_grammar_processor(self.tokenizer, tool_grammar or req.grammar)
@@ -252,12 +313,12 @@ class BatchLoop:
         if a.speculative:
             a.solo = speculative_generate_step(
                 mx.array(rest), self.model, self.draft_model, num_draft_tokens=self.num_draft,
-                max_tokens=a.max_tokens, sampler=a.sampler, logits_processors=a.processors or None,
-                prompt_cache=cache)
+                max_tokens=a.max_tokens, sampler=a.sampler, prompt_cache=cache,
+                logits_processors=_seeing(a.tokens[:a.cached_tokens], a))
         else:
             a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens,
-                                   sampler=a.sampler, logits_processors=a.processors or None,
-                                   prompt_cache=cache)
+                                   sampler=a.sampler, prompt_cache=cache,
+                                   logits_processors=_seeing(a.tokens[:a.cached_tokens], a))
         self.solo = a
 
     def _step_solo(self) -> None:
@@ -307,18 +368,29 @@ class BatchLoop:
 
     # -- decoding together ----------------------------------------------------------------
 
-    def _insert_batch(self, a: _Active) -> None:
-        cache, rest = self._cached(MAIN, a.tokens)
-        a.cached_tokens = a.prompt_tokens - len(rest)
-        held = a.prompt_tokens - len(rest)
-        (uid,) = self.generator.insert(
-            [rest], max_tokens=[a.max_tokens], caches=[cache] if cache is not None else None,
-            all_tokens=[a.tokens[:held]], samplers=[a.sampler], logits_processors=[a.processors])
-        a.uid = uid
-        self.batched[uid] = a
+    def _insert_batch(self, starting: list[_Active]) -> None:
+        """One insert for all of them: the generator prefills them as one batch."""
+        prompts, caches, held = [], [], []
+        for a in starting:
+            cache, rest = self._cached(MAIN, a.tokens)
+            a.cached_tokens = a.prompt_tokens - len(rest)
+            prompts.append(rest)
+            caches.append(cache)
+            held.append(a.tokens[:a.cached_tokens])
+        uids = self.generator.insert(
+            prompts, max_tokens=[a.max_tokens for a in starting], caches=caches, all_tokens=held,
+            samplers=[a.sampler for a in starting],
+            logits_processors=[a.processors for a in starting])
+        for uid, a in zip(uids, starting):
+            a.uid = uid
+            self.batched[uid] = a
+        self.stats.batch_inserts.append(len(starting))
 
     def _step_batch(self) -> None:
-        _, responses = self.generator.next()
+        prompt_responses, responses = self.generator.next()
+        prefilled = sum(1 for r in prompt_responses if not r.end_of_prompt)
+        if prefilled:
+            self.stats.prefill_chunks.append(prefilled)
         for r in responses:
             a = self.batched.get(r.uid)
             if a is None:
@@ -364,8 +436,8 @@ class BatchLoop:
                 text += rest
         if text:
             a.job.emit(TokenEvent(text, token))
-        if ending:
-            self._finish(a, "stop" if hit_stop else reason, now, calls)
+        if ending:  # parsed calls are a complete answer, even on the budget's last token
+            self._finish(a, "stop" if hit_stop or calls else reason, now, calls)
             return True
         return False
 
@@ -374,7 +446,35 @@ class BatchLoop:
         if self.solo is a:
             self.solo = None
             self._remember(SPEC if a.speculative else MAIN, a.tokens, a.cache)
+        partial = None
+        unparsed = a.tools.unparsed if a.tools is not None else None
+        if unparsed is not None:  # a required call that did not parse is never passed off as text
+            if reason != "length":
+                a.job.emit(ErrorEvent(forced_failure(unparsed, a.tools.tools), status=500))
+                return
+            partial = [partial_call(unparsed)]
         a.job.emit(DoneEvent(reason, a.prompt_tokens, a.completion_tokens,
                              prompt_seconds=first - a.started, eval_seconds=now - first,
                              cached_tokens=a.cached_tokens, drafted=a.drafted, accepted=a.accepted,
-                             tool_calls=tool_calls or None))
+                             tool_calls=tool_calls or None, partial_tool_calls=partial))
+
+
+def _seeing(cached: list[int], a: _Active) -> list | None:
+    """The request's logits processors, shown the cached prefix of the prompt too.
+
+    generate_step shows its processors only the tokens it is given, so after a prompt-cache hit
+    a repetition penalty would see a shorter history than on a cold run and greedy output would
+    depend on the cache. (The BatchGenerator is given the prefix as `all_tokens`.)
+    """
+    if not a.processors:
+        return None
+    if not cached:
+        return a.processors
+    head = mx.array(cached)
+
+    def seeing(processor):
+        if processor is a.grammar:  # reads only the newest token
+            return processor
+        return lambda tokens, logits: processor(mx.concatenate([head, tokens]), logits)
+
+    return [seeing(p) for p in a.processors]
