@@ -136,7 +136,7 @@ def host_allowed(header: str, settings: Settings, names: frozenset[str]) -> bool
         ip = ipaddress.ip_address(host)
     except ValueError:
         return host in names
-    if ip.is_loopback or host in names:
+    if ip.is_loopback or ip.is_unspecified or host in names:  # 0.0.0.0 reaches this machine too
         return True
     return not is_loopback(settings.host) and host in _local_addresses()
 

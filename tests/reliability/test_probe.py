@@ -344,7 +344,7 @@ def test_kill_9_during_a_gguf_create_takes_the_converter_with_it(tmp_path, smol_
     t0 = time.monotonic()
     wait_until(lambda: _dead(converter), 5, "the converter is gone", interval=0.01)  # a zombie counts
     died_after = time.monotonic() - t0
-    assert died_after < 0.5, f"the converter outlived hippod by {died_after:.2f}s"
+    assert died_after < 1.0, f"the converter outlived hippod by {died_after:.2f}s"
     d.start()
     try:
         assert not any((d.home / "tmp").rglob("*")), list((d.home / "tmp").rglob("*"))
