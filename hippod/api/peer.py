@@ -139,4 +139,5 @@ async def blob(request: web.Request) -> web.StreamResponse:
     path = registry.blob_path(sha256)
     if registry.store.get_blob(sha256) is None or not path.is_file():
         raise BadRequest(f"no blob sha256-{sha256} here", status=404)
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    # sendfile(2) where the platform has it; 4 MB reads where it does not.
+    return web.FileResponse(path, chunk_size=4 << 20, headers={"Content-Type": "application/octet-stream"})
