@@ -24,7 +24,9 @@ TOKEN = re.compile(r'\s*(\$\w*(?:\.\w+)*|\.[\w.]*|"(?:[^"\\]|\\.)*"|`[^`]*`|-?\d
 FIELDS = {"Role": "role", "Content": "content", "ToolCalls": "tool_calls", "Function": "function",
           "Name": "name", "Arguments": "arguments", "Thinking": "thinking",
           "Images": "images", "ToolName": "tool_name", "Type": "type",
-          "Description": "description", "Parameters": "parameters"}
+          "Description": "description", "Parameters": "parameters",
+          "Properties": "properties", "Required": "required", "Enum": "enum", "Items": "items",
+          "Index": "index", "ID": "id", "Key": "key", "Value": "value"}
 # Top-level (`$.X`) names -> variables the Jinja template sees.
 ROOT = {"System": "system", "Prompt": "prompt", "Response": "response", "Messages": "messages",
         "Tools": "tools", "Think": "enable_thinking", "ThinkLevel": "reasoning_effort"}
@@ -73,7 +75,7 @@ class Translator:
             return self.field(tok[1:], "")
         if tok.startswith("$"):
             name, _, rest = tok.partition(".")
-            var = "v_" + name[1:]
+            var = "vars.v_" + name[1:]
             return self.field("." + rest, var) if rest else var
         if tok.startswith("."):
             return self.field(tok, self.scopes[-1].dot)
@@ -108,7 +110,34 @@ class Translator:
             return f"{args[0]}[{args[1]}]"
         if name == "slice" and len(args) in (2, 3):
             return f"{args[0]}[{args[1]}:{args[2] if len(args) == 3 else ''}]"
+        if name == "printf" and args:
+            return self.printf(args[0], args[1:])
         raise TemplateError(f"unsupported template function {name!r}")
+
+    @staticmethod
+    def printf(fmt: str, args: list[str]) -> str:
+        """`printf` with %s, %v and %d only (what Ollama's templates use), as concatenation."""
+        try:
+            text = json.loads(fmt)
+        except ValueError:
+            raise TemplateError("printf needs a literal format string") from None
+        pieces = re.split(r"(%[^%svd]|%[svd%])", text)
+        parts, i = [], 0
+        for piece in pieces:
+            if piece in ("%s", "%v", "%d"):
+                if i >= len(args):
+                    raise TemplateError("printf has fewer arguments than verbs")
+                parts.append(f"({args[i]} | string)")
+                i += 1
+            elif piece == "%%":
+                parts.append(json.dumps("%"))
+            elif piece.startswith("%") and len(piece) == 2:
+                raise TemplateError(f"printf verb {piece!r} is not supported")
+            elif piece:
+                parts.append(json.dumps(piece))
+        if i != len(args):
+            raise TemplateError("printf has more arguments than verbs")
+        return "(" + " ~ ".join(parts or ['""']) + ")"
 
     def expr(self, tokens: list[str]) -> str:
         pos = 0
@@ -188,10 +217,14 @@ class Translator:
             value = self.expr(tokens[1:])
             self.scopes.append(_Scope(value, "with"))
             return "tag", f"if {value}"
+        if head in ("break", "continue") and len(tokens) == 1:
+            if not self.loops:
+                raise TemplateError(f"{{{{ {head} }}}} outside {{{{ range }}}}")
+            return "tag", head  # transformers enables Jinja's loop controls
         if head in ("template", "define", "block", "break", "continue"):
             raise TemplateError(f"template action {{{{ {head} }}}} is not supported")
         if head.startswith("$") and len(tokens) > 2 and tokens[1] in (":=", "="):
-            return "tag", f"set v_{head[1:]} = {self.expr(tokens[2:])}"
+            return "tag", f"set vars.v_{head[1:]} = {self.expr(tokens[2:])}"
         value = self.expr(tokens)
         if not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", value):
             return "output", value
@@ -216,9 +249,9 @@ class Translator:
         self.scopes.append(_Scope(item, "range"))
         tags = [f"for {item} in {seq}"]
         if index_var:
-            tags.append(f"set v_{index_var[1:]} = loop.index0")
+            tags.append(f"set vars.v_{index_var[1:]} = loop.index0")
         if item_var:
-            tags.append(f"set v_{item_var[1:]} = {item}")
+            tags.append(f"set vars.v_{item_var[1:]} = {item}")
         return tags
 
     # -- whole template -------------------------------------------------------------------
@@ -247,6 +280,8 @@ class Translator:
             else:  # a comment: nothing, but its trim markers still trim
                 out.append(f"{{%{left} if false {right}%}}{{%+ endif +%}}")
         out.append(_literal(source[last:]))
+        if source.endswith("\n"):  # Jinja drops a template's final newline; Go keeps it
+            out.append("{{ '' }}")
         if len(self.scopes) != 1:
             raise TemplateError(f"unclosed {{{{ {self.scopes[-1].kind} }}}} in template")
         if "}}" in _strip_actions(source) or "{{" in _strip_actions(source):
@@ -265,8 +300,10 @@ def _literal(text: str) -> str:
     return "{% raw %}" + text + "{% endraw %}"
 
 
-# Ollama's .System is the system messages joined; .Messages keeps them, as in Ollama.
+# Ollama's .System is the system messages joined; .Messages keeps them, as in Ollama. Go's
+# $variables live in a namespace: Jinja's plain `set` would not outlive a loop iteration.
 PRELUDE = (
+    "{%- set vars = namespace() -%}"
     "{%- set ns = namespace(system='') -%}"
     "{%- for m in messages if m.role == 'system' -%}"
     "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m.content -%}"
