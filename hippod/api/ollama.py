@@ -13,6 +13,7 @@ from hippod import __version__
 from hippod.api import ollama_model_types as mt
 from hippod.api import ollama_types as t
 from hippod.api import status_page, tooling
+from hippod.api.auth import from_this_machine
 from hippod.api.errors import BadRequest, read_json, status_and_message
 from hippod.api.fields import get
 from hippod.api.inference import Generation, embed
@@ -185,7 +186,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     async def work(progress):
         await registry.create_model(spec.name, source=spec.source, files=spec.files,
                                     quantize=spec.quantize, modelfile=spec.modelfile,
-                                    jinja_template=spec.jinja_template, progress=progress)
+                                    jinja_template=spec.jinja_template, progress=progress,
+                                    reveal_paths=from_this_machine(request))
         if spec.draft is not None:
             registry.set_draft(spec.name, spec.draft)
 

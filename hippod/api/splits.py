@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from hippod import paths
 from hippod.api.errors import BadRequest, read_json
 from hippod.api.fields import get, number_in
 
@@ -42,6 +43,7 @@ async def prepare(request: web.Request) -> web.Response:
         raise BadRequest("layers must be [start, end] with start < end", param="layers")
     for key in ("split", "model", "digest"):
         get(body, key, str, required=True)
+    paths.check_token(body["split"], "split"), paths.check_sha256(body["digest"])  # they become file names
     for key in ("rank", "world", "bytes"):  # splits.prepare converts them: a list or 1e400 was a 500
         number_in(get(body, key, int, required=True), key, 0, 2**62)
     if get(body, "context_length", int) is not None:
