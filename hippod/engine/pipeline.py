@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from hippod.engine.batch_loop import BatchLoop
-from hippod.protocol import ErrorEvent
+from hippod.protocol import ErrorEvent, LayerRange
 
 log = logging.getLogger("hippo.pipeline")
 
@@ -41,8 +41,7 @@ HEADER = 5  # int32: command, batch, length, width, dtype index
 
 @dataclass(frozen=True)
 class Shard:
-    start: int  # first layer this rank runs
-    end: int  # one past its last layer
+    layers: LayerRange  # the decoder layers this rank runs
     rank: int
     world: int
 
@@ -53,15 +52,6 @@ class Shard:
     @property
     def last(self) -> bool:
         return self.rank == self.world - 1
-
-
-def parse_layers(text: str) -> tuple[int, int]:
-    """'0:15' -> (0, 15)."""
-    start, _, end = text.partition(":")
-    a, b = int(start), int(end)
-    if not 0 <= a < b:
-        raise ValueError(f"bad layer range {text!r} (expected START:END with START < END)")
-    return a, b
 
 
 # -- finding the decoder ------------------------------------------------------------------------
@@ -152,16 +142,16 @@ def load_shard(model_dir: Path, shard: Shard):
     model, _config = load_model(model_dir, lazy=True, strict=False)
     owner, decoder = decoder_parts(model)
     total = len(decoder.layers)
-    if not 0 <= shard.start < shard.end <= total:
-        raise ValueError(f"layers {shard.start}:{shard.end} are outside the model's {total} layers")
-    if shard.first and shard.start != 0 or shard.last and shard.end != total:
-        raise ValueError(f"rank {shard.rank} of {shard.world} cannot hold layers {shard.start}:{shard.end}")
+    if not 0 <= shard.layers.start < shard.layers.end <= total:
+        raise ValueError(f"layers {shard.layers.arg()} are outside the model's {total} layers")
+    if shard.first and shard.layers.start != 0 or shard.last and shard.layers.end != total:
+        raise ValueError(f"rank {shard.rank} of {shard.world} cannot hold layers {shard.layers.arg()}")
     templates = model.make_cache() if hasattr(model, "make_cache") else None
     slot = _Slot()
     layers = list(decoder.layers)
     for i, layer in enumerate(layers):
-        if not shard.start <= i < shard.end:
-            inject = not shard.first and i == shard.start - 1
+        if i not in shard.layers:
+            inject = not shard.first and i == shard.layers.start - 1
             layers[i] = _StandIn(layer, slot if inject else None)
     decoder.layers = layers
     tied = "lm_head" not in owner
@@ -416,7 +406,7 @@ def serve_rank(model_dir: Path, shard: Shard, context_length: int) -> int:
         parts = _Parts(*load_shard(model_dir, shard))
         wire = Wire(group)
     except BaseException as e:  # reported to the daemon, which shows it to the user
-        message = f"could not load layers {shard.start}:{shard.end}: {type(e).__name__}: {e}"
+        message = f"could not load layers {shard.layers.arg()}: {type(e).__name__}: {e}"
         sys.stdout.write(encode(ErrorEvent(message, status=500)).decode())
         sys.stdout.flush()
         return 1
