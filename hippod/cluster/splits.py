@@ -13,7 +13,7 @@ scheduler's factory then starts the plan (`start_runner`) over the signed peer A
   3. the answer is a `SplitRunner`, which the scheduler registers like any runner. This module
      never touches the scheduler's state; it reads its free memory and asks it for room.
 
-Faults: the coordinator pings each peer twice a second. A peer that does not answer for
+Faults: the coordinator pings each peer four times a second. A peer that does not answer for
 LOST_AFTER seconds (dead, or its link dropped), or a rank whose runner is gone, ends the split;
 streams in flight ask the scheduler for a successor without the lost nodes and continue there
 (see SplitRunner). A peer whose coordinator stops pinging kills its own runner after
@@ -61,9 +61,12 @@ from hippod.store.records import ModelRecord, PeerRecord
 log = logging.getLogger("hippo.splits")
 
 PEER_PREFIX = "/api/hippo/peer/split/"
-PING_INTERVAL = 0.5
-PING_TIMEOUT = 1.0
-LOST_AFTER = 2.0  # seconds without an answer before the coordinator ends the split
+# A lost node costs a stream this pause (plus its successor's load), so the coordinator listens
+# closely: a peer answers a ping within milliseconds on a LAN, and a false alarm costs only a
+# re-plan now that streams continue.
+PING_INTERVAL = 0.25
+PING_TIMEOUT = 0.6
+LOST_AFTER = 1.2  # seconds without an answer before the coordinator ends the split
 HOST_LOST_AFTER = 3.0  # seconds without a ping before a peer kills the runner it hosts
 BUDGET_TIMEOUT = 2.0
 STOP_TIMEOUT = 2.0
