@@ -32,6 +32,7 @@ from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-export
 from hippod.registry.registry import Registry, RegistryError
 from hippod.runner_process import RunnerProcess
 from hippod.runners import OnLost, Plan, Runner, RunnerFactory
+from hippod.spare import SparePool
 from hippod.store.database import Store
 from hippod.store.records import ModelRecord
 
@@ -186,6 +187,8 @@ class Scheduler:
         self._load_lock = asyncio.Lock()  # loads and replacements happen one at a time
         self.factory: RunnerFactory = factory or self.start_local
         self.placer = placer
+        self.spares = SparePool(settings.run_dir, settings.logs_dir / "runners.log",
+                                python=settings.runner_python, enabled=settings.spare_runner)
 
     @property
     def active(self) -> int:
@@ -208,7 +211,7 @@ class Scheduler:
     def used(self) -> int:
         """Loaded models, plus unloaded ones whose process is still on its way out."""
         hosted = self.placer.hosted_bytes() if self.placer is not None else 0  # layers run for peers
-        return sum(m.size for m in (*self.loaded.values(), *self._stopping)) + hosted
+        return sum(m.size for m in (*self.loaded.values(), *self._stopping)) + hosted + self.spares.bytes
 
     def available(self) -> int:
         free = self.budget() - self.used()
@@ -473,6 +476,8 @@ class Scheduler:
             short = guard != "off" and need > self.available()
             if not too_many and not short:
                 return
+            if short and await self.spares.discard():  # the spare goes before any model
+                continue
             evictable = [m for m in others if not m.pinned]
             idle = [m for m in evictable if m.refs == 0]
             if short and not too_many and guard == "warn" and not idle:
@@ -564,6 +569,7 @@ class Scheduler:
                    keep_alive=keep, asked_context=plan.num_ctx, measured=measured)
         self.loaded[rec.name] = m
         self._spawn(self._watch(m))
+        self.spares.refill(self.available())
         log.info("loaded %s in %.2fs (pid %s, counted %s)", rec.name, seconds, runner.pid,
                  fmt_bytes(m.size))
         return m
@@ -577,7 +583,7 @@ class Scheduler:
             context_length=plan.num_ctx, python=self.settings.runner_python,
             extra_args=list(plan.engine_args))
         try:
-            await runner.start(timeout=self.settings.load_timeout)
+            await runner.start(timeout=self.settings.load_timeout, spare=self.spares.take())
         except BaseException:  # failed, timed out, or shutting down: leave no process behind
             await runner.kill()
             raise
@@ -692,6 +698,7 @@ class Scheduler:
         self._intents.clear()
         for name in list(self.loaded):
             await self.unload(name, "shutdown")
+        await self.spares.close()
 
 
 class _StillBusy(Exception):
