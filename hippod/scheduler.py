@@ -163,6 +163,9 @@ class Placer(Protocol):
 
     def hosted_bytes(self) -> int: ...
 
+    async def fetch(self, name: str) -> ModelRecord | None:
+        """Copy a model this node lacks from a trusted peer that has it; None if none has."""
+
     async def plan(self, rec: ModelRecord, ctx: int, local_free: int, *,
                    forced: list[str] | None = None, refusal: NotEnoughMemory | None = None,
                    exclude: frozenset[str] = frozenset()) -> Plan: ...
@@ -270,8 +273,20 @@ class Scheduler:
         finally:
             self._release(loaded)
 
+    async def _record(self, name: str) -> ModelRecord:
+        """The model's record; a model that only a trusted peer has is copied from it first."""
+        try:
+            return self.registry.get(name)
+        except RegistryError as e:
+            if e.status != 404 or self.placer is None:
+                raise
+            rec = await self.placer.fetch(self.registry.normalize(name))
+            if rec is None:
+                raise
+            return rec
+
     async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
-        rec = self.registry.get(name)
+        rec = await self._record(name)
         if rec.missing:
             raise RegistryError(f"model '{rec.name}' has missing files; pull or create it again", 500)
         ctx = self.context_for(rec, num_ctx)

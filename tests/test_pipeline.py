@@ -304,14 +304,14 @@ class Pair:
         self.a = tc.Node(net[0], root / "alpha", "alpha", {**common, **env_a})
         self.b = tc.Node(net[1], root / "beta", "beta", {**common, **env_b})
 
-    def start(self) -> "Pair":
+    def start(self, create_on: str = "a") -> "Pair":
         tc = _cluster_helpers()
         self.a.start()
         self.b.start()
         tc.wait_until(lambda: tc.trusted_and_fresh(self.a, self.b) and tc.trusted_and_fresh(self.b, self.a),
                       20, "both trust each other")
-        status, body = self.a.call("POST", "/api/create", {"model": "smol", "from": str(smollm2_mlx_dir()),
-                                                           "stream": False})
+        status, body = getattr(self, create_on).call("POST", "/api/create", {
+            "model": "smol", "from": str(smollm2_mlx_dir()), "stream": False})
         assert status == 200, body
         return self
 
@@ -601,3 +601,31 @@ def test_split_chat_turn_two_prefills_only_its_new_tokens_on_every_rank(tmp_path
     assert (tokens1, tokens2, other) == (out["one"][0], out["one"][2], out["one"][4])
     assert done1.cached_tokens == 0 and done2.cached_tokens >= done1.prompt_tokens, (done1, done2)
     assert done2.prompt_tokens - done2.cached_tokens < done2.prompt_tokens / 3
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_any_node_answers_a_model_only_a_peer_holds(tmp_path):
+    """alpha has never seen the model; beta has it. A request to alpha is served: alpha copies
+    the model from beta (a trusted peer) and loads it; a model nobody has is still a 404."""
+    tc = _cluster_helpers()
+    from tests.netns import lan
+
+    env = {"HIPPO_MEMORY_BUDGET": "2GB", "HIPPO_NUM_CTX": "1024"}
+    with lan(2) as net:
+        pair = Pair(net, tmp_path, env, env)
+        try:
+            pair.start(create_on="b")
+            a, b = pair.a, pair.b
+            tc.wait_until(lambda: "smol:latest" in (a.row(b) or {}).get("models", []), 20, "alpha sees beta's model")
+            assert a.call("GET", "/api/tags")[1]["models"] == []
+            answer = generate(a, 6)
+            assert answer["response"] == generate(b, 6)["response"] and answer["eval_count"] == 6
+            tags = a.call("GET", "/api/tags")[1]["models"]
+            assert [m["name"] for m in tags] == ["smol:latest"]
+            status, body = a.call("POST", "/api/show", {"model": "smol"})
+            assert status == 200 and body["hippo"]["source"] == "peer:beta", body
+            status, body = a.call("POST", "/api/generate", {"model": "nobody-has-it", "prompt": "hi", "stream": False})
+            assert status == 404 and "nobody-has-it" in body["error"], body
+        finally:
+            pair.stop()

@@ -411,6 +411,7 @@ class Splits:
         self.cluster = cluster
         self.placements = Placements(settings.home / "placements.json")
         self.hosted: dict[str, Hosted] = {}
+        self._fetching: dict[str, asyncio.Task] = {}
         self.session: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task | None = None
 
@@ -443,6 +444,21 @@ class Splits:
             return False
         peer = self.cluster.peers.find(ref)
         return ref in names or (peer is not None and peer.name in names)
+
+    async def fetch(self, name: str) -> ModelRecord | None:
+        """A request named a model this node lacks: copy it from a trusted peer that lists it
+        (one copy for every request that waits for it). None when no peer has it."""
+        task = self._fetching.get(name)
+        if task is None:
+            from hippod.cluster import transfer
+
+            task = self._fetching[name] = asyncio.ensure_future(
+                transfer.pull(self.cluster, name, lambda update: None))
+            task.add_done_callback(lambda _: self._fetching.pop(name, None))
+        rec = await asyncio.shield(task)
+        if rec is not None:
+            log.info("%s was not here: copied it from a trusted peer (%s) to serve a request", name, rec.source)
+        return rec
 
     def hosted_bytes(self) -> int:
         return sum(h.bytes for h in self.hosted.values())
