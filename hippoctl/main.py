@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from hippoctl import bench, cluster_cmds, machine, search, service
+from hippoctl import bench, chat, cluster_cmds, machine, search, service
 from hippoctl.client import Client, HippoError, base_url
 from hippoctl.tables import (go_duration, human_bytes, human_number, human_time, parse_time,
                              table)
@@ -180,7 +180,7 @@ def run(client: Client, args: argparse.Namespace) -> int | None:
         # piped input comes first, as in `cat notes | ollama run m summarize`
         prompt = " ".join(p for p in (sys.stdin.read() if sys.stdin else "", prompt) if p)
     elif not prompt:
-        return chat_repl(client, args)
+        return chat.chat_repl(client, args)
     if not prompt.strip():  # nothing to ask: load the model, as `ollama run m < /dev/null` does
         client.post("/api/chat", chat_body(args, []))
         return None
@@ -206,9 +206,21 @@ def stream_chat(client: Client, body: dict, out: TextIO | None = None) -> tuple[
     out = out or sys.stdout
     parts: list[str] = []
     final: dict = {}
+    thinking = False
     with contextlib.closing(client.stream("/api/chat", body)) as events:
         for event in events:
-            piece = (event.get("message") or {}).get("content") or ""
+            message = event.get("message") or {}
+            thought = message.get("thinking") or ""
+            if thought:  # a reasoning model's thinking, apart from the answer (as `ollama run`)
+                if not thinking:
+                    out.write("Thinking...\n")
+                    thinking = True
+                out.write(thought)
+                out.flush()
+            piece = message.get("content") or ""
+            if piece and thinking:
+                out.write("\n...done thinking.\n\n")
+                thinking = False
             if piece:
                 out.write(piece)
                 out.flush()
@@ -239,73 +251,6 @@ def print_stats(final: dict, out: TextIO | None = None) -> None:
             lines.append(f"{label + ' duration:':<22}{go_duration(duration)}")
             lines.append(f"{label + ' rate:':<22}{count / (duration / 1e9):.2f} tokens/s")
     print("\n".join(lines), file=out)
-
-
-REPL_HELP = """Available Commands:
-  /clear          Clear session context
-  /bye            Exit
-  /?, /help       Help for a command
-
-Use \"\"\" to begin a multi-line message."""
-
-
-def chat_repl(client: Client, args: argparse.Namespace) -> int:
-    """An interactive chat that keeps the conversation, like `ollama run MODEL` on a terminal."""
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    client.post("/api/chat", chat_body(args, []))  # load now, so a bad name fails before the prompt
-    messages: list[dict] = []
-    while True:
-        try:
-            line = read_message()
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print("\nUse Ctrl + d or /bye to exit.")
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            word = text.split()[0]
-            if word in ("/bye", "/exit"):
-                return 0
-            if word == "/clear":
-                messages.clear()
-                print("Cleared session context")
-            elif word in ("/?", "/help"):
-                print(REPL_HELP)
-            else:
-                print(f"Unknown command '{word}'. Type /? for help")
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            answer, final = stream_chat(client, chat_body(args, messages))
-        except KeyboardInterrupt:  # stop this answer, keep the session; the turn is forgotten
-            messages.pop()
-            print()
-            continue
-        except HippoError as e:
-            messages.pop()
-            print(f"Error: {e}", file=sys.stderr)
-            continue
-        messages.append({"role": "assistant", "content": answer})
-        print()
-        if args.verbose:
-            print_stats(final)
-            print(file=sys.stderr)
-
-
-def read_message() -> str:
-    """One line, or several between triple quotes."""
-    line = input(">>> ")
-    if not line.lstrip().startswith('"""'):
-        return line
-    text = line.lstrip()[3:]
-    while not text.rstrip().endswith('"""'):
-        text += "\n" + input("... ")
-    return text.rstrip()[:-3].strip("\n")
 
 
 # -- the daemon -------------------------------------------------------------------------------

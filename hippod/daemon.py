@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import socket
@@ -19,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hippod import __version__
-from hippod.config import ConfigError, Settings, load_settings
+from hippod.config import ConfigError, Settings, is_loopback, load_settings
 
 log = logging.getLogger("hippo")
 
@@ -103,15 +102,6 @@ async def drain(inflight, site: web.BaseSite, grace: float, hurry: asyncio.Event
     if inflight.count:
         log.warning("%d request(s) still running: stopping their models; their streams end with an error",
                     inflight.count)
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def serve(settings: Settings, started: float) -> None:

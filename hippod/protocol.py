@@ -13,6 +13,8 @@ from dataclasses import MISSING as dataclass_MISSING
 from dataclasses import dataclass, field
 from typing import Any
 
+from hippod import paths
+
 # Sampling options a runner honours, with Ollama's names. Anything else is rejected upstream.
 SAMPLING_OPTIONS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "num_predict", "stop", "num_ctx",
@@ -245,6 +247,7 @@ class SplitRecordError(ValueError):
 
 
 _HOST = re.compile(r"[0-9A-Za-z.:\[\]-]{1,100}:\d{1,5}")
+_FILE_NAMED = {"split": paths.check_token, "digest": paths.check_sha256}
 _SPLIT_INTS = {"rank": (0, 1024), "world": (1, 1024), "bytes": (0, 2**62), "context_length": (1, 2**24)}
 
 
@@ -279,6 +282,11 @@ def decode_split(cls, body: Any):
                 raise SplitRecordError(f"{name} must be an integer from {lo} to {hi}", name)
         elif not (isinstance(value, str) and 0 < len(value) <= 300):
             raise SplitRecordError(f"{name} must be a non-empty string", name)
+        elif name in _FILE_NAMED:  # they become file names on the peer
+            try:
+                _FILE_NAMED[name](value, name)
+            except paths.UnsafePath as e:
+                raise SplitRecordError(str(e), name) from None
         values[name] = value
     record = cls(**values)
     if isinstance(record, SplitPrepare) and record.rank >= record.world:

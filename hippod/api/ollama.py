@@ -12,6 +12,7 @@ from aiohttp import web
 from hippod import __version__
 from hippod.api import ollama_types as t
 from hippod.api import status_page, tooling
+from hippod.api.auth import from_this_machine
 from hippod.api.errors import BadRequest, read_json, status_and_message
 from hippod.api.fields import get
 from hippod.api.inference import Generation, embed
@@ -210,7 +211,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
     async def work(progress):
         if source.startswith(("/", "~")):
-            await registry.create(name, source, progress)
+            await registry.create(name, source, progress, reveal_paths=from_this_machine(request))
         else:
             registry.copy(source, name)
         if draft is not None:

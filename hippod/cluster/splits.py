@@ -38,6 +38,7 @@ from typing import AsyncIterator
 
 import aiohttp
 
+from hippod import paths
 from hippod.cluster import planner, trust
 from hippod.cluster.peers import peer_url
 from hippod.registry.modelinfo import read_safetensors_header
@@ -688,7 +689,7 @@ class Splits:
         if manifest is None or manifest.get("digest") != digest:
             raise SplitError(f"peer {coordinator.name} no longer has this version of '{name}'", 409)
         files = manifest["files"]
-        target = self.settings.home / "shards" / digest
+        target = paths.confined(self.settings.home / "shards", paths.check_sha256(digest))
         target.mkdir(parents=True, exist_ok=True)
         index = None
         entry = next((f for f in files if f["name"] == "model.safetensors.index.json"), None)
