@@ -121,13 +121,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return t.chat_chunk(env, t.chat_delta(ev.text, ev.thinking), with_usage=usage_on,
                             logprobs=ev.logprobs if call.request.logprobs is not None else None)
 
+    def calls() -> list[dict] | None:  # parsed calls, or a required call the limit cut short
+        return gen.done.tool_calls or gen.done.partial_tool_calls
+
     return await _respond(
         request, gen, call,
         whole=lambda text, thinking, logprobs, reason: t.chat_completion(
-            env, text, reason, _usage(gen), gen.done.tool_calls, thinking, logprobs),
+            env, text, reason, _usage(gen), calls(), thinking, logprobs),
         opening=t.chat_chunk(env, {"role": "assistant", "content": ""}, with_usage=usage_on),
         piece=piece,
-        closing=lambda reason: t.chat_closing_chunks(env, reason, gen.done.tool_calls, usage_on),
+        closing=lambda reason: t.chat_closing_chunks(env, reason, calls(), usage_on),
         usage_chunk=lambda u: t.usage_chunk(env, u))
 
 

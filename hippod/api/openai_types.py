@@ -116,11 +116,14 @@ def parse_chat_logprobs(body: dict) -> int | None:
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
           "tool": "tool"}
-_MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file"}
+_MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file",
+                "input_file": "file"}
+TEXT_PARTS = ("text", "refusal")
 
 
-def _content_text(raw: Any, label: str) -> str:
-    """Message content: a string, null, or a list of text parts joined as mlx-lm joins them."""
+def content_text(raw: Any, label: str, text_parts: tuple[str, ...] = TEXT_PARTS) -> str:
+    """Message content: a string, null, or a list of text parts joined as mlx-lm joins them.
+    (The Responses API names its parts input_text / output_text; their text is under "text".)"""
     if raw is None:
         return ""
     if isinstance(raw, str):
@@ -134,9 +137,9 @@ def _content_text(raw: Any, label: str) -> str:
         if kind in _MEDIA_PARTS:
             raise BadRequest(f"{plabel}: {_MEDIA_PARTS[kind]} content is not supported: hippo serves "
                              "text models only", param=plabel)
-        if kind not in ("text", "refusal"):
-            raise BadRequest(f"{plabel} must be a content part of type 'text'", param=plabel)
-        text = part.get(kind)
+        if kind not in text_parts:
+            raise BadRequest(f"{plabel} must be a content part of type '{text_parts[0]}'", param=plabel)
+        text = part.get("refusal" if kind == "refusal" else "text")
         if not isinstance(text, str):
             raise BadRequest(f"{plabel}.{kind} must be a string", param=f"{plabel}.{kind}")
         texts.append(text)
@@ -157,7 +160,7 @@ def parse_messages(raw: Any) -> list[dict]:
             raise BadRequest(f"{label}.role must be one of {', '.join(_ROLES)}, got {role!r}",
                              param=f"{label}.role")
         msg: dict[str, Any] = {"role": _ROLES[role],
-                               "content": _content_text(m.get("content"), f"{label}.content")}
+                               "content": content_text(m.get("content"), f"{label}.content")}
         if role == "assistant":
             calls = get(m, "tool_calls", list, [], prefix=f"{label}.")
             if calls:
@@ -341,9 +344,10 @@ def chat_logprobs(entries: list[dict] | None) -> dict | None:
 def chat_completion(env: Envelope, text: str, reason: str, usage_: dict,
                     tool_calls: list[dict] | None = None, thinking: str = "",
                     logprobs: list[dict] | None = None) -> dict:
+    # "length" with tool_calls: a required call cut short, its arguments the text written so far.
+    finish = "tool_calls" if tool_calls and reason != "length" else reason
     return env.wrap([{"index": 0, "message": assistant_message(text, tool_calls, thinking),
-                      "logprobs": chat_logprobs(logprobs),
-                      "finish_reason": "tool_calls" if tool_calls else reason}], usage=usage_)
+                      "logprobs": chat_logprobs(logprobs), "finish_reason": finish}], usage=usage_)
 
 
 def chat_delta(text: str, thinking: str = "") -> dict:
@@ -360,7 +364,8 @@ def chat_closing_chunks(env: Envelope, reason: str, tool_calls: list[dict] | Non
         return [chat_chunk(env, {}, reason, with_usage=with_usage)]
     calls = tooling.openai_tool_calls(tool_calls, streaming=True)
     return [chat_chunk(env, {"tool_calls": calls}, with_usage=with_usage),
-            chat_chunk(env, {}, "tool_calls", with_usage=with_usage)]
+            chat_chunk(env, {}, "length" if reason == "length" else "tool_calls",
+                       with_usage=with_usage)]
 
 
 def chat_chunk(env: Envelope, delta: dict, reason: str | None = None, with_usage: bool = False,

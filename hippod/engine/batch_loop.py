@@ -6,6 +6,13 @@ Mac is the common case. So a request that arrives alone runs on generate_step (o
 speculative_generate_step when the model has a draft); the moment a second request arrives,
 the running one moves into the BatchGenerator with its KV cache, and both continue batched.
 
+Admission: whatever is queued when the loop picks up work starts together. A request that finds
+the runner idle and nothing else queued starts alone at once (no wait window); requests that
+arrive together (a burst) are inserted into the BatchGenerator in one call, so they share one
+batched prefill instead of the first decoding alone and the rest prefilling behind it. A prompt
+that joins a running batch is prefilled in chunks of `prefill_step_size` tokens, one chunk per
+decoding step, so the streams already running keep producing a token every step.
+
 Jobs arrive from the socket side through a thread-safe queue; events go back through each job's
 `emit` callback. Cancelling a job removes it at the next step, so a client that disconnects
 frees its slot at once. Finished sequences leave their KV cache in an LRU prompt cache, so the
@@ -26,14 +33,21 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step, speculative_generate_step
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
-from hippod.engine.embeddings import embed_texts
 from hippod.engine import thinking
+from hippod.engine.embeddings import embed_texts
 from hippod.engine.grammar import make_grammar_processor
 from hippod.engine.logprobs import TokenTexts, token_entry
 from hippod.engine.prompts import PromptError, render_prompt
 from hippod.engine.sampling import make_request_processors, make_request_sampler
 from hippod.engine.stops import StopMatcher
-from hippod.engine.tool_calls import ToolCallBuffer, forced_call_grammar, prepare_request, uses_tools
+from hippod.engine.tool_calls import (
+    ToolCallBuffer,
+    forced_call_grammar,
+    forced_failure,
+    partial_call,
+    prepare_request,
+    uses_tools,
+)
 from hippod.protocol import (
     DoneEvent,
     EmbedRequest,
@@ -47,6 +61,21 @@ from hippod.protocol import (
 log = logging.getLogger("hippo.runner")
 MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
+PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
+PREFILL_BATCH = 8  # prompts prefilled together in one forward pass
+
+
+@dataclass
+class AdmissionStats:
+    """What admission did, for the runner's info answer and for tests."""
+
+    solo_starts: int = 0  # requests that found the runner idle and started alone
+    batch_inserts: list = field(default_factory=list)  # sizes of each insert into the generator
+    prefill_chunks: list = field(default_factory=list)  # sequences in each batched prefill step
+
+    def as_dict(self) -> dict:
+        return {"solo_starts": self.solo_starts, "batch_inserts": self.batch_inserts[-64:],
+                "prefill_chunks": self.prefill_chunks[-64:]}
 
 
 @dataclass
@@ -81,29 +110,13 @@ class _Active:
     top_logprobs: int | None = None  # None: no logprobs; else alternatives per token
     pending_logprobs: list = field(default_factory=list)  # entries not yet sent with an event
     thinking: object = None  # the ThinkingSplitter of a reasoning model's answer
-
-
-HISTORY_WINDOW = 4096  # the longest look-back a processor takes (repeat_last_n -1)
-
-
-def _seeing_history(processors: list, cached: list[int]) -> list:
-    """generate_step shows processors only the tokens it processes; with a cached prompt prefix
-    they must still see it (a repetition penalty looks back over the prompt, as in Ollama and in
-    the BatchGenerator path), or the same request samples differently on a cache hit."""
-    if not processors or not cached:
-        return processors
-    prefix = mx.array(cached[-HISTORY_WINDOW:])
-
-    def wrap(p):
-        return lambda tokens, logits: p(mx.concatenate([prefix, tokens]), logits)
-
-    return [wrap(p) for p in processors]
+    unsent: list[int] = field(default_factory=list)  # ids decoded since the last text sent
 
 
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
                  info: Callable[[int], object], draft_model=None, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30):
+                 prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
@@ -120,11 +133,13 @@ class BatchLoop:
         self.batched: dict[int, _Active] = {}
         self.solo: _Active | None = None
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
+        self.stats = AdmissionStats()
         self.generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=num_parallel,
-            prefill_batch_size=min(num_parallel, 8),
+            prefill_batch_size=min(num_parallel, PREFILL_BATCH),
+            prefill_step_size=prefill_step_size,
         )
 
     def submit(self, job: Job) -> None:
@@ -194,23 +209,51 @@ class BatchLoop:
             self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
 
     def _admit(self) -> None:
-        while self.waiting and self.running < self.num_parallel:
+        starting = self._prepare_waiting()
+        if not starting:
+            return
+        if self.running == 0 and len(starting) == 1:
+            self.stats.solo_starts += 1
+            self._start(self._start_solo, starting[0])
+            return
+        if self.solo is not None:
+            self._move_solo_to_batch()
+        self._start(self._insert_batch, starting)
+
+    def _prepare_waiting(self) -> list[_Active]:
+        """Prepare every queued request there is room for. After one pass the inbox is read
+        again: requests that came in while the first ones were tokenized join them."""
+        starting: list[_Active] = []
+        looked_again = False
+        while self.running + len(starting) < self.num_parallel:
+            if not self.waiting:
+                if looked_again:
+                    break
+                looked_again = True
+                self._take_new(block=False)
+                continue
             job = self.waiting.popleft()
-            try:
-                active = self._prepare(job)
-                if active is None:
-                    continue
-                if self.running == 0 and not self.waiting:
-                    self._start_solo(active)
-                else:
-                    if self.solo is not None:
-                        self._move_solo_to_batch()
-                    self._insert_batch(active)
-            except PromptError as e:
-                job.emit(ErrorEvent(str(e), status=400))
-            except Exception as e:  # a bad request must not take the runner down
-                log.exception("could not start request")
-                job.emit(ErrorEvent(f"could not start generation: {e}", status=500))
+            active = self._start(self._prepare, job)
+            if active is not None:
+                starting.append(active)
+        return starting
+
+    def _start(self, step: Callable, arg):
+        """Run one admission step; a bad request gets its error and never takes the runner down."""
+        try:
+            return step(arg)
+        except PromptError as e:
+            for a in arg if isinstance(arg, list) else [arg]:
+                self._job_of(a).emit(ErrorEvent(str(e), status=400))
+        except Exception as e:
+            log.exception("could not start request")
+            for a in arg if isinstance(arg, list) else [arg]:
+                self._job_of(a).emit(ErrorEvent(f"could not start generation: {e}", status=500))
+        return None
+
+    @staticmethod
+    def _job_of(item) -> Job:
+        return item if isinstance(item, Job) else item.job
 
     def _prepare(self, job: Job) -> _Active | None:
         req: GenerateRequest = job.request
@@ -225,24 +268,46 @@ class BatchLoop:
             # Keep the end of an over-long prompt, leaving room to answer (Ollama truncates too).
             reserve = min(num_predict if num_predict > 0 else num_ctx // 4, num_ctx // 2)
             tokens = tokens[-(num_ctx - max(reserve, 1)):]
+        resume = [int(t) for t in req.resume or []]
         room = num_ctx - len(tokens)
         max_tokens = room if num_predict < 0 else min(num_predict, room)
-        if max_tokens <= 0:
-            job.emit(DoneEvent("length", len(tokens), 0, 0.0, 0.0))
+        if max_tokens - len(resume) <= 0:
+            job.emit(DoneEvent("length", len(tokens), len(resume), 0.0, 0.0))
             return None
+        stop = opts.get("stop") or []  # checked and normalised by the API (api/request.py)
         processors = make_request_processors(opts)
         tool_grammar = forced_call_grammar(req) if uses_tools(req) else None
+        if tool_grammar:
+            stop = []  # a required call is the whole answer: stop sequences apply to content
         grammar = None
         if tool_grammar or req.grammar:  # last, so nothing after it revives a forbidden token
             grammar = make_grammar_processor(self.tokenizer, tool_grammar or req.grammar)
             processors.append(grammar)
         tools = (ToolCallBuffer(self.tokenizer, req.tools, forced=tool_grammar is not None)
                  if uses_tools(req) else None)
-        return _Active(job, self.tokenizer.detokenizer, StopMatcher(opts.get("stop") or []), list(tokens),
-                       prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
-                       sampler=make_request_sampler(opts), processors=processors,
-                       started=time.perf_counter(), grammar=grammar, tools=tools,
-                       top_logprobs=req.logprobs, thinking=self._splitter(tokens, req))
+        active = _Active(job, self.tokenizer.detokenizer, StopMatcher(stop), list(tokens),
+                         prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
+                         sampler=make_request_sampler(opts), processors=processors,
+                         started=time.perf_counter(), grammar=grammar, tools=tools,
+                         top_logprobs=req.logprobs, thinking=self._splitter(tokens, req))
+        self._replay(active, resume)
+        return active
+
+    @staticmethod
+    def _replay(a: _Active, ids: list[int]) -> None:
+        """Bring a resumed request to where its first runner stopped: the ids join the KV
+        input, and pass through every per-token state (text, stops, tools, grammar) unsent."""
+        for token in ids:
+            a.tokens.append(token)
+            a.completion_tokens += 1
+            a.detokenizer.add_token(token)
+            text, _ = a.stops.feed(a.detokenizer.last_segment)
+            if a.thinking is not None:
+                text, _ = a.thinking.feed(text)
+            if a.tools is not None:
+                a.tools.feed(text)
+            if a.grammar is not None:
+                a.grammar.advance(token)
 
     def _splitter(self, tokens: list[int], req: GenerateRequest) -> thinking.ThinkingSplitter | None:
         """Thinking is split from the answer for chat requests to a reasoning model (a raw
@@ -278,18 +343,17 @@ class BatchLoop:
             cache = make_prompt_cache(self.model)
             if a.speculative:
                 cache += make_prompt_cache(self.draft_model)
-        a.cached_tokens = a.prompt_tokens - len(rest)
+        a.cached_tokens = min(a.prompt_tokens, len(a.tokens) - len(rest))
         a.cache = cache
-        processors = _seeing_history(a.processors, a.tokens[:a.cached_tokens]) or None
         if a.speculative:
             a.solo = speculative_generate_step(
                 mx.array(rest), self.model, self.draft_model, num_draft_tokens=self.num_draft,
-                max_tokens=a.max_tokens, sampler=a.sampler, logits_processors=processors,
-                prompt_cache=cache)
+                max_tokens=a.max_tokens - a.completion_tokens, sampler=a.sampler, prompt_cache=cache,
+                logits_processors=_seeing(a.tokens[:len(a.tokens) - len(rest)], a))
         else:
-            a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens,
-                                   sampler=a.sampler, logits_processors=processors,
-                                   prompt_cache=cache)
+            a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens - a.completion_tokens,
+                                   sampler=a.sampler, prompt_cache=cache,
+                                   logits_processors=_seeing(a.tokens[:len(a.tokens) - len(rest)], a))
         self.solo = a
 
     def _step_solo(self) -> None:
@@ -339,18 +403,30 @@ class BatchLoop:
 
     # -- decoding together ----------------------------------------------------------------
 
-    def _insert_batch(self, a: _Active) -> None:
-        cache, rest = self._cached(MAIN, a.tokens)
-        a.cached_tokens = a.prompt_tokens - len(rest)
-        held = a.prompt_tokens - len(rest)
-        (uid,) = self.generator.insert(
-            [rest], max_tokens=[a.max_tokens], caches=[cache] if cache is not None else None,
-            all_tokens=[a.tokens[:held]], samplers=[a.sampler], logits_processors=[a.processors])
-        a.uid = uid
-        self.batched[uid] = a
+    def _insert_batch(self, starting: list[_Active]) -> None:
+        """One insert for all of them: the generator prefills them as one batch."""
+        prompts, caches, held = [], [], []
+        for a in starting:
+            cache, rest = self._cached(MAIN, a.tokens)
+            kept = len(a.tokens) - len(rest)  # a resumed request's tokens are part of its prompt here
+            a.cached_tokens = min(a.prompt_tokens, kept)
+            prompts.append(rest)
+            caches.append(cache)
+            held.append(a.tokens[:kept])
+        uids = self.generator.insert(
+            prompts, max_tokens=[a.max_tokens - a.completion_tokens for a in starting], caches=caches, all_tokens=held,
+            samplers=[a.sampler for a in starting],
+            logits_processors=[a.processors for a in starting])
+        for uid, a in zip(uids, starting):
+            a.uid = uid
+            self.batched[uid] = a
+        self.stats.batch_inserts.append(len(starting))
 
     def _step_batch(self) -> None:
-        _, responses = self.generator.next()
+        prompt_responses, responses = self.generator.next()
+        prefilled = sum(1 for r in prompt_responses if not r.end_of_prompt)
+        if prefilled:
+            self.stats.prefill_chunks.append(prefilled)
         for r in responses:
             a = self.batched.get(r.uid)
             if a is None:
@@ -402,11 +478,16 @@ class BatchLoop:
             if ending:
                 rest, calls = a.tools.finish()
                 text += rest
+        counted = not (reason == "stop" and token in self.eos)
         if text or thought or (ending and a.pending_logprobs):
-            a.job.emit(TokenEvent(text, token, thinking=thought, logprobs=a.pending_logprobs or None))
-            a.pending_logprobs = []
-        if ending:
-            self._finish(a, "stop" if hit_stop else reason, now, calls)
+            ids = a.unsent + [token] if counted else a.unsent
+            a.job.emit(TokenEvent(text, token, thinking=thought, logprobs=a.pending_logprobs or None,
+                                  ids=ids if ids != [token] else None))
+            a.unsent, a.pending_logprobs = [], []
+        elif counted:
+            a.unsent.append(token)
+        if ending:  # parsed calls are a complete answer, even on the budget's last token
+            self._finish(a, "stop" if hit_stop or calls else reason, now, calls)
             return True
         return False
 
@@ -415,7 +496,35 @@ class BatchLoop:
         if self.solo is a:
             self.solo = None
             self._remember(SPEC if a.speculative else MAIN, a.tokens, a.cache)
+        partial = None
+        unparsed = a.tools.unparsed if a.tools is not None else None
+        if unparsed is not None:  # a required call that did not parse is never passed off as text
+            if reason != "length":
+                a.job.emit(ErrorEvent(forced_failure(unparsed, a.tools.tools), status=500))
+                return
+            partial = [partial_call(unparsed)]
         a.job.emit(DoneEvent(reason, a.prompt_tokens, a.completion_tokens,
                              prompt_seconds=first - a.started, eval_seconds=now - first,
                              cached_tokens=a.cached_tokens, drafted=a.drafted, accepted=a.accepted,
-                             tool_calls=tool_calls or None))
+                             tool_calls=tool_calls or None, partial_tool_calls=partial))
+
+
+def _seeing(cached: list[int], a: _Active) -> list | None:
+    """The request's logits processors, shown the cached prefix of the prompt too.
+
+    generate_step shows its processors only the tokens it is given, so after a prompt-cache hit
+    a repetition penalty would see a shorter history than on a cold run and greedy output would
+    depend on the cache. (The BatchGenerator is given the prefix as `all_tokens`.)
+    """
+    if not a.processors:
+        return None
+    if not cached:
+        return a.processors
+    head = mx.array(cached)
+
+    def seeing(processor):
+        if processor is a.grammar:  # reads only the newest token
+            return processor
+        return lambda tokens, logits: processor(mx.concatenate([head, tokens]), logits)
+
+    return [seeing(p) for p in a.processors]
