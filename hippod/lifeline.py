@@ -54,7 +54,9 @@ def _die_with_parent(parent: int) -> None:
 
     def watch() -> None:
         try:
-            while sys.stdin.buffer.read(1 << 16):
+            # os.read, not sys.stdin: a daemon thread blocked inside the buffered reader holds
+            # its lock, and Python aborts at exit when it cannot take that lock.
+            while os.read(0, 1 << 16):
                 pass
         except OSError:
             pass

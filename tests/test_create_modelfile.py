@@ -102,7 +102,7 @@ def create_error(hippod, body: dict) -> tuple[int, str]:
     ("parameters", {"mirostat": 2}, "mirostat"),
     ("parameters", "temperature 1", "parameters"),
     ("template", '{{ template "other" . }}', "template"),
-    ("template", '{{ printf "%s" .System }}', "printf"),
+    ("template", '{{ printf "%q" .System }}', "%q"),
     ("template", "{{ if .System }}unclosed", "unclosed"),
     ("template", "{{ .Nonsense }}", ".Nonsense"),
     ("system", 7, "system"),
