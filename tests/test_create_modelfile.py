@@ -170,3 +170,35 @@ def test_show_refuses_what_it_does_not_take(hippod):
     assert status == 400 and "verbose" in body["error"]
     status, body = hippod.request("POST", "/api/show", {"model": "no-such-model"})
     assert status == 404
+
+
+def test_files_from_uploaded_blobs_through_the_ollama_client(client, hippod, tmp_path):
+    import hashlib
+    import urllib.request
+
+    from tests import gguf_builders as gb
+
+    gb.build("qwen2", tmp_path / "qwen.gguf")
+    data = (tmp_path / "qwen.gguf").read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    head = urllib.request.Request(f"{hippod.url}/api/blobs/{digest}", method="HEAD")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(head)
+    assert e.value.code == 404
+    assert client.create_blob(tmp_path / "qwen.gguf") == digest
+    assert urllib.request.urlopen(head).status == 200
+
+    client.create(model="from-blobs", files={"qwen.gguf": digest}, system="uploaded")
+    assert client.show("from-blobs").details.family == "qwen2"
+    assert show_raw(hippod, "from-blobs")["system"] == "uploaded"
+
+    wrong = "sha256:" + "ab" * 32
+    req = urllib.request.Request(f"{hippod.url}/api/blobs/{wrong}", data=b"not it", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "mismatch" in json.loads(e.value.read())["error"]
+    req = urllib.request.Request(f"{hippod.url}/api/blobs/../../etc", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code in (400, 404)
+    assert not list((hippod.home / "tmp").glob("upload-*"))
