@@ -124,7 +124,8 @@ async def serve(settings: Settings, started: float) -> None:
     cluster = app["cluster"] = Cluster(settings, store, registry, scheduler, node)
     # -- end cluster --
     from hippod.cluster.splits import Splits  # pipeline split (issue 6): one model over several nodes
-    splits = app["splits"] = scheduler.splits = Splits(settings, scheduler, registry, cluster)
+    splits = app["splits"] = Splits(settings, scheduler, registry, cluster)
+    scheduler.placer, scheduler.factory = splits, splits.factory(scheduler.start_local)
     # After drain() and the runners' stop, handlers left (a pull, say) get this long, then are cancelled.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()

@@ -53,9 +53,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
     def watch() -> None:
+        # os.read on the raw descriptor, not sys.stdin: a daemon thread blocked inside the
+        # buffered reader makes the interpreter abort at exit (it cannot take the reader's lock).
         try:
-            # os.read, not sys.stdin: a daemon thread blocked inside the buffered reader holds
-            # its lock, and Python aborts at exit when it cannot take that lock.
             while os.read(0, 1 << 16):
                 pass
         except OSError:

@@ -68,7 +68,7 @@ async def ps(request: web.Request) -> web.Response:
                           "device": device,
                           "load_seconds": round(m.load_seconds, 3), "estimate": m.estimate,
                           "node": _scheduler(request).node}
-        split = getattr(m.runner, "split", None)  # pipeline split (issue 6): node -> layers, bytes
+        split = m.runner.placement  # a model split across nodes: node -> layers, bytes
         if split:
             entry["hippo"]["split"] = split
         out.append(entry)
