@@ -114,6 +114,8 @@ def create_error(hippod, body: dict) -> tuple[int, str]:
     ("files", {"../escape.gguf": "sha256:" + "0" * 64}, "unsafe file name"),
     ("files", {"model.gguf": "sha256:" + "1" * 64}, "not found"),
     ("modelfile", "FROM smollm2", "modelfile"),
+    ("renderer", "qwen3-coder", "renderer"),
+    ("parser", "qwen3-coder", "parser"),
     ("frobnicate", True, "frobnicate"),
 ])
 def test_each_bad_create_field_is_a_400_naming_it(hippod, field, value, named):
@@ -153,12 +155,16 @@ def test_quantize_makes_mlx_affine_weights(client, hippod, tiny_model_dir, level
 
 def test_show_verbose_lists_tensors_and_the_vocabulary(client, hippod):
     plain = client.show("smollm2")
-    assert plain.modelinfo["tokenizer.ggml.tokens"] is None and "tensors" not in show_raw(
+    assert plain.modelinfo["tokenizer.ggml.tokens"] == [] and "tensors" not in show_raw(
         hippod, "smollm2")
     full = show_raw(hippod, "smollm2", verbose=True)
     assert len(full["model_info"]["tokenizer.ggml.tokens"]) == 49152
     assert full["model_info"]["llama.block_count"] == 30
     assert full["model_info"]["llama.attention.head_count_kv"] == 3
+    assert full["model_info"]["general.file_type"] == 3  # Q4_1
+    assert full["model_info"]["tokenizer.ggml.pre"] == "smollm"
+    types = full["model_info"]["tokenizer.ggml.token_type"]
+    assert len(types) == 49152 and types[0] == 3 and types[1000] == 1
     tensors = {t["name"]: t for t in full["tensors"]}
     assert tensors["model.embed_tokens.weight"]["type"] == "U32"
 
