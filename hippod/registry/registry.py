@@ -347,6 +347,27 @@ class Registry:
                 self.store.delete_model(name)
             self._collect_garbage()
 
+    def has_blob(self, sha256: str) -> bool:
+        path = self.blob_path(sha256)
+        return path.is_file() and not path.is_symlink()
+
+    def adopt_upload(self, tmp: Path, sha256: str, actual: str) -> bool:
+        """Move an uploaded file (already hashed to `actual`) into the blob store as `sha256`.
+
+        It gets no store row until a model uses it (so garbage collection leaves it alone; the
+        start-up prune removes it if no create ever does, as Ollama's prune does)."""
+        try:
+            if actual != sha256:
+                raise RegistryError(f"blob digest mismatch: the body hashes to sha256:{actual}, "
+                                    f"not sha256:{sha256}")
+            if self.has_blob(sha256):
+                return False
+            os.chmod(tmp, BLOB_MODE)
+            os.replace(tmp, self.blob_path(sha256))
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
     async def _create_from_blobs(self, name: str, files: dict, progress: Progress | None
                                  ) -> ModelRecord:
         """Ollama's `files`: {file name: "sha256:<hex>"} of blobs uploaded with /api/blobs."""
@@ -354,7 +375,7 @@ class Registry:
         for fname, digest in sorted(files.items()):
             hexdigest = digest.removeprefix("sha256:")
             path = self.blob_path(hexdigest)
-            if not path.is_file():
+            if not self.has_blob(hexdigest):
                 raise RegistryError(f"files: blob {digest} for {fname!r} not found "
                                     "(upload it with POST /api/blobs/{digest} first)")
             manifest.append({"name": fname, "sha256": hexdigest, "size": path.stat().st_size})
