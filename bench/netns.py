@@ -158,7 +158,6 @@ def shaped(ns: str, ifname: str, rate: str) -> Iterator[None]:
     finally:
         subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", ifname, "root"],
                        capture_output=True)
-<<<<<<< HEAD
 
 
 def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path) -> tuple[int, float]:
@@ -201,5 +200,3 @@ def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path) -> tuple[int, 
     if "error" in sent:
         raise sent["error"]
     return n, seconds
-=======
->>>>>>> main
