@@ -27,8 +27,8 @@ from hippoctl.tables import (go_duration, human_bytes, human_number, human_time,
 
 def create(client: Client, args: argparse.Namespace) -> None:
     body = {"model": args.model, "from": _source(args.source)}
-    if args.draft is not None:
-        body["draft"] = args.draft
+    if args.draft is not None:  # a model's name, or a draft directory (a DFlash draft, a model)
+        body["draft"] = _source(args.draft) if args.draft and os.path.isdir(args.draft) else args.draft
     follow_progress(client.stream("/api/create", body))
 
 
@@ -413,8 +413,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("model", help="name of the new model"),
         arg("-f", "--from", dest="source", required=True,
             help="a .gguf file, an MLX model directory, or an existing model's name"),
-        arg("--draft", help="a smaller model of the same tokenizer that drafts tokens for this one "
-            "(speculative decoding; '' removes it)"),
+        arg("--draft", help="what drafts tokens for this one (speculative decoding): a smaller model "
+            "of the same tokenizer, or a DFlash draft directory; '' removes it"),
     )),
     Command("show", show, "Show information for a model", (
         arg("model"), JSON,

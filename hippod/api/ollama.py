@@ -204,7 +204,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     registry = _registry(request)
     registry.normalize(name)
     stream = get(body, "stream", bool, True)
-    draft = get(body, "draft", str)  # hippo: the model that drafts for this one (speculative)
+    # hippo: what drafts for this one (speculative decoding): a model's name, or a directory
+    # (a draft model, or a DFlash draft) imported as `<name>-draft`.
+    draft = get(body, "draft", str)
+    draft_dir = draft if draft and draft.startswith(("/", "~")) else None
+    if draft_dir:
+        draft = registry.normalize(name).rsplit(":", 1)[0] + "-draft"
     if draft:
         registry.normalize(draft)
 
@@ -213,6 +218,8 @@ async def create(request: web.Request) -> web.StreamResponse:
             await registry.create(name, source, progress)
         else:
             registry.copy(source, name)
+        if draft_dir:
+            await registry.create(draft, draft_dir, progress)
         if draft is not None:
             registry.set_draft(name, draft)
 

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, generate_step, speculative_generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
 from hippod.engine.embeddings import embed_texts
 from hippod.engine.grammar import make_grammar_processor
 from hippod.engine.prompts import PromptError, render_prompt
-from hippod.engine.sampling import make_request_processors, make_request_sampler
+from hippod.engine.sampling import (make_logits_shape, make_request_processors, make_request_sampler,
+                                   request_key)
+from hippod.engine.speculative import Decoding, DraftPolicy, Stats, speculative_stream, trim_to
 from hippod.engine.stops import StopMatcher
 from hippod.engine.tool_calls import ToolCallBuffer, forced_call_grammar, prepare_request, uses_tools
 from hippod.protocol import (
@@ -70,6 +72,7 @@ class _Active:
     solo: object = None  # the generate_step iterator while decoding alone
     cache: list | None = None  # the solo KV cache
     speculative: bool = False
+    spec: Stats | None = None  # drafted/accepted of a speculative solo stream
     first_token_at: float | None = None
     completion_tokens: int = 0
     drafted: int = 0
@@ -80,15 +83,17 @@ class _Active:
 
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
-                 info: Callable[[int], object], draft_model=None, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30):
+                 info: Callable[[int], object], drafter=None, num_draft: int = 3,
+                 prompt_cache_bytes: int = 2 * 2**30, on_speculation=None):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
         self.context_length = context_length
         self.info = info
-        self.draft_model = draft_model
-        self.num_draft = num_draft
+        # A drafter (drafts.ModelDrafter, dflash.DFlashDraft) speculates for solo requests.
+        self.drafter = drafter
+        self.num_draft = getattr(drafter, "block_size", num_draft + 1) - 1 if drafter else 0
+        self.on_speculation = on_speculation  # called (drafted, accepted) per finished stream
         self.num_layers = len(make_prompt_cache(model))
         self.eos = set(tokenizer.eos_token_ids)
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -232,7 +237,12 @@ class BatchLoop:
         return cache, rest
 
     def _remember(self, namespace: str, tokens: list[int], cache: list) -> None:
-        held = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
+        """Keep a finished sequence's KV under the tokens it holds. The caches of one entry
+        (target and draft) are trimmed to one length first: a speculative round may have left
+        them a token apart, or past the tokens the request kept."""
+        if not cache or not all(hasattr(c, "offset") for c in cache):
+            return
+        held = trim_to(cache, len(tokens))
         if held > 0:
             self.prompt_cache.insert_cache(namespace, list(tokens[:held]), cache)
 
@@ -240,20 +250,17 @@ class BatchLoop:
 
     def _start_solo(self, a: _Active) -> None:
         # Drafts are checked and rolled back: a grammar's matcher cannot follow that.
-        a.speculative = self.draft_model is not None and a.grammar is None
+        a.speculative = self.drafter is not None and a.grammar is None
         namespace = SPEC if a.speculative else MAIN
         cache, rest = self._cached(namespace, a.tokens)
         if cache is None:
             cache = make_prompt_cache(self.model)
             if a.speculative:
-                cache += make_prompt_cache(self.draft_model)
+                cache += self.drafter.make_cache()
         a.cached_tokens = a.prompt_tokens - len(rest)
         a.cache = cache
         if a.speculative:
-            a.solo = speculative_generate_step(
-                mx.array(rest), self.model, self.draft_model, num_draft_tokens=self.num_draft,
-                max_tokens=a.max_tokens, sampler=a.sampler, logits_processors=a.processors or None,
-                prompt_cache=cache)
+            a.solo = self._speculate(a)
         else:
             a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens,
                                    sampler=a.sampler, logits_processors=a.processors or None,
@@ -268,12 +275,6 @@ class BatchLoop:
             self._finish(a, "length", time.perf_counter())
             return
         token = int(item[0])
-        if a.speculative:
-            # Each verification round proposes num_draft tokens and ends on a target token.
-            if item[2]:
-                a.accepted += 1
-            elif a.completion_tokens > 0:
-                a.drafted += self.num_draft
         a.tokens.append(token)
         reason = None
         if token in self.eos:
@@ -283,19 +284,33 @@ class BatchLoop:
         if self._deliver(a, token, reason):
             return
 
+    def _speculate(self, a: _Active):
+        """The solo speculative stream of `a`: its draft state, its sampling, its policy."""
+        target, draft = a.cache[: self.num_layers], a.cache[self.num_layers:]
+        opts = a.job.request.options
+        policy = DraftPolicy(self.num_draft)
+        a.spec = Stats()
+        stream = speculative_stream(
+            self.model, self.drafter.proposer(draft), target, a.tokens, max_tokens=a.max_tokens,
+            num_draft=policy, decoding=Decoding(make_logits_shape(opts), a.processors, request_key(opts)),
+            stats=a.spec, on_round=policy.record)
+        return stream
+
+    def _count_speculation(self, a: _Active) -> None:
+        a.drafted, a.accepted = a.spec.drafted, a.spec.accepted
+        if self.on_speculation is not None and a.spec.drafted:
+            self.on_speculation(a.spec.drafted, a.spec.accepted)
+
     def _move_solo_to_batch(self) -> None:
         """A second request arrived: continue the solo sequence inside the BatchGenerator."""
         a, self.solo = self.solo, None
         a.solo.close()
         cache = a.cache[: self.num_layers]
-        if a.speculative:
-            self._remember(SPEC, a.tokens, a.cache)
         # The cache must hold every token but the last, which the batch feeds in next.
-        held = cache[0].offset
-        target = len(a.tokens) - 1
-        if held > target:
-            trim_prompt_cache(cache, held - target)
-            held = target
+        held = trim_to(a.cache if a.speculative else cache, len(a.tokens) - 1)
+        if a.speculative:
+            self._count_speculation(a)
+            self._remember(SPEC, a.tokens, a.cache)
         remaining = a.max_tokens - a.completion_tokens
         if a.grammar is not None:  # the batch shows it the last token, already consumed, again
             a.grammar.expect_repeat()
@@ -373,6 +388,8 @@ class BatchLoop:
         first = a.first_token_at or now
         if self.solo is a:
             self.solo = None
+            if a.speculative:
+                self._count_speculation(a)
             self._remember(SPEC if a.speculative else MAIN, a.tokens, a.cache)
         a.job.emit(DoneEvent(reason, a.prompt_tokens, a.completion_tokens,
                              prompt_seconds=first - a.started, eval_seconds=now - first,
