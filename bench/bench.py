@@ -341,7 +341,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", action="append", choices=sorted(SHAPES))
     ap.add_argument("--model-dir", type=Path, help="benchmark this MLX model directory instead "
-                    "(e.g. tests.modelfiles.smollm2_mlx_dir())")
+                    "(e.g. bench.models.smollm2_mlx_dir())")
     ap.add_argument("--smollm2", action="store_true", help="benchmark the real SmolLM2-135M (CPU-sized)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="8,32")
@@ -354,13 +354,13 @@ def main() -> int:
     args = ap.parse_args()
     shapes = args.shape or ([] if args.model_dir or args.smollm2 else ["tiny"])
     if args.smollm2:
-        from tests.modelfiles import smollm2_mlx_dir
+        from bench.models import smollm2_mlx_dir
         args.model_dir = smollm2_mlx_dir()
     if args.model_dir:
         shapes.append(str(args.model_dir))
     conc = [1] + [int(c) for c in args.concurrency.split(",") if c]
     if args.tokenizer is None and any(s in SHAPES for s in shapes):
-        from tests.modelfiles import smollm2_mlx_dir
+        from bench.models import smollm2_mlx_dir
         args.tokenizer = smollm2_mlx_dir()
     args.work.mkdir(parents=True, exist_ok=True)
     import mlx.core as mx

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from hippod.registry.modelinfo import inspect_model_dir  # noqa: E402
 from hippod.scheduler import RUNNER_OVERHEAD, kv_cache_bytes  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
-from tests.modelfiles import make_tiny_llama, smollm2_mlx_dir  # noqa: E402
+from bench.daemon import Daemon  # noqa: E402
+from bench.models import make_tiny_llama, smollm2_mlx_dir  # noqa: E402
 
 NUM_CTX, NUM_PARALLEL = 2048, 4
 

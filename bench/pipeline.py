@@ -52,7 +52,7 @@ async def decode_rate(runner: RunnerProcess, tokens: int, round_: int) -> float:
 
 
 async def main(args) -> None:
-    from tests.modelfiles import smollm2_mlx_dir
+    from bench.models import smollm2_mlx_dir
 
     model = Path(args.model) if args.model else smollm2_mlx_dir()
     layers = json.loads((model / "config.json").read_text()).get("num_hidden_layers")

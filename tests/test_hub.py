@@ -271,7 +271,7 @@ def test_every_catalog_entry_resolves_and_its_draft_exists():
     for key, entry in catalog.items():
         assert key == f"{entry.name}:{entry.tag}"
         assert resolve(entry.name, entry.tag) == entry
-        assert entry.repo.startswith("mlx-community/")
+        assert entry.repo.startswith("mlx-community/") or entry.package is not None
         if entry.draft:
             draft = resolve(entry.draft, "latest")
             assert draft is not None and draft.draft is None

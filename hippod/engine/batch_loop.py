@@ -3,8 +3,15 @@
 mlx_lm's BatchGenerator costs about twice the per-token time of generate_step for a single
 sequence (measured on an H100: 257 vs 579 tok/s for a 1B 4-bit model), and one user typing to a
 Mac is the common case. So a request that arrives alone runs on generate_step (or
-speculative_generate_step when the model has a draft); the moment a second request arrives,
+hippod.engine.speculative when the model has a draft); the moment a second request arrives,
 the running one moves into the BatchGenerator with its KV cache, and both continue batched.
+
+Admission: whatever is queued when the loop picks up work starts together. A request that finds
+the runner idle and nothing else queued starts alone at once (no wait window); requests that
+arrive together (a burst) are inserted into the BatchGenerator in one call, so they share one
+batched prefill instead of the first decoding alone and the rest prefilling behind it. A prompt
+that joins a running batch is prefilled in chunks of `prefill_step_size` tokens, one chunk per
+decoding step, so the streams already running keep producing a token every step.
 
 Jobs arrive from the socket side through a thread-safe queue; events go back through each job's
 `emit` callback. Cancelling a job removes it at the next step, so a client that disconnects
@@ -47,6 +54,21 @@ from hippod.protocol import (
 log = logging.getLogger("hippo.runner")
 MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
+PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
+PREFILL_BATCH = 8  # prompts prefilled together in one forward pass
+
+
+@dataclass
+class AdmissionStats:
+    """What admission did, for the runner's info answer and for tests."""
+
+    solo_starts: int = 0  # requests that found the runner idle and started alone
+    batch_inserts: list = field(default_factory=list)  # sizes of each insert into the generator
+    prefill_chunks: list = field(default_factory=list)  # sequences in each batched prefill step
+
+    def as_dict(self) -> dict:
+        return {"solo_starts": self.solo_starts, "batch_inserts": self.batch_inserts[-64:],
+                "prefill_chunks": self.prefill_chunks[-64:]}
 
 
 @dataclass
@@ -84,7 +106,8 @@ class _Active:
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
                  info: Callable[[int], object], drafter=None, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30, on_speculation=None):
+                 prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP,
+                 on_speculation=None):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
@@ -101,11 +124,13 @@ class BatchLoop:
         self.batched: dict[int, _Active] = {}
         self.solo: _Active | None = None
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
+        self.stats = AdmissionStats()
         self.generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=num_parallel,
-            prefill_batch_size=min(num_parallel, 8),
+            prefill_batch_size=min(num_parallel, PREFILL_BATCH),
+            prefill_step_size=prefill_step_size,
         )
 
     def submit(self, job: Job) -> None:
@@ -175,23 +200,51 @@ class BatchLoop:
             self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
 
     def _admit(self) -> None:
-        while self.waiting and self.running < self.num_parallel:
+        starting = self._prepare_waiting()
+        if not starting:
+            return
+        if self.running == 0 and len(starting) == 1:
+            self.stats.solo_starts += 1
+            self._start(self._start_solo, starting[0])
+            return
+        if self.solo is not None:
+            self._move_solo_to_batch()
+        self._start(self._insert_batch, starting)
+
+    def _prepare_waiting(self) -> list[_Active]:
+        """Prepare every queued request there is room for. After one pass the inbox is read
+        again: requests that came in while the first ones were tokenized join them."""
+        starting: list[_Active] = []
+        looked_again = False
+        while self.running + len(starting) < self.num_parallel:
+            if not self.waiting:
+                if looked_again:
+                    break
+                looked_again = True
+                self._take_new(block=False)
+                continue
             job = self.waiting.popleft()
-            try:
-                active = self._prepare(job)
-                if active is None:
-                    continue
-                if self.running == 0 and not self.waiting:
-                    self._start_solo(active)
-                else:
-                    if self.solo is not None:
-                        self._move_solo_to_batch()
-                    self._insert_batch(active)
-            except PromptError as e:
-                job.emit(ErrorEvent(str(e), status=400))
-            except Exception as e:  # a bad request must not take the runner down
-                log.exception("could not start request")
-                job.emit(ErrorEvent(f"could not start generation: {e}", status=500))
+            active = self._start(self._prepare, job)
+            if active is not None:
+                starting.append(active)
+        return starting
+
+    def _start(self, step: Callable, arg):
+        """Run one admission step; a bad request gets its error and never takes the runner down."""
+        try:
+            return step(arg)
+        except PromptError as e:
+            for a in arg if isinstance(arg, list) else [arg]:
+                self._job_of(a).emit(ErrorEvent(str(e), status=400))
+        except Exception as e:
+            log.exception("could not start request")
+            for a in arg if isinstance(arg, list) else [arg]:
+                self._job_of(a).emit(ErrorEvent(f"could not start generation: {e}", status=500))
+        return None
+
+    @staticmethod
+    def _job_of(item) -> Job:
+        return item if isinstance(item, Job) else item.job
 
     def _prepare(self, job: Job) -> _Active | None:
         req: GenerateRequest = job.request
@@ -322,18 +375,29 @@ class BatchLoop:
 
     # -- decoding together ----------------------------------------------------------------
 
-    def _insert_batch(self, a: _Active) -> None:
-        cache, rest = self._cached(MAIN, a.tokens)
-        a.cached_tokens = a.prompt_tokens - len(rest)
-        held = a.prompt_tokens - len(rest)
-        (uid,) = self.generator.insert(
-            [rest], max_tokens=[a.max_tokens], caches=[cache] if cache is not None else None,
-            all_tokens=[a.tokens[:held]], samplers=[a.sampler], logits_processors=[a.processors])
-        a.uid = uid
-        self.batched[uid] = a
+    def _insert_batch(self, starting: list[_Active]) -> None:
+        """One insert for all of them: the generator prefills them as one batch."""
+        prompts, caches, held = [], [], []
+        for a in starting:
+            cache, rest = self._cached(MAIN, a.tokens)
+            a.cached_tokens = a.prompt_tokens - len(rest)
+            prompts.append(rest)
+            caches.append(cache)
+            held.append(a.tokens[:a.cached_tokens])
+        uids = self.generator.insert(
+            prompts, max_tokens=[a.max_tokens for a in starting], caches=caches, all_tokens=held,
+            samplers=[a.sampler for a in starting],
+            logits_processors=[a.processors for a in starting])
+        for uid, a in zip(uids, starting):
+            a.uid = uid
+            self.batched[uid] = a
+        self.stats.batch_inserts.append(len(starting))
 
     def _step_batch(self) -> None:
-        _, responses = self.generator.next()
+        prompt_responses, responses = self.generator.next()
+        prefilled = sum(1 for r in prompt_responses if not r.end_of_prompt)
+        if prefilled:
+            self.stats.prefill_chunks.append(prefilled)
         for r in responses:
             a = self.batched.get(r.uid)
             if a is None:

