@@ -9,8 +9,10 @@ is checked against the exact distribution on a toy vocabulary.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
+import time
 
 import mlx.core as mx
 import pytest
@@ -115,6 +117,32 @@ def test_greedy_output_is_plain_output_for_draft_model_and_dflash(daemon_factory
     # Sampled decoding speculates too (its distribution is the target's: see the unit test).
     sampled = _generate(d, "drafted", PROMPTS[0], temperature=0.8, seed=3)
     assert sampled["eval_count"] == 16 and sampled["draft_count"] > 0
+
+    # Two at once: the long one drafts alone, joins the batch (no drafting there), and drafts
+    # again once the short one is done; its answer is still the plain one.
+    long_alone = _generate(d, "plain", PROMPTS[1], num_predict=64)["response"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_generate, d, "drafted", PROMPTS[1], num_predict=64)
+        time.sleep(0.1)
+        short = pool.submit(_generate, d, "drafted", PROMPTS[0], num_predict=3)
+        assert long.result()["response"] == long_alone
+        assert short.result()["eval_count"] == 3
+
+    # /metrics counts what was drafted and kept, per model.
+    status, text = d.request("GET", "/metrics")
+    assert status == 200
+    drafted = _sample(text, 'hippo_speculative_drafted_tokens_total{model="drafted:latest"}')
+    accepted = _sample(text, 'hippo_speculative_accepted_tokens_total{model="drafted:latest"}')
+    assert drafted > 0 and 0 < accepted <= drafted, (drafted, accepted)
+    assert _sample(text, 'hippo_speculative_drafted_tokens_total{model="flash:latest"}') > 0
+    assert 'hippo_speculative_drafted_tokens_total{model="plain:latest"}' not in text
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in /metrics")
 
 
 def test_greedy_output_is_plain_output_for_self_draft(daemon_factory, dirs):

@@ -53,6 +53,7 @@ from hippod.protocol import (
 
 log = logging.getLogger("hippo.runner")
 MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
+RESUME_MIN_TOKENS = 16  # a sequence left alone drafts again only with this many still to go
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
 PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
 PREFILL_BATCH = 8  # prompts prefilled together in one forward pass
@@ -106,8 +107,7 @@ class _Active:
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
                  info: Callable[[int], object], drafter=None, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP,
-                 on_speculation=None):
+                 prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
@@ -116,7 +116,6 @@ class BatchLoop:
         # A drafter (drafts.ModelDrafter, dflash.DFlashDraft) speculates for solo requests.
         self.drafter = drafter
         self.num_draft = getattr(drafter, "block_size", num_draft + 1) - 1 if drafter else 0
-        self.on_speculation = on_speculation  # called (drafted, accepted) per finished stream
         self.num_layers = len(make_prompt_cache(model))
         self.eos = set(tokenizer.eos_token_ids)
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -337,22 +336,44 @@ class BatchLoop:
         if self._deliver(a, token, reason):
             return
 
-    def _speculate(self, a: _Active):
+    def _speculate(self, a: _Active, proposer=None):
         """The solo speculative stream of `a`: its draft state, its sampling, its policy."""
         target, draft = a.cache[: self.num_layers], a.cache[self.num_layers:]
         opts = a.job.request.options
         policy = DraftPolicy(self.num_draft)
         a.spec = Stats()
         stream = speculative_stream(
-            self.model, self.drafter.proposer(draft), target, a.tokens, max_tokens=a.max_tokens,
+            self.model, proposer or self.drafter.proposer(draft), target, a.tokens,
+            max_tokens=a.max_tokens - a.completion_tokens,
             num_draft=policy, decoding=Decoding(make_logits_shape(opts), a.processors, request_key(opts)),
             stats=a.spec, on_round=policy.record)
         return stream
 
+    def _speculate_again(self) -> None:
+        """Speculation is decided per step: it runs while a sequence decodes alone, since the
+        batch path has no draft. When a batch is down to its last sequence, that one leaves the
+        BatchGenerator and drafts again, once its draft model has read the context. A DFlash
+        draft would need the target's hidden states of the whole context, so it stays."""
+        if (self.drafter is None or getattr(self.drafter, "kind", "") != "model" or self.solo is not None
+                or self.waiting or len(self.batched) != 1):
+            return
+        uid, a = next(iter(self.batched.items()))
+        if a.grammar is not None or a.max_tokens - a.completion_tokens < RESUME_MIN_TOKENS:
+            return
+        (cache, _), = self.generator.remove([uid], return_prompt_caches=True).values()
+        del self.batched[uid]
+        trim_to(cache, len(a.tokens) - 1)
+        draft = self.drafter.make_cache()
+        proposer = self.drafter.proposer(draft)
+        proposer.prefill(a.tokens[:cache[0].offset], None)
+        a.uid, a.cache, a.speculative = None, list(cache) + draft, True
+        a.solo = self._speculate(a, proposer)
+        self.solo = a
+
     def _count_speculation(self, a: _Active) -> None:
-        a.drafted, a.accepted = a.spec.drafted, a.spec.accepted
-        if self.on_speculation is not None and a.spec.drafted:
-            self.on_speculation(a.spec.drafted, a.spec.accepted)
+        a.drafted += a.spec.drafted
+        a.accepted += a.spec.accepted
+        a.spec = Stats()
 
     def _move_solo_to_batch(self) -> None:
         """A second request arrived: continue the solo sequence inside the BatchGenerator."""
@@ -415,6 +436,7 @@ class BatchLoop:
                 self.batched.pop(r.uid, None)
                 for cache, tokens in caches.values():
                     self._remember(MAIN, tokens, cache)
+        self._speculate_again()
 
     # -- shared ---------------------------------------------------------------------------
 

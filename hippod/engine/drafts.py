@@ -13,7 +13,7 @@ import copy
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from hippod.engine.speculative import Decoding, decoder_of
+from hippod.engine.speculative import PREFILL_STEP, Decoding, decoder_of
 
 
 def self_draft(model, num_layers: int):
@@ -62,8 +62,8 @@ class ModelProposer:
     def prefill(self, tokens: list[int], features) -> None:
         tokens = self.behind + list(tokens)
         self.behind = []
-        if tokens:
-            self.model(mx.array(tokens, mx.uint32)[None], cache=self.cache)
+        for start in range(0, len(tokens), PREFILL_STEP):
+            self.model(mx.array(tokens[start:start + PREFILL_STEP], mx.uint32)[None], cache=self.cache)
             mx.eval([c.state for c in self.cache])
 
     def propose(self, pending: int, n: int, history: list[int], decoding: Decoding):
