@@ -37,7 +37,10 @@ class Daemon:
         self.port = port or free_port(host if netns is None else "127.0.0.1")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HIPPO_")}
         self.env.update({"HIPPO_HOME": str(self.home), "HIPPO_DISCOVERY": "false",
-                         "HIPPO_KEEP_ALIVE": "10m", "PYTHONUNBUFFERED": "1"})
+                         "HIPPO_KEEP_ALIVE": "10m", "PYTHONUNBUFFERED": "1",
+                         # A warm spare runner costs a shared CPU an interpreter per daemon:
+                         # tests and benchmarks that measure it turn it on.
+                         "HIPPO_SPARE_RUNNER": "0"})
         self.env.update(env or {})
         self.args = args or []
         self.netns = netns

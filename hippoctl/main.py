@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from hippoctl import cluster_cmds, service
+from hippoctl import bench, cluster_cmds, machine, search, service
 from hippoctl.client import Client, HippoError, base_url
 from hippoctl.tables import (go_duration, human_bytes, human_number, human_time, parse_time,
                              table)
@@ -448,6 +448,15 @@ COMMANDS: tuple[Command, ...] = (
     Command("cp", copy, "Copy a model", (arg("source"), arg("destination"))),
     Command("rm", remove, "Remove one or more models", (arg("models", nargs="+", metavar="model"),)),
     Command("version", version, "Show the daemon's version"),
+    Command("serve", lambda client, args: machine.serve(args.flags),
+            "Start hippod in the foreground (takes hippod's flags: --host --port --home ...)",
+            (arg("flags", nargs=argparse.REMAINDER, help="hippod's flags; see `hippod --help`"),)),
+    Command("info", machine.info, "Show this machine: chip, memory, MLX device, budget, home, disk",
+            machine.INFO_ARGS),
+    Command("bench", bench.bench, "Benchmark a model through the daemon: prompt and decode "
+            "tok/s, time to first token", bench.BENCH_ARGS),
+    Command("search", search.search, "Search the Hugging Face hub for MLX and GGUF models",
+            search.SEARCH_ARGS),
     # operations (issue 8): hippoctl/service.py
     Command("service", service.service, "Install, remove or check hippod as a login service "
             "(launchd on macOS, systemd --user on Linux)", (
@@ -500,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # every flag after it is hippod's, --help included
+        return machine.serve(argv[1:])
     parser = build_parser()
     # `run MODEL --temperature 0 "prompt"`: argparse leaves a prompt typed after the options
     # unparsed; it belongs to the prompt, as in `ollama run`.

@@ -62,6 +62,7 @@ class Settings:
     cache_dir: str | None = None
     # Runner
     runner_python: str | None = None  # interpreter for runner processes; default: this one
+    spare_runner: bool = True  # keep one warm runner process ready for the next load
     log_level: str = "info"
 
     @property

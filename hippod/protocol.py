@@ -69,6 +69,9 @@ class DoneEvent:
     # Calls parsed from the answer (their text was not streamed): [{"name", "arguments": {...}}],
     # "id" too when the model wrote one. None when the request had no tools or made no call.
     tool_calls: list[dict] | None = None
+    # A required call (tool_choice "required" or named) that the token limit cut short, with
+    # done_reason "length": [{"name": what was written of it, "arguments": the raw JSON so far}].
+    partial_tool_calls: list[dict] | None = None
     type: str = "done"
 
 
@@ -113,9 +116,20 @@ class ReadyEvent:
     type: str = "ready"
 
 
+@dataclass
+class SpareReadyEvent:
+    """Printed by a spare runner (started with --spare) once MLX is imported and the device warm;
+    it then waits for one stdin line, {"argv": [...]}, naming the model to load."""
+
+    pid: int
+    rss_bytes: int
+    warm_seconds: float
+    type: str = "spare"
+
+
 _REQUESTS = {"generate": GenerateRequest, "embed": EmbedRequest, "info": InfoRequest}
 _EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorEvent, "embeddings": EmbedResult,
-           "info": InfoResult, "ready": ReadyEvent}
+           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent}
 
 
 def encode(message: Any) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from hippod.protocol import (
     InfoRequest,
     InfoResult,
     ReadyEvent,
+    SpareReadyEvent,
     decode_event,
     encode,
 )
@@ -74,19 +76,19 @@ class RunnerProcess:
     def alive(self) -> bool:
         return self.proc is not None and not self.exited.is_set()
 
-    async def start(self, timeout: float) -> ReadyEvent:
-        """Spawn the runner and wait for its ready line. Any failure, a timeout or the caller
-        being cancelled kills the process: a load that did not finish leaves nothing behind."""
+    async def start(self, timeout: float, spare: RunnerProcess | None = None) -> ReadyEvent:
+        """Spawn the runner, or hand the model to a warm `spare`, and wait for its ready line.
+        Any failure, a timeout or the caller being cancelled kills the process: a load that did
+        not finish leaves nothing behind."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "hippod.engine.runner", "--model", str(self.model_dir),
-            "--socket", str(self.socket_path), "--num-parallel", str(self.num_parallel),
-            "--context-length", str(self.context_length), *self.extra_args,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env},
-        )
-        self._watchers.append(asyncio.ensure_future(self._pump(self.proc.stderr)))
+        argv = ["--model", str(self.model_dir), "--socket", str(self.socket_path),
+                "--num-parallel", str(self.num_parallel), "--context-length", str(self.context_length),
+                *self.extra_args]
+        if spare is not None and spare.alive and not self.extra_env:
+            self._adopt(spare)
+            self.proc.stdin.write(json.dumps({"argv": argv}).encode() + b"\n")
+        else:
+            await self._spawn(argv)
         try:
             event = await asyncio.wait_for(self._read_ready(), timeout)
         except asyncio.TimeoutError:
@@ -103,6 +105,9 @@ class RunnerProcess:
         if isinstance(event, ErrorEvent):
             await self.kill()
             raise RunnerError(event.message)
+        if not isinstance(event, ReadyEvent):
+            await self.kill()
+            raise RunnerError(f"runner sent {event.type!r} instead of its ready line")
         self.ready = event
         # From here on nobody reads stdout for protocol: drain it into the log, or a library
         # that prints would fill the pipe and freeze the runner.
@@ -110,7 +115,36 @@ class RunnerProcess:
         self._watchers.append(asyncio.ensure_future(self._watch_exit()))
         return event
 
-    async def _read_ready(self) -> ReadyEvent | ErrorEvent | None:
+    async def _spawn(self, argv: list[str]) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            self.python, "-m", "hippod.engine.runner", *argv,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env},
+        )
+        self._watchers.append(asyncio.ensure_future(self._pump(self.proc.stderr)))
+
+    async def start_spare(self, timeout: float) -> SpareReadyEvent:
+        """Start a runner with no model (`--spare`); `start(spare=this)` later names the model."""
+        await self._spawn(["--spare"])
+        try:
+            event = await asyncio.wait_for(self._read_ready(), timeout)
+        except BaseException:
+            await self.kill()
+            raise
+        if not isinstance(event, SpareReadyEvent):
+            await self.kill()
+            raise RunnerError("spare runner did not start: " + self.stderr_tail())
+        self._watchers.append(asyncio.ensure_future(self._watch_exit()))
+        return event
+
+    def _adopt(self, spare: RunnerProcess) -> None:
+        """Take over the spare's process, its stderr pump and what it said so far."""
+        self.proc, spare.proc = spare.proc, None
+        self._watchers, spare._watchers = spare._watchers, []
+        self._stderr_tail = spare._stderr_tail
+
+    async def _read_ready(self) -> ReadyEvent | SpareReadyEvent | ErrorEvent | None:
         """The first protocol line on stdout; other output (a library's print) goes to the log."""
         while True:
             try:
@@ -124,7 +158,7 @@ class RunnerProcess:
             except (ValueError, KeyError, TypeError):
                 self._log_line(line)
                 continue
-            if isinstance(event, (ReadyEvent, ErrorEvent)):
+            if isinstance(event, (ReadyEvent, SpareReadyEvent, ErrorEvent)):
                 return event
             self._log_line(line)
 

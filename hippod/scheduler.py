@@ -30,6 +30,7 @@ from hippod.config import Settings, fmt_bytes
 from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-exported)
 from hippod.registry.registry import Registry, RegistryError
 from hippod.runner_process import RunnerProcess
+from hippod.spare import SparePool
 from hippod.store.database import Store
 from hippod.store.records import ModelRecord
 
@@ -169,6 +170,8 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()  # keep background tasks referenced until done
         self._closed = False
         self.splits = None  # pipeline split (issue 6): hippod.cluster.splits.Splits, set by the daemon
+        self.spares = SparePool(settings.run_dir, settings.logs_dir / "runners.log",
+                                python=settings.runner_python, enabled=settings.spare_runner)
 
     @property
     def active(self) -> int:
@@ -191,7 +194,7 @@ class Scheduler:
     def used(self) -> int:
         """Loaded models, plus unloaded ones whose process is still on its way out."""
         hosted = self.splits.hosted_bytes() if self.splits is not None else 0  # issue 6: peers' layers
-        return sum(m.size for m in (*self.loaded.values(), *self._stopping)) + hosted
+        return sum(m.size for m in (*self.loaded.values(), *self._stopping)) + hosted + self.spares.bytes
 
     def available(self) -> int:
         free = self.budget() - self.used()
@@ -444,6 +447,8 @@ class Scheduler:
             short = guard != "off" and need > self.available()
             if not too_many and not short:
                 return
+            if short and await self.spares.discard():  # the spare goes before any model
+                continue
             evictable = [m for m in self.loaded.values() if not m.pinned]
             idle = [m for m in evictable if m.refs == 0]
             if short and not too_many and guard == "warn" and not idle:
@@ -498,7 +503,7 @@ class Scheduler:
                  fmt_bytes(self.used()), fmt_bytes(self.budget()))
         t0 = time.monotonic()
         try:
-            ready = await runner.start(timeout=self.settings.load_timeout)
+            ready = await runner.start(timeout=self.settings.load_timeout, spare=self.spares.take())
             seconds = time.monotonic() - t0
             measured = max(ready.rss_bytes, ready.mlx_active_bytes)
             load_id = self.store.start_load(rec.name, self.node, "request", max(need, measured),
@@ -511,6 +516,7 @@ class Scheduler:
                    asked_context=ctx, measured=measured)
         self.loaded[rec.name] = m
         self._spawn(self._watch(m))
+        self.spares.refill(self.available())
         log.info("loaded %s in %.2fs (pid %s, rss %s, counted %s)", rec.name, seconds, runner.pid,
                  fmt_bytes(ready.rss_bytes), fmt_bytes(m.size))
         return m
@@ -581,6 +587,7 @@ class Scheduler:
         self._intents.clear()
         for name in list(self.loaded):
             await self.unload(name, "shutdown")
+        await self.spares.close()
 
 
 class _StillBusy(Exception):

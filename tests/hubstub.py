@@ -84,6 +84,10 @@ def _scan_repo(repo_id: str, directory: Path) -> StubRepo:
     return StubRepo(repo_id=repo_id, commit=commit, files=files)
 
 
+def _library(repo: StubRepo) -> str:
+    return "gguf" if any(name.endswith(".gguf") for name in repo.files) else "mlx"
+
+
 def _error(status: int, code: str, message: str, commit: str | None = None) -> web.Response:
     headers = {"X-Error-Code": code, "X-Error-Message": message}
     if commit:
@@ -100,6 +104,7 @@ class HubStub:
         self.repos = {repo_id.lower(): _scan_repo(repo_id, Path(d)) for repo_id, d in repos.items()}
         self.lfs_redirect = lfs_redirect
         self.ignore_range = False  # True: answer Range requests with the whole file (200), like some proxies
+        self.downloads: dict[str, int] = {}  # repo id -> download count shown by search
         self.requests: list[LoggedRequest] = []
         self.endpoint = ""
         self.cdn_endpoint = ""
@@ -149,6 +154,7 @@ class HubStub:
 
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._log])
+        app.router.add_get("/api/models", self._search)
         app.router.add_get("/api/models/{owner}/{name}", self._model_info)
         app.router.add_get("/api/models/{owner}/{name}/revision/{revision}", self._model_info)
         app.router.add_get("/{owner}/{name}/resolve/{revision}/{filename:.+}", self._resolve)
@@ -210,7 +216,21 @@ class HubStub:
             siblings.append(sibling)
         return web.json_response({"_id": repo.commit[:24], "id": repo.repo_id, "modelId": repo.repo_id,
                                   "sha": repo.commit, "private": False, "gated": False, "disabled": False,
-                                  "library_name": "mlx", "tags": ["mlx"], "siblings": siblings})
+                                  "library_name": _library(repo), "tags": [_library(repo)],
+                                  "siblings": siblings})
+
+    async def _search(self, request: web.Request) -> web.Response:
+        """GET /api/models?search=&filter=&sort=downloads&limit=: the hub's model search."""
+        query = request.query.get("search", "").lower()
+        wanted = set(request.query.getall("filter", []))
+        hits = [r for r in self.repos.values()
+                if query in r.repo_id.lower() and wanted <= {_library(r)}]
+        hits.sort(key=lambda r: -self.downloads.get(r.repo_id, 0))
+        limit = int(request.query.get("limit") or len(hits) or 1)
+        return web.json_response([{"_id": r.commit[:24], "id": r.repo_id, "modelId": r.repo_id,
+                                   "library_name": _library(r), "tags": [_library(r)],
+                                   "downloads": self.downloads.get(r.repo_id, 0), "likes": 0,
+                                   "private": False} for r in hits[:limit]])
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:
         repo = self._repo(request)

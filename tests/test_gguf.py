@@ -240,15 +240,15 @@ def test_not_a_gguf_exits_2_and_leaves_dst_untouched(tmp_path):
 
 
 def test_unsupported_tensor_type_is_named(tmp_path):
-    # A hand-written GGUF v3 holding one IQ4_NL tensor (ggml type 20), which MLX cannot decode.
+    # A hand-written GGUF v3 holding one IQ2_XXS tensor (ggml type 16), which hippo cannot import.
     name = b"token_embd.weight"
     header = (b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + struct.pack("<Q", len(name)) + name
-              + struct.pack("<IQIQ", 1, 256, 20, 0))
-    src = tmp_path / "iq4.gguf"
-    src.write_bytes(header + b"\0" * (-len(header) % 32) + b"\0" * (8 * 18))
+              + struct.pack("<IQIQ", 1, 256, 16, 0))
+    src = tmp_path / "iq2.gguf"
+    src.write_bytes(header + b"\0" * (-len(header) % 32) + b"\0" * 66)
     proc = run_cli(src, tmp_path / "out")
     assert proc.returncode == 2
-    assert "unsupported tensor type(s) IQ4_NL" in proc.stderr and "Traceback" not in proc.stderr
+    assert "unsupported tensor type(s) IQ2_XXS" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

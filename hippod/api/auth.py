@@ -18,6 +18,7 @@ from functools import lru_cache
 from aiohttp import web
 
 from hippod.api.errors import error_response
+from hippod.api import ui
 from hippod.api.peer import is_peer_path
 from hippod.cluster.trust import H_SIGNATURE
 
@@ -81,6 +82,8 @@ async def auth_middleware(request: web.Request, handler):
         return await handler(request)
     if is_peer_path(request.path) and H_SIGNATURE in request.headers:
         return await handler(request)  # signed by a peer: peer_auth_middleware judges it
+    if request.method in ("GET", "HEAD") and request.path in ui.PATHS:
+        return await handler(request)  # the static chat page; it asks for the key itself
     token = _bearer(request)
     if token is None or not hmac.compare_digest(token.encode(), key.encode()):
         why = "missing" if token is None else "wrong"

@@ -118,13 +118,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     def piece(text: str) -> dict:
         return t.chat_chunk(env, {"content": text}, with_usage=usage_on)
 
+    def calls() -> list[dict] | None:  # parsed calls, or a required call the limit cut short
+        return gen.done.tool_calls or gen.done.partial_tool_calls
+
     return await _respond(
         request, gen, env, body.stream, body.include_usage,
-        whole=lambda text, reason, usage: t.chat_completion(env, text, reason, usage,
-                                                            gen.done.tool_calls),
+        whole=lambda text, reason, usage: t.chat_completion(env, text, reason, usage, calls()),
         opening=t.chat_chunk(env, {"role": "assistant", "content": ""}, with_usage=usage_on),
         piece=piece,
-        closing=lambda reason: t.chat_closing_chunks(env, reason, gen.done.tool_calls, usage_on))
+        closing=lambda reason: t.chat_closing_chunks(env, reason, calls(), usage_on))
 
 
 @routes.post("/v1/completions")

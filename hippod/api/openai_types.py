@@ -377,8 +377,10 @@ def assistant_message(text: str, tool_calls: list[dict] | None = None) -> dict:
 
 def chat_completion(env: Envelope, text: str, reason: str, usage_: dict,
                     tool_calls: list[dict] | None = None) -> dict:
+    # "length" with tool_calls: a required call cut short, its arguments the text written so far.
+    finish = "tool_calls" if tool_calls and reason != "length" else reason
     return env.wrap([{"index": 0, "message": assistant_message(text, tool_calls), "logprobs": None,
-                      "finish_reason": "tool_calls" if tool_calls else reason}], usage=usage_)
+                      "finish_reason": finish}], usage=usage_)
 
 
 def chat_closing_chunks(env: Envelope, reason: str, tool_calls: list[dict] | None,
@@ -388,7 +390,8 @@ def chat_closing_chunks(env: Envelope, reason: str, tool_calls: list[dict] | Non
         return [chat_chunk(env, {}, reason, with_usage=with_usage)]
     calls = tooling.openai_tool_calls(tool_calls, streaming=True)
     return [chat_chunk(env, {"tool_calls": calls}, with_usage=with_usage),
-            chat_chunk(env, {}, "tool_calls", with_usage=with_usage)]
+            chat_chunk(env, {}, "length" if reason == "length" else "tool_calls",
+                       with_usage=with_usage)]
 
 
 def chat_chunk(env: Envelope, delta: dict, reason: str | None = None, with_usage: bool = False) -> dict:

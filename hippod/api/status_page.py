@@ -99,7 +99,7 @@ def render(app: web.Application, peers: list, requests: list) -> str:
 <meta http-equiv="refresh" content="{REFRESH_SECONDS}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>hippo · {escape(str(scheduler.node))}</title><style>{CSS}</style></head><body>
-<h1>hippo on {escape(str(scheduler.node))}</h1>
+<h1>hippo on {escape(str(scheduler.node))} <a href="/ui" style="font-size:14px;font-weight:normal">open the chat</a></h1>
 <div class="sub">hippod {escape(__version__)}{uptime} · {datetime.now(timezone.utc).strftime("%H:%M:%S")} UTC · refreshes every {REFRESH_SECONDS}s</div>
 <h2>Memory</h2>
 <div><span class="bar"><span style="width:{pct}%"></span></span> {fmt_bytes(used)} of {fmt_bytes(budget)} budget ({pct}%)

@@ -13,24 +13,20 @@ import json
 import uuid
 from typing import Any
 
-
 from hippod.api.errors import BadRequest
 
 
 def check_schema(schema: Any, param: str) -> None:
-    """A 400 unless llguidance can enforce `schema` (the runner compiles it the same way)."""
-    import llguidance  # only when a request carries a schema: keeps daemon start-up lean
+    """A 400 unless the runner can enforce `schema`: compiled by the runner's own entry point."""
+    # Imported here, only when a request carries a schema: keeps daemon start-up lean.
+    from hippod.engine.grammar import GrammarError, grammar_source
 
     if not isinstance(schema, dict):
         raise BadRequest(f"{param} must be a JSON schema object", param=param)
     try:
-        source = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
-    except (ValueError, TypeError) as e:
-        raise BadRequest(f"{param} is not a valid JSON schema: {e}", param=param) from None
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source)
-    if is_error:
-        detail = messages[0] if messages else "invalid"
-        raise BadRequest(f"{param}: this JSON schema cannot be enforced: {detail}", param=param)
+        grammar_source({"json_schema": schema})
+    except GrammarError as e:
+        raise BadRequest(f"{param}: {e}", param=param) from None
 
 
 def check_grammar(grammar: dict | None, param: str) -> dict | None:
@@ -101,11 +97,15 @@ def ollama_tool_calls(calls: list[dict]) -> list[dict]:
 
 
 def openai_tool_calls(calls: list[dict], streaming: bool = False) -> list[dict]:
-    """OpenAI's shape: an id per call and arguments as a JSON string (streamed chunks add index)."""
+    """OpenAI's shape: an id per call and arguments as a JSON string (streamed chunks add index).
+
+    A call cut short by the token limit already carries its arguments as the raw text so far.
+    """
     out = []
     for i, c in enumerate(calls):
+        args = c["arguments"]
         call = {"id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": c["name"],
-                             "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                "function": {"name": c["name"], "arguments": args if isinstance(args, str)
+                             else json.dumps(args, ensure_ascii=False)}}
         out.append({"index": i, **call} if streaming else call)
     return out

@@ -40,7 +40,14 @@ from hippod.engine.sampling import (make_logits_shape, make_request_processors, 
                                    request_key)
 from hippod.engine.speculative import Decoding, DraftPolicy, Stats, speculative_stream, trim_to
 from hippod.engine.stops import StopMatcher
-from hippod.engine.tool_calls import ToolCallBuffer, forced_call_grammar, prepare_request, uses_tools
+from hippod.engine.tool_calls import (
+    ToolCallBuffer,
+    forced_call_grammar,
+    forced_failure,
+    partial_call,
+    prepare_request,
+    uses_tools,
+)
 from hippod.protocol import (
     DoneEvent,
     EmbedRequest,
@@ -267,6 +274,8 @@ class BatchLoop:
             stop = [stop]
         processors = make_request_processors(opts)
         tool_grammar = forced_call_grammar(req) if uses_tools(req) else None
+        if tool_grammar:
+            stop = []  # a required call is the whole answer: stop sequences apply to content
         grammar = None
         if tool_grammar or req.grammar:  # last, so nothing after it revives a forbidden token
             grammar = make_grammar_processor(self.tokenizer, tool_grammar or req.grammar)
@@ -315,8 +324,8 @@ class BatchLoop:
             a.solo = self._speculate(a)
         else:
             a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens,
-                                   sampler=a.sampler, logits_processors=a.processors or None,
-                                   prompt_cache=cache)
+                                   sampler=a.sampler, prompt_cache=cache,
+                                   logits_processors=_seeing(a.tokens[:a.cached_tokens], a))
         self.solo = a
 
     def _step_solo(self) -> None:
@@ -465,8 +474,8 @@ class BatchLoop:
                 text += rest
         if text:
             a.job.emit(TokenEvent(text, token))
-        if ending:
-            self._finish(a, "stop" if hit_stop else reason, now, calls)
+        if ending:  # parsed calls are a complete answer, even on the budget's last token
+            self._finish(a, "stop" if hit_stop or calls else reason, now, calls)
             return True
         return False
 
@@ -477,7 +486,35 @@ class BatchLoop:
             if a.speculative:
                 self._count_speculation(a)
             self._remember(SPEC if a.speculative else MAIN, a.tokens, a.cache)
+        partial = None
+        unparsed = a.tools.unparsed if a.tools is not None else None
+        if unparsed is not None:  # a required call that did not parse is never passed off as text
+            if reason != "length":
+                a.job.emit(ErrorEvent(forced_failure(unparsed, a.tools.tools), status=500))
+                return
+            partial = [partial_call(unparsed)]
         a.job.emit(DoneEvent(reason, a.prompt_tokens, a.completion_tokens,
                              prompt_seconds=first - a.started, eval_seconds=now - first,
                              cached_tokens=a.cached_tokens, drafted=a.drafted, accepted=a.accepted,
-                             tool_calls=tool_calls or None))
+                             tool_calls=tool_calls or None, partial_tool_calls=partial))
+
+
+def _seeing(cached: list[int], a: _Active) -> list | None:
+    """The request's logits processors, shown the cached prefix of the prompt too.
+
+    generate_step shows its processors only the tokens it is given, so after a prompt-cache hit
+    a repetition penalty would see a shorter history than on a cold run and greedy output would
+    depend on the cache. (The BatchGenerator is given the prefix as `all_tokens`.)
+    """
+    if not a.processors:
+        return None
+    if not cached:
+        return a.processors
+    head = mx.array(cached)
+
+    def seeing(processor):
+        if processor is a.grammar:  # reads only the newest token
+            return processor
+        return lambda tokens, logits: processor(mx.concatenate([head, tokens]), logits)
+
+    return [seeing(p) for p in a.processors]

@@ -1,9 +1,9 @@
-"""Import a llama-family GGUF file as an MLX model directory.
+"""Import a GGUF file (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3) as an MLX model.
 
-GGUF is how most local models are shared (Ollama, llama.cpp); MLX reads its tensors but mlx_lm
-wants a Hugging Face style directory. This module bridges the two: it keeps quantized tensors
-quantized (MLX decodes Q4_0/Q4_1/Q8_0 into its own affine format), renames tensors to mlx_lm's
-llama names, undoes llama.cpp's rotary row permutation of Q and K, and rebuilds config.json
+GGUF is how most local models are shared (Ollama, llama.cpp); mlx_lm wants a Hugging Face style
+directory. This module bridges the two: it reads the file with the `gguf` package, keeps
+quantized tensors quantized as MLX affine weights (gguf_tensors), renames tensors to mlx_lm's
+names and undoes llama.cpp's conversion-time changes (gguf_families), and rebuilds config.json
 and the tokenizer from the GGUF metadata.
 
 CLI: ``python -m hippod.engine.gguf SRC DST`` prints one line of JSON; exit 2 on bad input.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import sys
@@ -24,52 +23,41 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
+
+from hippod.engine.gguf_families import FAMILIES, Family
+from hippod.engine.gguf_tensors import SUPPORTED_TYPES, convert_tensor
 
 # Bump when the output of convert_gguf changes, so cached conversions are redone.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 # llama.cpp's llama_ftype (general.file_type) -> the name Ollama shows.
 FILE_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
     10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 25: "IQ4_NL", 30: "IQ4_XS", 32: "BF16",
 }
 
-# ggml_type ids, used only to name a tensor type MLX cannot decode.
+# ggml_type ids, to name a tensor type before handing the file to the gguf reader.
 GGML_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
     10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
     17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
-    34: "TQ1_0", 35: "TQ2_0",
-}
-# Types MLX can load: the first six as they are (Q4_0/Q4_1/Q8_0 stay quantized), the K-quants
-# dequantized to F16 by its bundled gguflib.
-MLX_READABLE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K")
-
-GGUF_TO_HF_LAYER = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-GGUF_TO_HF_GLOBAL = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
+    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }
 
 # Llama 3's split regex (llama.cpp pre-tokenizer "llama-bpe"), as in its tokenizer.json.
 LLAMA3_PATTERN = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen 2/3's split regex (pre-tokenizer "qwen2"): digits one by one.
+QWEN2_PATTERN = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 TOKEN_TYPE_CONTROL = 3
@@ -78,6 +66,20 @@ TOKEN_TYPE_USER_DEFINED = 4
 
 class GGUFError(ValueError):
     """Bad or unsupported input; the CLI reports it in one line with exit code 2."""
+
+
+class Tensor:
+    """One GGUF tensor: its ggml type, numpy-order shape and raw (memory-mapped) data."""
+
+    def __init__(self, reader_tensor):
+        self.qtype = reader_tensor.tensor_type
+        self.shape = tuple(int(x) for x in reversed(reader_tensor.shape.tolist()))
+        self.data = reader_tensor.data
+
+    def floats(self) -> mx.array:
+        from gguf import quants
+
+        return mx.array(quants.dequantize(np.asarray(self.data), self.qtype).reshape(self.shape))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -91,17 +93,11 @@ def convert_gguf(src: Path, dst: Path) -> dict:
     """
     src, dst = Path(src), Path(dst)
     _check_destination(dst)
-    weights, meta = read_gguf(src)
-    arch = meta.get("general.architecture")
-    if arch is None:
-        raise GGUFError(f"{src}: GGUF metadata lacks general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        raise GGUFError(f"unsupported architecture {arch!r} (supported: {supported})")
-
-    config = model_config(meta, weights)
-    weights = hf_weights(weights, config)
-    config.update(quantization_config(weights, config))
+    tensors, meta = read_gguf(src)
+    family = family_of(meta, src)
+    config = model_config(meta, tensors, family)
+    weights, quantized, parameters = hf_weights(tensors, config, family)
+    config.update(quantization_config(quantized))
     config["gguf_quantization"] = quantization_name(meta, config)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -114,14 +110,23 @@ def convert_gguf(src: Path, dst: Path) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return summary(meta, weights, config)
+    return summary(meta, parameters, config)
 
 
-def summary(meta: dict, weights: dict, config: dict) -> dict:
+def family_of(meta: dict, src: Path) -> Family:
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise GGUFError(f"{src}: GGUF metadata lacks general.architecture")
+    if arch not in FAMILIES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise GGUFError(f"unsupported architecture {arch!r} (supported: {supported})")
+    return FAMILIES[arch]
+
+
+def summary(meta: dict, parameters: int, config: dict) -> dict:
     """The facts the registry records about an imported model (Ollama's `details`)."""
-    parameters = count_parameters(weights, config)
     return {
-        "family": "llama",
+        "family": meta["general.architecture"],
         "parameters": parameters,
         "parameter_size": meta.get("general.size_label") or format_parameter_size(parameters),
         "quantization": quantization_name(meta, config),
@@ -133,8 +138,10 @@ def summary(meta: dict, weights: dict, config: dict) -> dict:
 # --------------------------------------------------------------------------- reading
 
 
-def read_gguf(src: Path) -> tuple[dict, dict]:
-    """Load tensors and metadata with MLX; metadata scalars become plain Python values."""
+def read_gguf(src: Path) -> tuple[dict[str, Tensor], dict]:
+    """Tensors and metadata (plain Python values) with the `gguf` package's reader."""
+    from gguf import GGUFReader
+
     if not src.is_file():
         raise GGUFError(f"{src}: no such file")
     with open(src, "rb") as f:
@@ -142,33 +149,25 @@ def read_gguf(src: Path) -> tuple[dict, dict]:
     if magic != b"GGUF":
         raise GGUFError(f"{src}: not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
     try:
-        weights, meta = mx.load(str(src), format="gguf", return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise GGUFError(_explain_load_failure(src, e)) from None
-    return weights, {k: _plain(v) for k, v in meta.items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
-
-
-def _explain_load_failure(src: Path, error: Exception) -> str:
-    """Name the tensor types MLX cannot decode, which is almost always why loading failed."""
-    try:
         types = gguf_tensor_types(src)
-    except (OSError, ValueError, struct.error):
-        return f"{src}: cannot read GGUF file ({error})"
-    unknown = sorted({t for t in types.values() if t not in MLX_READABLE_TYPES})
+    except (OSError, ValueError, struct.error, MemoryError) as e:
+        raise GGUFError(f"{src}: cannot read GGUF file ({e})") from None
+    unknown = sorted({t for t in types.values() if t not in SUPPORTED_TYPES})
     if unknown:
-        return (f"{src}: unsupported tensor type(s) {', '.join(unknown)} "
-                f"(MLX reads {', '.join(MLX_READABLE_TYPES)})")
-    return f"{src}: cannot read GGUF file ({error})"
+        raise GGUFError(f"{src}: unsupported tensor type(s) {', '.join(unknown)} "
+                        f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    try:
+        reader = GGUFReader(src, "r")
+        meta = {name: field.contents() for name, field in reader.fields.items()
+                if not name.startswith("GGUF.")}
+        tensors = {t.name: Tensor(t) for t in reader.tensors}
+    except (OSError, ValueError, IndexError, struct.error) as e:
+        raise GGUFError(f"{src}: cannot read GGUF file ({e})") from None
+    return tensors, meta
 
 
 def gguf_tensor_types(src: Path) -> dict[str, str]:
-    """Tensor name -> ggml type name, read from the GGUF header (MLX does not expose types)."""
+    """Tensor name -> ggml type name, read from the GGUF header alone."""
     scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
               10: "<Q", 11: "<q", 12: "<d"}
 
@@ -214,25 +213,28 @@ def gguf_tensor_types(src: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- config
 
 
-def model_config(meta: dict, weights: dict) -> dict:
-    """config.json for mlx_lm's llama model, from `<arch>.*` GGUF keys."""
+def model_config(meta: dict, tensors: dict[str, Tensor], family: Family) -> dict:
+    """config.json for the family's mlx_lm model, from `<arch>.*` GGUF keys."""
     arch = meta["general.architecture"]
+    missing = object()
 
-    def key(name, default=None):
-        value = meta.get(f"{arch}.{name}", default)
+    def key(name, default=missing):
+        value = meta.get(f"{arch}.{name}")
         if value is None:
-            raise GGUFError(f"GGUF metadata lacks {arch}.{name}")
+            if default is missing:
+                raise GGUFError(f"GGUF metadata lacks {arch}.{name}")
+            return default
         return value
 
-    if "token_embd.weight" not in weights:
+    if "token_embd.weight" not in tensors:
         raise GGUFError("GGUF file has no token_embd tensor")
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    vocab_size = meta.get(f"{arch}.vocab_size") or weights["token_embd.weight"].shape[0]
+    head_dim = int(key("attention.key_length", hidden // heads))
+    vocab_size = key("vocab_size", None) or tensors["token_embd.weight"].shape[0]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "num_hidden_layers": int(key("block_count")),
         "intermediate_size": int(key("feed_forward_length")),
@@ -243,24 +245,29 @@ def model_config(meta: dict, weights: dict) -> dict:
         "rope_theta": float(key("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(key("context_length", 2048)),
         "vocab_size": int(vocab_size),
-        "tie_word_embeddings": "output.weight" not in weights,
-        "attention_bias": False,
-        "mlp_bias": False,
+        "tie_word_embeddings": "output.weight" not in tensors,
     }
-    rope_scaling = rope_scaling_config(meta, arch, weights, config)
+    if family.model_type == "llama":
+        config.update({"attention_bias": False, "mlp_bias": False})
+        if sliding := key("attention.sliding_window", None):
+            config["sliding_window"] = int(sliding)
+    rope_scaling = rope_scaling_config(key, tensors, config)
     if rope_scaling:
         config["rope_scaling"] = rope_scaling
-    for name in ("bos", "eos"):
+    config.update(family.extra_config(key, config, tensors))
+    for name in ("bos", "eos", "padding"):
         if (token_id := meta.get(f"tokenizer.ggml.{name}_token_id")) is not None:
-            config[f"{name}_token_id"] = int(token_id)
+            config[f"{name.replace('padding', 'pad')}_token_id"] = int(token_id)
+    # transformers' own default pad id (Phi-3's 32000) may lie outside a GGUF's vocabulary.
+    config.setdefault("pad_token_id", config.get("eos_token_id"))
     return config
 
 
-def rope_scaling_config(meta: dict, arch: str, weights: dict, config: dict) -> dict | None:
+def rope_scaling_config(key, tensors: dict[str, Tensor], config: dict) -> dict | None:
     """HF rope_scaling from GGUF keys; Llama 3.1's scaling survives only as a rope_freqs tensor."""
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    kind = key("rope.scaling.type", None)
+    factor = key("rope.scaling.factor", None)
+    original = key("rope.scaling.original_context_length", None)
     if kind == "linear" and factor:
         return {"type": "linear", "factor": float(factor)}
     if kind == "yarn" and factor:
@@ -268,10 +275,10 @@ def rope_scaling_config(meta: dict, arch: str, weights: dict, config: dict) -> d
         if original:
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
-    if kind not in (None, "none", "linear", "yarn"):
+    if kind not in (None, "none", "linear", "yarn", "longrope"):
         raise GGUFError(f"unsupported rope scaling type {kind!r}")
-    if "rope_freqs.weight" in weights:
-        return llama3_rope_scaling(weights["rope_freqs.weight"], config)
+    if "rope_freqs.weight" in tensors:
+        return llama3_rope_scaling(tensors["rope_freqs.weight"].floats(), config)
     return None
 
 
@@ -308,18 +315,6 @@ def llama3_rope_scaling(rope_freqs: mx.array, config: dict) -> dict:
 # --------------------------------------------------------------------------- weights
 
 
-def hf_name(gguf_name: str) -> str:
-    """GGUF tensor name -> mlx_lm llama name; suffix (.weight/.scales/.biases) is kept."""
-    base, _, suffix = gguf_name.rpartition(".")
-    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)", base):
-        layer, part = m.groups()
-        if part in GGUF_TO_HF_LAYER:
-            return f"model.layers.{layer}.{GGUF_TO_HF_LAYER[part]}.{suffix}"
-    elif base in GGUF_TO_HF_GLOBAL:
-        return f"{GGUF_TO_HF_GLOBAL[base]}.{suffix}"
-    raise GGUFError(f"unsupported tensor {gguf_name!r} for a llama model")
-
-
 def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
     """Undo llama.cpp's HF->GGUF rotary permutation of Q/K output rows.
 
@@ -331,69 +326,55 @@ def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_weights(weights: dict, config: dict) -> dict:
-    out = {}
-    for name, w in weights.items():
-        if name == "rope_freqs.weight":
-            continue  # folded into config["rope_scaling"]
-        new = hf_name(name)
-        if ".self_attn.q_proj." in new:
-            w = unpermute_rows(w, config["num_attention_heads"])
-        elif ".self_attn.k_proj." in new:
-            w = unpermute_rows(w, config["num_key_value_heads"])
-        out[new] = w
-    return out
-
-
-def _in_features(module: str, config: dict) -> int:
-    if module.endswith("mlp.down_proj"):
-        return config["intermediate_size"]
-    if module.endswith("self_attn.o_proj"):
-        return config["num_attention_heads"] * config["head_dim"]
-    return config["hidden_size"]
-
-
-def quantized_modules(weights: dict, config: dict) -> dict[str, dict]:
-    """module path -> {"group_size", "bits"}, inferred from packed weight and scales shapes."""
-    found = {}
-    for name, scales in weights.items():
-        if not name.endswith(".scales"):
-            continue
-        module = name[: -len(".scales")]
-        packed = weights[f"{module}.weight"].shape[-1]
-        in_features = _in_features(module, config)
-        found[module] = {"group_size": in_features // scales.shape[-1],
-                         "bits": packed * 32 // in_features}
-    return found
-
-
-def quantization_config(weights: dict, config: dict) -> dict:
-    """config.json "quantization": the most common (group, bits), plus per-module exceptions.
-
-    llama.cpp often keeps the embedding at a higher precision (Q8_0 next to Q4_1 blocks).
-    """
-    modules = quantized_modules(weights, config)
-    if not modules:
-        return {}
-    common = Counter((q["group_size"], q["bits"]) for q in modules.values()).most_common(1)[0][0]
-    quant: dict[str, Any] = {"group_size": common[0], "bits": common[1]}
-    for module, q in sorted(modules.items()):
-        if (q["group_size"], q["bits"]) != common:
-            quant[module] = q
-    return {"quantization": quant, "quantization_config": quant}
-
-
-def count_parameters(weights: dict, config: dict) -> int:
-    modules = quantized_modules(weights, config)
-    total = 0
-    for name, w in weights.items():
-        module, _, suffix = name.rpartition(".")
-        if module in modules:
-            if suffix == "weight":
-                total += w.shape[0] * _in_features(module, config)
+def hf_weights(tensors: dict[str, Tensor], config: dict, family: Family
+               ) -> tuple[dict[str, mx.array], dict[str, int], int]:
+    """mlx_lm weights, {module: MLX bits} of the quantized ones, and the parameter count."""
+    out, quantized, parameters = {}, {}, 0
+    arch = config["model_type"]
+    for name, tensor in tensors.items():
+        if name in family.config_tensors:
+            continue  # folded into config.json
+        new = family.hf_name(name)
+        if new is None:
+            raise GGUFError(f"unsupported tensor {name!r} for a {arch} model")
+        module, _, suffix = new.rpartition(".")
+        is_norm = "norm" in module.rsplit(".", 1)[-1]
+        quantizable = suffix == "weight" and not is_norm and len(tensor.shape) == 2
+        try:
+            arrays, bits = convert_tensor(tensor.qtype, tensor.data, tensor.shape,
+                                          quantizable=quantizable)
+        except (ValueError, NotImplementedError) as e:
+            raise GGUFError(f"cannot convert tensor {name!r} ({tensor.qtype.name}): {e}") from None
+        if is_norm and family.norm_offset:
+            arrays["weight"] = arrays["weight"] - family.norm_offset
+        if family.permute_qk and module.endswith((".q_proj", ".k_proj")):
+            heads = config["num_attention_heads" if module.endswith(".q_proj")
+                          else "num_key_value_heads"]
+            arrays = {k: unpermute_rows(v, heads) for k, v in arrays.items()}
+        parameters += math.prod(tensor.shape)
+        if bits is None:
+            out[new] = arrays["weight"]
         else:
-            total += w.size
-    return total
+            quantized[module] = bits
+            out.update({f"{module}.{part}": arrays[part] for part in ("weight", "scales", "biases")})
+    return out, quantized, parameters
+
+
+def quantization_config(quantized: dict[str, int]) -> dict:
+    """config.json "quantization": the most common bit width, plus per-module exceptions.
+
+    llama.cpp mixes block types in one file (Q4_K_M keeps some layers at Q6_K).
+    """
+    from hippod.engine.gguf_tensors import GROUP_SIZE
+
+    if not quantized:
+        return {}
+    common = Counter(quantized.values()).most_common(1)[0][0]
+    quant: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": common}
+    for module, bits in sorted(quantized.items()):
+        if bits != common:
+            quant[module] = {"group_size": GROUP_SIZE, "bits": bits}
+    return {"quantization": quant, "quantization_config": quant}
 
 
 def format_parameter_size(n: int) -> str:
@@ -511,9 +492,10 @@ def byte_level_bpe_tokenizer(meta: dict):
         # SmolLM2's own tokenizer.json: every digit alone, then GPT-2's split.
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in ("llama-bpe", "llama3", "smaug-bpe"):
+    elif pre in ("llama-bpe", "llama3", "smaug-bpe", "qwen2"):
+        pattern = QWEN2_PATTERN if pre == "qwen2" else LLAMA3_PATTERN
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     else:
@@ -587,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m hippod.engine.gguf",
-        description="Convert a llama-family GGUF file into an MLX model directory.")
+        description="Convert a GGUF file into an MLX model directory.")
     parser.add_argument("src", type=Path, help="GGUF file")
     parser.add_argument("dst", type=Path, help="output directory (must not exist or be empty)")
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from hippod.protocol import (
     ErrorEvent,
     InfoResult,
     ReadyEvent,
+    SpareReadyEvent,
     decode_request,
     encode,
 )
@@ -211,7 +213,67 @@ class Runner:
             await stdin_closed  # the daemon went away (or closed our stdin to stop us)
 
 
-def main(argv: list[str] | None = None) -> int:
+def warm_up() -> None:
+    """Import what a load needs and run the common kernels once at small sizes, so a model
+    handed to a spare runner pays neither (on CUDA each new kernel compiles at first use)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm import load  # noqa: F401  (imports the tokenizer and model-loading stack)
+
+    from hippod.engine.batch_loop import BatchLoop  # noqa: F401
+
+    out = []
+    for dtype in (mx.float16, mx.bfloat16, mx.float32):
+        x = mx.random.normal((8, 256)).astype(dtype)
+        w = mx.random.normal((256, 256)).astype(dtype)
+        h = mx.softmax(x @ w.T, axis=-1)
+        h = mx.fast.rms_norm(h, mx.ones((256,), dtype=dtype), 1e-5)
+        q = h.reshape(1, 8, 4, 64).transpose(0, 2, 1, 3)
+        q = mx.fast.rope(q, 64, traditional=False, base=10000.0, scale=1.0, offset=0)
+        out.append(mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125, mask="causal"))
+        out.append(nn.silu(h))
+        if dtype != mx.float32:
+            for bits in (4, 8):
+                wq, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+                out.append(mx.quantized_matmul(x, wq, scales, biases, transpose=True,
+                                               group_size=64, bits=bits))
+    mx.eval(out)
+
+
+def spare_main() -> int:
+    """A runner started ahead of need: warm up in the generation thread (MLX streams belong to
+    the thread that made them), say so, then wait for the daemon to name the model to load."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
+    handoff: queue.Queue = queue.Queue()
+    warmed = threading.Event()
+    t0 = time.perf_counter()
+
+    def generation() -> None:
+        try:
+            warm_up()
+        except Exception:  # a failed warm-up only costs the load its speed-up
+            log.exception("spare runner warm-up failed")
+        warmed.set()
+        target = handoff.get()
+        if target is not None:
+            target()
+
+    threading.Thread(target=generation, name="generate", daemon=True).start()
+    warmed.wait()
+    ready = SpareReadyEvent(os.getpid(), psutil.Process().memory_info().rss, time.perf_counter() - t0)
+    sys.stdout.write(encode(ready).decode())
+    sys.stdout.flush()
+    line = sys.stdin.buffer.readline()  # the daemon closing our stdin: never needed, exit
+    if not line:
+        return 0
+    return main(json.loads(line)["argv"], start=handoff.put)
+
+
+def main(argv: list[str] | None = None, start=None) -> int:
+    """`start` runs the generation thread's work: a new thread, or a spare's waiting thread."""
+    if argv is None and sys.argv[1:] == ["--spare"]:
+        return spare_main()
     ap = argparse.ArgumentParser(prog="hippod-runner")
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--socket", required=True, type=Path)
@@ -240,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
                     self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
                     prompt_cache_bytes=args.prompt_cache_bytes, shard=shard)
-    threading.Thread(target=runner.generation_thread, name="generate", daemon=True).start()
+    start = start or (lambda work: threading.Thread(target=work, name="generate", daemon=True).start())
+    start(runner.generation_thread)
     runner.loop_ready.wait()
     if runner.load_error is not None:
         msg = f"{type(runner.load_error).__name__}: {runner.load_error}"

@@ -55,15 +55,41 @@ def uses_tools(req: GenerateRequest) -> bool:
 
 
 def call_schema(tools: list[dict], name: str | None = None) -> dict:
-    """JSON schema of one call `{"name", "arguments"}`: to `name`, or to any of `tools`."""
-    def one(tool: dict) -> dict:
-        fn = tool["function"]
+    """JSON schema of one call `{"name", "arguments"}`: to `name`, or to any of `tools`.
+
+    Each tool's parameters sit inside it unchanged but for their local references, which are
+    rewritten to point where the parameters now are (a pydantic model's `#/$defs/...`). The
+    grammar closes their objects like any schema's.
+    """
+    chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+
+    def one(fn: dict, at: str) -> dict:
         params = fn.get("parameters") or {"type": "object", "properties": {}}
-        return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+        return {"type": "object",
+                "properties": {"name": {"const": fn["name"]},
+                               "arguments": _moved_refs(params, f"{at}/properties/arguments")},
                 "required": ["name", "arguments"], "additionalProperties": False}
 
-    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
-    return one(chosen[0]) if len(chosen) == 1 else {"anyOf": [one(t) for t in chosen]}
+    if len(chosen) == 1:
+        return one(chosen[0], "#")
+    return {"anyOf": [one(fn, f"#/anyOf/{i}") for i, fn in enumerate(chosen)]}
+
+
+def _moved_refs(schema, root: str):
+    """`schema` with each `$ref` to "#..." re-rooted at `root` (where the schema is placed)."""
+    if isinstance(schema, list):
+        return [_moved_refs(s, root) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = root + value[1:]
+        elif key in ("const", "enum", "default", "examples"):
+            out[key] = value  # values, not schemas
+        else:
+            out[key] = _moved_refs(value, root)
+    return out
 
 
 def forced_call_grammar(req: GenerateRequest) -> dict | None:
@@ -253,6 +279,7 @@ class ToolCallBuffer:
         self.streaming = False  # decided the answer is text (until a native start marker)
         self.held = ""  # text not sent yet
         self.sent = ""  # text already sent as content
+        self.unparsed: str | None = None  # a forced call's text that did not parse
 
     def feed(self, text: str) -> str:
         self.held += text
@@ -282,14 +309,49 @@ class ToolCallBuffer:
         return out
 
     def finish(self) -> tuple[str, list[dict] | None]:
-        """(text still to send as content, the calls or None)."""
+        """(text still to send as content, the calls or None).
+
+        A forced call that does not parse is never passed off as content: the text is kept in
+        `unparsed` for `forced_failure` to describe.
+        """
         held, self.held = self.held, ""
         if self.forced:
             calls = parse_json_calls(held, self.tools)
             if calls is None:
-                log.warning("forced tool call did not parse (cut short?): %r", held[:200])
-            return ("", calls) if calls else (held, None)
+                self.unparsed = held
+            return "", calls
         content, calls = parse_tool_calls(held, self.tokenizer, self.tools, strip=not self.sent)
         if calls is None:
             return held, None
         return content, calls
+
+
+_PARTIAL_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)(")?')
+_PARTIAL_ARGS = re.compile(r'\s*,\s*"arguments"\s*:\s*(.*)', re.DOTALL)
+
+
+def partial_call(text: str) -> dict:
+    """What a forced call cut short by the token limit had written: {"name", "arguments": text}.
+
+    The grammar writes the name first, then the arguments, so both are read off the prefix; the
+    arguments stay the raw JSON text so far (OpenAI reports a cut-short call the same way).
+    """
+    name = _PARTIAL_NAME.match(text)
+    if name is None:
+        return {"name": "", "arguments": ""}
+    try:
+        fn = json.loads(f'"{name.group(1)}"')
+    except ValueError:  # cut inside an escape
+        fn = name.group(1)
+    args = _PARTIAL_ARGS.match(text, name.end()) if name.group(2) else None
+    return {"name": fn, "arguments": args.group(1) if args else ""}
+
+
+def forced_failure(text: str, tools: list[dict] | None) -> str:
+    """Why a forced call that ran to its end did not parse (the grammar should make that rare)."""
+    try:
+        parsed = json.loads(text)
+    except ValueError as e:
+        return f"the required tool call is not valid JSON ({e}): {text[:200]!r}"
+    return (f"the required tool call does not call one of the tools {tool_names(tools)} with "
+            f"object arguments: {json.dumps(parsed)[:200]}")

@@ -178,7 +178,8 @@ class Registry:
         existing = self.store.get_model(name)
         rec = ModelRecord(
             name=name, source=source, digest=model_digest, files=manifest, format=fmt,
-            family=info.family, parameters=details.get("parameters") or info.parameters,
+            family=details.get("family") or info.family,
+            parameters=details.get("parameters") or info.parameters,
             parameter_size=details.get("parameter_size") or info.parameter_size,
             quantization=details.get("quantization") or info.quantization,
             size=sum(f["size"] for f in manifest), context_length=info.context_length,

@@ -1,0 +1,125 @@
+"""The warm spare runner, through real daemons, real runner processes and tiny random llamas.
+
+After a load a spare runner starts; the next load hands it the model (the runner's pid is the
+spare's) and another spare starts. The guard counts the spare and gives it up before any model:
+a load that is short of room stops the spare instead of evicting a loaded model, and no spare
+starts when the budget has no room for one. (How much faster a warm load is: bench/hotswap.py.)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hippod.registry.modelinfo import inspect_model_dir
+from hippod.scheduler import RUNNER_OVERHEAD, kv_cache_bytes
+from hippod.spare import SPARE_ESTIMATE
+from tests.daemon import Daemon
+from tests.modelfiles import make_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+NUM_CTX, NUM_PARALLEL = 2048, 8
+ENV = {"HIPPO_SPARE_RUNNER": "1", "HIPPO_NUM_CTX": str(NUM_CTX),
+       "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    # Enough KV per token that a model's estimate (KV for every slot, reserved ahead) is above
+    # what its runner holds right after the load, so the guard counts the estimate.
+    base = tmp_path_factory.mktemp("spare")
+    return [make_tiny_llama(base / n, num_layers=8, hidden_size=256, intermediate_size=256,
+                            num_heads=4, num_kv_heads=4, seed=i) for i, n in enumerate("ab")]
+
+
+def estimate(model_dir: Path) -> int:
+    info = inspect_model_dir(model_dir)
+    kv = kv_cache_bytes(info.as_details(), min(NUM_CTX, info.context_length or NUM_CTX), NUM_PARALLEL)
+    return info.weights_bytes + kv + min(2 * 2**30, kv) + RUNNER_OVERHEAD
+
+
+def _start(home: Path, budget: int, models, **env) -> Daemon:
+    d = Daemon(home, env={**ENV, "HIPPO_MEMORY_BUDGET": str(budget), **env}).start()
+    for name, path in zip("ab", models):
+        status, body = d.request("POST", "/api/create", {"model": name, "from": str(path),
+                                                         "stream": False})
+        assert status == 200, body
+    return d
+
+
+def load(d: Daemon, name: str) -> None:
+    status, body = d.request("POST", "/api/generate", {"model": name, "prompt": ""}, timeout=300)
+    assert status == 200 and body["done_reason"] == "load", body
+
+
+def spare_pids(d: Daemon) -> list[int]:
+    """Runner processes started as spares that hold no model (yet)."""
+    _, rows = d.request("GET", "/api/hippo/loads?limit=20")
+    serving = {r["pid"] for r in rows["loads"] if r["end_reason"] is None}
+    kids = psutil.Process(d.proc.pid).children(recursive=True)
+    return [p.pid for p in kids if "--spare" in " ".join(p.cmdline()) and p.pid not in serving
+            and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def ready_spares(d: Daemon) -> list[int]:
+    return [int(p) for p in re.findall(r"spare runner ready \(pid (\d+)", d.log_path.read_text())]
+
+
+def wait_for(predicate, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def runner_pid(d: Daemon, name: str) -> int:
+    _, rows = d.request("GET", "/api/hippo/loads?limit=5")
+    return next(r["pid"] for r in rows["loads"] if r["model"].startswith(name) and r["end_reason"] is None)
+
+
+def test_a_load_hands_its_model_to_the_spare(tmp_path, models):
+    d = _start(tmp_path / "h", 8 * 2**30, models, HIPPO_MAX_LOADED_MODELS="1")
+    try:
+        assert spare_pids(d) == []  # no spare before anything was loaded
+        load(d, "a")
+        spare = wait_for(lambda: ready_spares(d))[-1]
+        assert spare_pids(d) == [spare]
+        load(d, "b")  # a swap: a is evicted, b goes into the spare's process
+        assert runner_pid(d, "b") == spare
+        new = wait_for(lambda: [p for p in ready_spares(d) if p != spare])
+        assert spare_pids(d) == new
+        status, body = d.request("POST", "/api/generate", {
+            "model": "b", "prompt": "hello", "raw": True, "stream": False,
+            "options": {"temperature": 0, "num_predict": 4}})
+        assert status == 200 and body["eval_count"] == 4, body
+    finally:
+        d.stop()
+    assert not psutil.pid_exists(new[0]) or psutil.Process(new[0]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_spare_goes_before_a_model_and_never_starts_without_room(tmp_path, models):
+    a, b = models
+    # Room for both models and less than a spare: loading b must stop the spare, not evict a.
+    d = _start(tmp_path / "h", estimate(a) + estimate(b) + SPARE_ESTIMATE // 2, models)
+    try:
+        load(d, "a")
+        spare = wait_for(lambda: spare_pids(d))[0]
+        load(d, "b")
+        _, ps = d.request("GET", "/api/ps")
+        assert sorted(m["name"].split(":")[0] for m in ps["models"]) == ["a", "b"]
+        wait_for(lambda: not psutil.pid_exists(spare)
+                 or psutil.Process(spare).status() == psutil.STATUS_ZOMBIE, 10)
+        assert runner_pid(d, "b") != spare
+        time.sleep(2)  # a spare would be spawned right after the load
+        assert spare_pids(d) == []  # what is left of the budget holds no spare
+        assert "spare runner stopped to make room" in d.log_path.read_text()
+    finally:
+        d.stop()
