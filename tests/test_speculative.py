@@ -240,3 +240,12 @@ def test_the_policy_stops_drafting_when_it_does_not_pay():
         n = paying()
         paying.record(n, 3 if n else 0, 0.020 if n else 0.010)  # 4 tokens in 20 ms: 2x
     assert paying.on
+
+
+def test_the_catalog_names_dflash_drafts_for_qwen3_and_llama():
+    from hippod.registry.catalog import resolve
+
+    assert resolve("qwen3-4b", "latest").dflash == "z-lab/Qwen3-4B-DFlash-b16"
+    assert resolve("qwen3-8b", "8bit").dflash == "z-lab/Qwen3-8B-DFlash-b16"  # variants inherit it
+    assert resolve("llama-3.1-8b", "latest").dflash == "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat"
+    assert resolve("qwen3-0.6b", "latest").dflash is None
