@@ -206,7 +206,7 @@ class DFlashProposer:
 
     def propose(self, pending: int, n: int, history: list[int], decoding: Decoding):
         n = min(n, self.draft.block_size - 1)
-        return decoding.draw(history, self.draft.block_logits(pending, n, self.cache))
+        return decoding.draw(history, None, self.draft.block_logits(pending, n, self.cache))
 
     def commit(self, drafts: list[int], accepted: int, features) -> None:
         self.draft.add_context(features, self.cache)

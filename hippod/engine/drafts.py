@@ -67,17 +67,17 @@ class ModelProposer:
             mx.eval([c.state for c in self.cache])
 
     def propose(self, pending: int, n: int, history: list[int], decoding: Decoding):
-        feed = self.behind + [pending]
+        feed = mx.array(self.behind + [pending], mx.uint32)
         self.behind = []
         drafts, probs = [], []
         for _ in range(n):
-            logits = self.model(mx.array(feed, mx.uint32)[None], cache=self.cache)[0, -1:]
-            drawn, p = decoding.draw(history + drafts, logits)
-            drafts += drawn
+            logits = self.model(feed[None], cache=self.cache)[0, -1:]
+            feed, p = decoding.draw(history, mx.concatenate(drafts) if drafts else None, logits)
+            mx.async_eval(feed)
+            drafts.append(feed)
             if p is not None:
                 probs.append(p)
-            feed = drawn
-        return drafts, (mx.concatenate(probs, axis=0) if probs else None)
+        return mx.concatenate(drafts), (mx.concatenate(probs, axis=0) if probs else None)
 
     def commit(self, drafts: list[int], accepted: int, features) -> None:
         # The draft fed itself pending and drafts[:-1]; the target keeps pending, drafts[:accepted].

@@ -11,9 +11,10 @@ a consumer may stop at any token and find the target's cache holding the tokens 
 A proposer is a small stateful object over its own KV caches:
   - `taps`: the target layers whose outputs it reads (DFlash), else ();
   - `prefill(tokens, features)`: take in context the target has processed;
-  - `propose(pending, n, history, decoding)`: n draft tokens after `pending` (the last token
-    of `history`, which the target has not processed yet), drawn with `decoding.draw`, and the
-    probabilities they were drawn from (None when greedy or deterministic, as the oracle is);
+  - `propose(pending, n, history, decoding)`: up to n draft tokens after `pending` (the last
+    token of `history`, which the target has not processed yet), drawn with `decoding.draw`
+    and left lazy (an mx.array: the target's verify is queued behind them without a wait),
+    and the probabilities they were drawn from (None when greedy, or deterministic drafts);
   - `commit(drafts, accepted, features)`: the target kept `accepted` of the drafts.
 """
 
@@ -36,7 +37,7 @@ class Proposer(Protocol):
     def prefill(self, tokens: list[int], features: mx.array | None) -> None: ...
 
     def propose(self, pending: int, n: int, history: list[int], decoding: "Decoding"
-                ) -> tuple[list[int], mx.array | None]: ...
+                ) -> tuple[mx.array, mx.array | None]: ...
 
     def commit(self, drafts: list[int], accepted: int, features: mx.array | None) -> None: ...
 
@@ -183,7 +184,7 @@ class Decoding:
     def _shaped(self, rows: mx.array) -> mx.array:
         return self.shape(rows - mx.logsumexp(rows, axis=-1, keepdims=True))
 
-    def process(self, history: list[int], rows: mx.array) -> mx.array:
+    def process(self, history: mx.array, rows: mx.array) -> mx.array:
         """Row i of `rows` ([n, V]) is the next-token logits after history[:len - n + 1 + i]:
         processors see the tokens before each row, as mlx_lm's generate_step shows them."""
         if not self.processors:
@@ -191,38 +192,48 @@ class Decoding:
         out = []
         for i in range(rows.shape[0]):
             row = rows[i:i + 1]
-            hist = mx.array(history[:len(history) - rows.shape[0] + 1 + i], mx.uint32)
+            hist = history[:history.shape[0] - rows.shape[0] + 1 + i]
             for proc in self.processors:
                 row = proc(hist, row)
             out.append(row)
         return mx.concatenate(out, axis=0)
 
-    def target(self, history: list[int], rows: mx.array) -> mx.array:
+    def target(self, history: list[int], drafts: mx.array | None, rows: mx.array) -> mx.array:
         """The target's choices (greedy) or probabilities (sampled) at each verified row."""
-        rows = self.process(history, rows)
+        if self.processors:
+            rows = self.process(_joined(history, drafts), rows)
         if self.greedy:
             return mx.argmax(rows, axis=-1)
         return mx.softmax(self._shaped(rows), axis=-1)
 
-    def draw(self, history: list[int], rows: mx.array) -> tuple[list[int], mx.array | None]:
-        """Draft tokens from `rows` ([n, V], row i follows history + the tokens drawn before
-        it) and, when sampling, the probabilities they were drawn from."""
+    def draw(self, history: list[int], drafted: mx.array | None, rows: mx.array
+             ) -> tuple[mx.array, mx.array | None]:
+        """Draft tokens ([n], left lazy) from `rows` ([n, V]; row i follows history, then the
+        tokens `drafted` before this call, then those drawn before it) and, when sampling, the
+        probabilities they were drawn from."""
         if not self.processors:
             return self._draw_rows(rows)
         tokens, probs = [], []
         for i in range(rows.shape[0]):
-            drawn, p = self._draw_rows(self.process(history + tokens, rows[i:i + 1]))
-            tokens += drawn
+            seen = _joined(history, mx.concatenate([x for x in (drafted, *tokens) if x is not None])
+                           if drafted is not None or tokens else None)
+            drawn, p = self._draw_rows(self.process(seen, rows[i:i + 1]))
+            tokens.append(drawn)
             probs.append(p)
-        return tokens, None if self.greedy else mx.concatenate(probs, axis=0)
+        return mx.concatenate(tokens), None if self.greedy else mx.concatenate(probs, axis=0)
 
-    def _draw_rows(self, rows: mx.array) -> tuple[list[int], mx.array | None]:
+    def _draw_rows(self, rows: mx.array) -> tuple[mx.array, mx.array | None]:
         if self.greedy:
-            return mx.argmax(rows, axis=-1).tolist(), None
+            return mx.argmax(rows, axis=-1).astype(mx.uint32), None
         shaped = self._shaped(rows)
         key = self.next_key()
         drawn = mx.random.categorical(shaped, key=key) if key is not None else mx.random.categorical(shaped)
-        return drawn.tolist(), mx.softmax(shaped, axis=-1)
+        return drawn.astype(mx.uint32), mx.softmax(shaped, axis=-1)
+
+
+def _joined(history: list[int], drafts: mx.array | None) -> mx.array:
+    head = mx.array(history, mx.uint32)
+    return head if drafts is None else mx.concatenate([head, drafts.astype(mx.uint32)])
 
 
 def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int], *,
@@ -255,14 +266,18 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
         t_round = t0 = clock()
         want = num_draft() if callable(num_draft) else num_draft
         n = max(0, min(want, max_tokens - produced - 1))
-        drafts, q = proposer.propose(pending, n, history, decoding) if n else ([], None)
-        n = len(drafts)
+        drafts, q = proposer.propose(pending, n, history, decoding) if n else (None, None)
+        if profile and drafts is not None:
+            mx.eval(drafts)
         t0 = lap("draft", t0)
-        logits, features = forward(model, mx.array([pending, *drafts], mx.uint32), cache, proposer.taps)
-        logits = logits[0]
-        choice = decoding.target(history + drafts, logits)
-        mx.eval(choice, *([features] if features is not None else []))
+        head = mx.array([pending], mx.uint32)
+        inputs = head if drafts is None else mx.concatenate([head, drafts.astype(mx.uint32)])
+        logits, features = forward(model, inputs, cache, proposer.taps)
+        choice = decoding.target(history, drafts, logits[0])
+        mx.eval(choice, *(x for x in (drafts, features) if x is not None))
         t0 = lap("verify", t0)
+        drafts = drafts.tolist() if drafts is not None else []
+        n = len(drafts)
         if decoding.greedy:
             targets = choice.tolist()
             accepted = accept_greedy(drafts, targets)
