@@ -168,6 +168,9 @@ def test_a_dflash_draft_that_does_not_fit_its_target_is_refused(daemon_factory, 
     status, body = d.request("POST", "/api/generate", {"model": "flash-draft", "prompt": "hi",
                                                        "stream": False})
     assert status == 500 and "DFlash draft" in body["error"], body
+    status, body = d.request("POST", "/api/create", {"model": "other", "from": str(dirs["target"]),
+                                                     "draft": str(tmp_path / "nowhere"), "stream": False})
+    assert status == 400 and "nowhere is not a directory" in body["error"], body
 
 
 # -- pure functions, fast ------------------------------------------------------------------------
@@ -249,3 +252,56 @@ def test_the_catalog_names_dflash_drafts_for_qwen3_and_llama():
     assert resolve("qwen3-8b", "8bit").dflash == "z-lab/Qwen3-8B-DFlash-b16"  # variants inherit it
     assert resolve("llama-3.1-8b", "latest").dflash == "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat"
     assert resolve("qwen3-0.6b", "latest").dflash is None
+
+
+def test_dflash_context_follows_the_target_when_drafts_are_kept(dirs, tmp_path):
+    """In-process: DFlash drafts replaced by the target's own continuation (so they are kept)
+    still give plain output, and the draft's context rows stay one per token the target holds."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from hippod.engine.dflash import DFlashError, load_dflash
+    from hippod.engine.speculative import Decoding, Stats, speculative_stream
+
+    model, tok = load(str(dirs["target"]))
+    prompt = tok.encode("alpha beta gamma delta")
+    plain = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=20)]
+    draft = load_dflash(dirs["dflash"], model)
+
+    class Kept:
+        def __init__(self, inner):
+            self.inner, self.taps = inner, inner.taps
+
+        def prefill(self, tokens, features):
+            self.inner.prefill(tokens, features)
+
+        def propose(self, pending, n, history, decoding):
+            guess, _ = self.inner.propose(pending, n, history, decoding)
+            at = len(history) - len(prompt)
+            right = (plain[at:at + guess.shape[0]] + [0] * n)[:guess.shape[0]]
+            if at % 3 == 2:  # now and then a wrong guess
+                right[-1] = (right[-1] + 1) % 49152
+            return mx.array(right, mx.uint32), None
+
+        def commit(self, drafts, accepted, features):
+            self.inner.commit(drafts, accepted, features)
+
+    target_cache, draft_cache = make_prompt_cache(model), draft.make_cache()
+    stats = Stats()
+    out = [t for t, _ in speculative_stream(model, Kept(draft.proposer(draft_cache)), target_cache, prompt,
+                                            max_tokens=20, num_draft=4, decoding=Decoding(), stats=stats)]
+    assert out == plain
+    assert stats.accepted > 10
+    assert draft_cache[0].offset == target_cache[0].offset
+
+    # A checkpoint may carry the target's embeddings (ignored); one that lacks a weight is refused.
+    weights = mx.load(str(dirs["dflash"] / "model.safetensors"))
+    broken = shutil.copytree(dirs["dflash"], tmp_path / "broken")
+    extra = {**weights, "embed_tokens.weight": mx.zeros((4, 4))}
+    mx.save_safetensors(str(broken / "model.safetensors"), extra)
+    load_dflash(broken, model)
+    weights.pop("layers.0.mlp.up_proj.weight")
+    mx.save_safetensors(str(broken / "model.safetensors"), weights)
+    with pytest.raises(DFlashError, match="lacks 1 weights"):
+        load_dflash(broken, model)

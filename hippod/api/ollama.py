@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 
@@ -209,6 +210,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     draft = get(body, "draft", str)
     draft_dir = draft if draft and draft.startswith(("/", "~")) else None
     if draft_dir:
+        if not os.path.isdir(os.path.expanduser(draft_dir)):
+            raise BadRequest(f"draft: {draft_dir} is not a directory on the daemon's machine", param="draft")
         draft = registry.normalize(name).rsplit(":", 1)[0] + "-draft"
     if draft:
         registry.normalize(draft)

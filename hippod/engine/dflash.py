@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
@@ -251,8 +252,14 @@ def load_dflash(path: Path, target) -> DFlashDraft:
         raise DFlashError(f"DFlash mask token {cfg.mask_token_id} is outside the target's "
                           f"{vocab}-token vocabulary")
     draft = DFlashDraft(cfg)
+    weights = _weights(path)
+    wanted = {name for name, _ in tree_flatten(draft.parameters())}
+    missing = sorted(wanted - set(weights))
+    if missing:
+        raise DFlashError(f"DFlash draft {path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+    # Checkpoints may carry what the draft borrows from its target (embeddings, head): not ours.
     try:
-        draft.load_weights(list(_weights(path).items()), strict=True)
+        draft.load_weights([(k, v) for k, v in weights.items() if k in wanted], strict=True)
     except ValueError as e:
         raise DFlashError(f"DFlash draft {path}: {e}") from None
     mx.eval(draft.parameters())
