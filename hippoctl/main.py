@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from hippoctl import bench, cluster_cmds, machine, search, service
+from hippoctl import bench, chat, cluster_cmds, machine, search, service
 from hippoctl.client import Client, HippoError, base_url
 from hippoctl.tables import (go_duration, human_bytes, human_number, human_time, parse_time,
                              table)
@@ -26,10 +26,37 @@ from hippoctl.tables import (go_duration, human_bytes, human_number, human_time,
 
 
 def create(client: Client, args: argparse.Namespace) -> None:
-    body = {"model": args.model, "from": _source(args.source)}
+    body = {"model": args.model, **_create_fields(args)}
+    if args.quantize:
+        body["quantize"] = args.quantize
     if args.draft is not None:  # a model's name, or a draft directory (a DFlash draft, a model)
         body["draft"] = _source(args.draft) if args.draft and os.path.isdir(args.draft) else args.draft
     follow_progress(client.stream("/api/create", body))
+
+
+def _create_fields(args: argparse.Namespace) -> dict:
+    """From a Modelfile (-f FILE, or ./Modelfile) or a source (--from, or -f a GGUF/dir/name)."""
+    from hippoctl import modelfile
+
+    file = args.file
+    if args.source is None and file is None:
+        if not os.path.isfile("Modelfile"):
+            raise HippoError("create needs -f Modelfile, or --from a .gguf file, a model "
+                             "directory or a model name")
+        file = "Modelfile"
+    fields = {}
+    is_modelfile = file is not None and os.path.isfile(os.path.expanduser(file)) \
+        and not file.lower().endswith(".gguf")
+    if is_modelfile:
+        try:
+            fields = modelfile.parse_file(os.path.expanduser(file))
+        except modelfile.ModelfileError as e:
+            raise HippoError(f"{file}: {e}") from None
+    elif file is not None:
+        fields["from"] = _source(file)
+    if args.source is not None:  # --from overrides the Modelfile's FROM
+        fields["from"] = _source(args.source)
+    return fields
 
 
 def _source(text: str) -> str:
@@ -180,7 +207,7 @@ def run(client: Client, args: argparse.Namespace) -> int | None:
         # piped input comes first, as in `cat notes | ollama run m summarize`
         prompt = " ".join(p for p in (sys.stdin.read() if sys.stdin else "", prompt) if p)
     elif not prompt:
-        return chat_repl(client, args)
+        return chat.chat_repl(client, args)
     if not prompt.strip():  # nothing to ask: load the model, as `ollama run m < /dev/null` does
         client.post("/api/chat", chat_body(args, []))
         return None
@@ -206,9 +233,21 @@ def stream_chat(client: Client, body: dict, out: TextIO | None = None) -> tuple[
     out = out or sys.stdout
     parts: list[str] = []
     final: dict = {}
+    thinking = False
     with contextlib.closing(client.stream("/api/chat", body)) as events:
         for event in events:
-            piece = (event.get("message") or {}).get("content") or ""
+            message = event.get("message") or {}
+            thought = message.get("thinking") or ""
+            if thought:  # a reasoning model's thinking, apart from the answer (as `ollama run`)
+                if not thinking:
+                    out.write("Thinking...\n")
+                    thinking = True
+                out.write(thought)
+                out.flush()
+            piece = message.get("content") or ""
+            if piece and thinking:
+                out.write("\n...done thinking.\n\n")
+                thinking = False
             if piece:
                 out.write(piece)
                 out.flush()
@@ -239,73 +278,6 @@ def print_stats(final: dict, out: TextIO | None = None) -> None:
             lines.append(f"{label + ' duration:':<22}{go_duration(duration)}")
             lines.append(f"{label + ' rate:':<22}{count / (duration / 1e9):.2f} tokens/s")
     print("\n".join(lines), file=out)
-
-
-REPL_HELP = """Available Commands:
-  /clear          Clear session context
-  /bye            Exit
-  /?, /help       Help for a command
-
-Use \"\"\" to begin a multi-line message."""
-
-
-def chat_repl(client: Client, args: argparse.Namespace) -> int:
-    """An interactive chat that keeps the conversation, like `ollama run MODEL` on a terminal."""
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    client.post("/api/chat", chat_body(args, []))  # load now, so a bad name fails before the prompt
-    messages: list[dict] = []
-    while True:
-        try:
-            line = read_message()
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print("\nUse Ctrl + d or /bye to exit.")
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            word = text.split()[0]
-            if word in ("/bye", "/exit"):
-                return 0
-            if word == "/clear":
-                messages.clear()
-                print("Cleared session context")
-            elif word in ("/?", "/help"):
-                print(REPL_HELP)
-            else:
-                print(f"Unknown command '{word}'. Type /? for help")
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            answer, final = stream_chat(client, chat_body(args, messages))
-        except KeyboardInterrupt:  # stop this answer, keep the session; the turn is forgotten
-            messages.pop()
-            print()
-            continue
-        except HippoError as e:
-            messages.pop()
-            print(f"Error: {e}", file=sys.stderr)
-            continue
-        messages.append({"role": "assistant", "content": answer})
-        print()
-        if args.verbose:
-            print_stats(final)
-            print(file=sys.stderr)
-
-
-def read_message() -> str:
-    """One line, or several between triple quotes."""
-    line = input(">>> ")
-    if not line.lstrip().startswith('"""'):
-        return line
-    text = line.lstrip()[3:]
-    while not text.rstrip().endswith('"""'):
-        text += "\n" + input("... ")
-    return text.rstrip()[:-3].strip("\n")
 
 
 # -- the daemon -------------------------------------------------------------------------------
@@ -411,8 +383,13 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("create", create, "Create a model from a GGUF file, a model directory or another model", (
         arg("model", help="name of the new model"),
-        arg("-f", "--from", dest="source", required=True,
+        arg("-f", "--file", dest="file",
+            help="a Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE), or a "
+                 ".gguf file, a model directory or a model name (default: ./Modelfile)"),
+        arg("--from", dest="source",
             help="a .gguf file, an MLX model directory, or an existing model's name"),
+        arg("-q", "--quantize", help="quantize a float model to MLX affine weights "
+            "(q4_0, q4_1, q4_K_S, q4_K_M, q5_0, q5_1, q5_K_S, q5_K_M, q6_K, q8_0)"),
         arg("--draft", help="what drafts tokens for this one (speculative decoding): a smaller model "
             "of the same tokenizer, or a DFlash draft directory; '' removes it"),
     )),

@@ -5,6 +5,7 @@ One frozen dataclass so every module reads the same, already-validated values.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,8 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     api_key: str | None = None
     origins: tuple[str, ...] = ()  # browser origins allowed (globs like http://app:*); () = localhost only
+    # Host header names answered besides the bound address and the machine's names ('*': any)
+    allowed_hosts: tuple[str, ...] = ()
     insecure: bool = False
     # Operations (issue 8)
     audit_prompts: bool = False  # store prompt text in the audit log
@@ -143,6 +146,16 @@ def _coerce(name: str, typ: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"setting {name}: {e}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only ('localhost', 127.0.0.1, ::1)."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_host(text: str) -> tuple[str, str | None]:

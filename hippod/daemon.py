@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import socket
@@ -19,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hippod import __version__
-from hippod.config import ConfigError, Settings, load_settings
+from hippod.config import ConfigError, Settings, is_loopback, load_settings
 
 log = logging.getLogger("hippo")
 
@@ -105,15 +104,6 @@ async def drain(inflight, site: web.BaseSite, grace: float, hurry: asyncio.Event
                     inflight.count)
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def serve(settings: Settings, started: float) -> None:
     from hippod.api.app import build_app
     from hippod.registry.registry import Registry
@@ -134,7 +124,8 @@ async def serve(settings: Settings, started: float) -> None:
     cluster = app["cluster"] = Cluster(settings, store, registry, scheduler, node)
     # -- end cluster --
     from hippod.cluster.splits import Splits  # pipeline split (issue 6): one model over several nodes
-    splits = app["splits"] = scheduler.splits = Splits(settings, scheduler, registry, cluster)
+    splits = app["splits"] = Splits(settings, scheduler, registry, cluster)
+    scheduler.placer, scheduler.factory = splits, splits.factory(scheduler.start_local)
     # After drain() and the runners' stop, handlers left (a pull, say) get this long, then are cancelled.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()

@@ -8,8 +8,12 @@ cancels the job (that is how a client that goes away frees its batch slot at onc
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import MISSING as dataclass_MISSING
 from dataclasses import dataclass, field
 from typing import Any
+
+from hippod import paths
 
 # Sampling options a runner honours, with Ollama's names. Anything else is rejected upstream.
 SAMPLING_OPTIONS = (
@@ -33,6 +37,10 @@ class GenerateRequest:
     options: dict[str, Any] = field(default_factory=dict)
     grammar: dict | None = None  # {"json_schema": {...}} or {"json_object": true}
     logprobs: int | None = None
+    # Continue after these generated token ids (a model split across nodes lost one mid-stream
+    # and its successor replays them): they are prefilled after the prompt, count as generated,
+    # and their text (already sent) is not sent again.
+    resume: list[int] | None = None
     kind: str = "generate"
 
 
@@ -53,6 +61,7 @@ class InfoRequest:
 class TokenEvent:
     text: str
     token: int
+    ids: list[int] | None = None  # every id this text covers, when that is not just [token]
     type: str = "token"
 
 
@@ -147,3 +156,149 @@ def decode_event(line: bytes):
     data = json.loads(line)
     cls = _EVENTS[data.pop("type")]
     return cls(**data)
+
+
+# -- split records: a model's layers over several nodes ---------------------------------------
+# The coordinator and its peers exchange these as JSON bodies on the signed peer API; a peer
+# decodes every body with `decode_split`, the one place they are validated.
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Decoder layers [start, end) that one rank runs: JSON [start, end], CLI "start:end"."""
+
+    start: int
+    end: int
+
+    def __post_init__(self):
+        if not (isinstance(self.start, int) and isinstance(self.end, int)
+                and not isinstance(self.start, bool) and not isinstance(self.end, bool)
+                and 0 <= self.start < self.end <= 2**20):
+            raise ValueError(f"layers must be [start, end] with 0 <= start < end, not "
+                             f"[{self.start!r}, {self.end!r}]")
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerRange":
+        start, sep, end = str(text).partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            return cls(int(start), int(end))
+        except ValueError:
+            raise ValueError(f"bad layer range {text!r} (expected START:END with START < END)") from None
+
+    @classmethod
+    def of(cls, value: Any) -> "LayerRange":
+        if isinstance(value, LayerRange):
+            return value
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise ValueError("layers must be [start, end] with start < end")
+        return cls(value[0], value[1])
+
+    def json(self) -> list[int]:
+        return [self.start, self.end]
+
+    def arg(self) -> str:
+        return f"{self.start}:{self.end}"
+
+    def __str__(self) -> str:  # how people read it: inclusive, like "layers 0-14"
+        return f"{self.start}-{self.end - 1}"
+
+    def __contains__(self, layer: int) -> bool:
+        return self.start <= layer < self.end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SplitPrepare:
+    """Coordinator -> peer: check room for these layers, get their files, pick a ring port."""
+
+    split: str
+    model: str
+    digest: str
+    layers: LayerRange
+    rank: int
+    world: int
+    bytes: int
+    context_length: int | None = None
+
+
+@dataclass
+class SplitStart:
+    """Coordinator -> peer: every rank's ring address; start the runner and answer when ready."""
+
+    split: str
+    hosts: list[list[str]]
+
+
+@dataclass
+class SplitRef:
+    """Coordinator -> peer: ping or stop one split."""
+
+    split: str
+
+
+class SplitRecordError(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+_HOST = re.compile(r"[0-9A-Za-z.:\[\]-]{1,100}:\d{1,5}")
+_FILE_NAMED = {"split": paths.check_token, "digest": paths.check_sha256}
+_SPLIT_INTS = {"rank": (0, 1024), "world": (1, 1024), "bytes": (0, 2**62), "context_length": (1, 2**24)}
+
+
+def _check_host(entry: Any) -> bool:
+    return isinstance(entry, str) and _HOST.fullmatch(entry) is not None
+
+
+def decode_split(cls, body: Any):
+    """A split record from a JSON body, every field checked; SplitRecordError names the bad one."""
+    if not isinstance(body, dict):
+        raise SplitRecordError("the body must be a JSON object")
+    values: dict[str, Any] = {}
+    for name, f in cls.__dataclass_fields__.items():
+        value = body.get(name)
+        required = f.default is dataclass_MISSING and f.default_factory is dataclass_MISSING
+        if value is None:
+            if required:
+                raise SplitRecordError(f"{name} is required", name)
+            continue
+        if name == "layers":
+            try:
+                value = LayerRange.of(value)
+            except ValueError as e:
+                raise SplitRecordError(str(e), name) from None
+        elif name == "hosts":
+            if not (isinstance(value, list) and value and all(
+                    isinstance(e, list) and e and all(_check_host(a) for a in e) for e in value)):
+                raise SplitRecordError('hosts must list one ["address:port"] per rank', name)
+        elif name in _SPLIT_INTS:
+            lo, hi = _SPLIT_INTS[name]
+            if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+                raise SplitRecordError(f"{name} must be an integer from {lo} to {hi}", name)
+        elif not (isinstance(value, str) and 0 < len(value) <= 300):
+            raise SplitRecordError(f"{name} must be a non-empty string", name)
+        elif name in _FILE_NAMED:  # they become file names on the peer
+            try:
+                _FILE_NAMED[name](value, name)
+            except paths.UnsafePath as e:
+                raise SplitRecordError(str(e), name) from None
+        values[name] = value
+    record = cls(**values)
+    if isinstance(record, SplitPrepare) and record.rank >= record.world:
+        raise SplitRecordError("rank must be below world", "rank")
+    return record
+
+
+def split_body(record) -> dict:
+    """The JSON body of a split record."""
+    out = {}
+    for name, value in vars(record).items():
+        if value is None:
+            continue
+        out[name] = value.json() if isinstance(value, LayerRange) else value
+    return out

@@ -18,6 +18,8 @@ from collections import deque
 from pathlib import Path
 from typing import AsyncIterator
 
+import psutil
+
 from hippod.protocol import (
     DoneEvent,
     EmbedRequest,
@@ -75,6 +77,20 @@ class RunnerProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and not self.exited.is_set()
+
+    placement = None  # one node: nothing to show beyond the model (see hippod.runners.Runner)
+
+    def memory(self) -> int:
+        """Its resident memory now (0 once it is gone)."""
+        if not self.alive or not self.pid:
+            return 0
+        try:
+            return psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def health(self) -> str:
+        return "running" if self.alive else f"exited ({self.exit_code}): {self.stderr_tail()}"
 
     async def start(self, timeout: float, spare: RunnerProcess | None = None) -> ReadyEvent:
         """Spawn the runner, or hand the model to a warm `spare`, and wait for its ready line.

@@ -22,6 +22,7 @@ import platform
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 from datetime import datetime, timedelta, timezone
 
 import psutil
@@ -30,6 +31,7 @@ from hippod.config import Settings, fmt_bytes
 from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-exported)
 from hippod.registry.registry import Registry, RegistryError
 from hippod.runner_process import RunnerProcess
+from hippod.runners import OnLost, Plan, Runner, RunnerFactory
 from hippod.spare import SparePool
 from hippod.store.database import Store
 from hippod.store.records import ModelRecord
@@ -69,10 +71,12 @@ class NotEnoughMemory(SchedulerError):
 # -- memory estimate --------------------------------------------------------------------------
 
 
-def kv_cache_bytes(details: dict, num_ctx: int, num_parallel: int) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x num_ctx x dtype bytes x parallel slots."""
+def kv_cache_bytes(details: dict, num_ctx: int, num_parallel: int, layers: int | None = None) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x num_ctx x dtype bytes x parallel slots;
+    `layers` counts a part of the model (one layer of a split), else all of it."""
     d = details or {}
-    return (2 * int(d.get("num_layers") or 0) * int(d.get("kv_heads") or 0)
+    count = int(d.get("num_layers") or 0) if layers is None else layers
+    return (2 * count * int(d.get("kv_heads") or 0)
             * int(d.get("head_dim") or 0) * num_ctx * int(d.get("kv_dtype_bytes") or 2) * num_parallel)
 
 
@@ -91,7 +95,7 @@ def estimate_bytes(rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
 class Loaded:
     name: str
     record: ModelRecord
-    runner: RunnerProcess
+    runner: Runner
     estimate: int
     context_length: int
     num_parallel: int
@@ -107,6 +111,7 @@ class Loaded:
     unloading: bool = False
     draining: bool = False  # the loader waits to evict it: new requests queue instead
     end_reason: str | None = None  # why it unloads when idle ("stopped"); default "expired"
+    replacing: asyncio.Future | None = None  # its runner lost a node: the successor is starting
 
     @property
     def pinned(self) -> bool:
@@ -116,11 +121,7 @@ class Loaded:
     def size(self) -> int:
         """Bytes the guard counts: the estimate (KV grows into it), or what the runner really
         holds now when that is more (its RSS, read fresh; MLX's active memory at load)."""
-        rss = 0
-        if self.runner.alive and self.runner.pid:
-            with contextlib.suppress(psutil.Error):
-                rss = psutil.Process(self.runner.pid).memory_info().rss
-        return max(self.estimate, self.measured, rss)
+        return max(self.estimate, self.measured, self.runner.memory())
 
     def expires(self) -> datetime:
         """When it unloads if nothing else uses it (a projection while it is busy)."""
@@ -154,8 +155,25 @@ class _Intent:
 # -- the scheduler ----------------------------------------------------------------------------
 
 
+class Placer(Protocol):
+    """Plans splits over peers (hippod.cluster.splits.Splits); the scheduler asks it only when
+    a model has a forced placement or does not fit here."""
+
+    def forced(self, model: str, exclude: frozenset[str] = frozenset()) -> list[str] | None: ...
+
+    def hosted_bytes(self) -> int: ...
+
+    async def fetch(self, name: str) -> ModelRecord | None:
+        """Copy a model this node lacks from a trusted peer that has it; None if none has."""
+
+    async def plan(self, rec: ModelRecord, ctx: int, local_free: int, *,
+                   forced: list[str] | None = None, refusal: NotEnoughMemory | None = None,
+                   exclude: frozenset[str] = frozenset()) -> Plan: ...
+
+
 class Scheduler:
-    def __init__(self, settings: Settings, store: Store, registry: Registry, node: str):
+    def __init__(self, settings: Settings, store: Store, registry: Registry, node: str,
+                 factory: RunnerFactory | None = None, placer: Placer | None = None):
         self.settings = settings
         self.store = store
         self.registry = registry
@@ -169,7 +187,9 @@ class Scheduler:
         self._change_waiters: set[asyncio.Future] = set()
         self._tasks: set[asyncio.Task] = set()  # keep background tasks referenced until done
         self._closed = False
-        self.splits = None  # pipeline split (issue 6): hippod.cluster.splits.Splits, set by the daemon
+        self._load_lock = asyncio.Lock()  # loads and replacements happen one at a time
+        self.factory: RunnerFactory = factory or self.start_local
+        self.placer = placer
         self.spares = SparePool(settings.run_dir, settings.logs_dir / "runners.log",
                                 python=settings.runner_python, enabled=settings.spare_runner)
 
@@ -193,7 +213,7 @@ class Scheduler:
 
     def used(self) -> int:
         """Loaded models, plus unloaded ones whose process is still on its way out."""
-        hosted = self.splits.hosted_bytes() if self.splits is not None else 0  # issue 6: peers' layers
+        hosted = self.placer.hosted_bytes() if self.placer is not None else 0  # layers run for peers
         return sum(m.size for m in (*self.loaded.values(), *self._stopping)) + hosted + self.spares.bytes
 
     def available(self) -> int:
@@ -253,8 +273,20 @@ class Scheduler:
         finally:
             self._release(loaded)
 
+    async def _record(self, name: str) -> ModelRecord:
+        """The model's record; a model that only a trusted peer has is copied from it first."""
+        try:
+            return self.registry.get(name)
+        except RegistryError as e:
+            if e.status != 404 or self.placer is None:
+                raise
+            rec = await self.placer.fetch(self.registry.normalize(name))
+            if rec is None:
+                raise
+            return rec
+
     async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
-        rec = self.registry.get(name)
+        rec = await self._record(name)
         if rec.missing:
             raise RegistryError(f"model '{rec.name}' has missing files; pull or create it again", 500)
         ctx = self.context_for(rec, num_ctx)
@@ -286,7 +318,7 @@ class Scheduler:
 
     def _ready(self, rec: ModelRecord, ctx: int) -> Loaded | None:
         m = self.loaded.get(rec.name)
-        if (m is None or m.unloading or m.draining or not m.runner.alive
+        if (m is None or m.unloading or m.draining or m.replacing or not m.runner.alive
                 or m.record.digest != rec.digest
                 or ctx > max(m.context_length, m.asked_context)):  # reloading would not give more
             return None
@@ -384,7 +416,11 @@ class Scheduler:
                 continue
             intent.started = True
             try:
-                m = await self._satisfy(intent)
+                current = self.loaded.get(intent.rec.name)
+                if current is not None and current.replacing is not None:  # wait for its successor
+                    await asyncio.wait({current.replacing})
+                async with self._load_lock:
+                    m = await self._satisfy(intent)
             except asyncio.CancelledError:
                 if not intent.future.done():
                     intent.future.set_exception(SchedulerError("hippod is shutting down", 503))
@@ -421,21 +457,28 @@ class Scheduler:
                 raise ServerBusy(f"'{rec.name}' must be reloaded (another version or a larger "
                                  f"context) but stayed busy for {self.settings.busy_wait:.0f}s"
                                  ) from None
+        plan = await self._place(rec, ctx, deadline)
+        return await self._start(plan, intent.keep_alive)
+
+    async def _place(self, rec: ModelRecord, ctx: int, deadline: float,
+                     exclude: frozenset[str] = frozenset(), keep: Loaded | None = None) -> Plan:
+        """Where `rec` runs: here (after evicting idle models if need be), or split over peers
+        when it has a forced placement or does not fit here; never on the nodes in `exclude`."""
         parallel = self.settings.num_parallel
         need = self.estimate(rec, ctx, parallel)
-        # -- pipeline split (issue 6): a forced placement, or too big for this node alone --
-        if self.splits is not None and self.splits.forced(rec.name):
-            return await self.splits.load(rec, ctx, intent.keep_alive)
+        placer = self.placer
+        forced = placer.forced(rec.name, exclude) if placer is not None else None
+        if forced:
+            return await placer.plan(rec, ctx, self.available(), forced=forced, exclude=exclude)
         try:
-            await self._make_room(rec.name, need, deadline)
+            await self._make_room(rec.name, need, deadline, keep)
         except NotEnoughMemory as refusal:
-            if self.splits is None:
+            if placer is None:
                 raise
-            return await self.splits.load(rec, ctx, intent.keep_alive, refusal)
-        # -- end pipeline split --
-        return await self._start(rec, ctx, parallel, need, intent.keep_alive)
+            return await placer.plan(rec, ctx, self.available(), refusal=refusal, exclude=exclude)
+        return Plan(rec, ctx, parallel, need, tuple(self._engine_args(rec, ctx, parallel)))
 
-    async def _make_room(self, name: str, need: int, deadline: float) -> None:
+    async def _make_room(self, name: str, need: int, deadline: float, keep: Loaded | None = None) -> None:
         guard = self.settings.guard
         budget = self.budget()
         if guard == "strict" and need > budget:
@@ -443,13 +486,14 @@ class Scheduler:
                 f"model '{name}' needs {fmt_bytes(need)} ({need} bytes) but the memory budget is "
                 f"only {fmt_bytes(budget)} ({budget} bytes)", need, budget)
         while True:
-            too_many = len(self.loaded) >= self.settings.max_loaded_models
+            others = [m for m in self.loaded.values() if m is not keep]  # `keep`: being replaced
+            too_many = len(others) >= self.settings.max_loaded_models
             short = guard != "off" and need > self.available()
             if not too_many and not short:
                 return
             if short and await self.spares.discard():  # the spare goes before any model
                 continue
-            evictable = [m for m in self.loaded.values() if not m.pinned]
+            evictable = [m for m in others if not m.pinned]
             idle = [m for m in evictable if m.refs == 0]
             if short and not too_many and guard == "warn" and not idle:
                 log.warning("memory guard (warn): loading %s without room (%s needed, %s available)",
@@ -472,10 +516,25 @@ class Scheduler:
                 self._refuse(name, need, f"; the loaded models stayed busy for "
                                          f"{self.settings.busy_wait:.0f}s")
 
+    async def make_room_for_share(self, label: str, need: int) -> None:
+        """A peer asks this node to hold part of a split: evict idle models, least recently used
+        first, until `need` bytes are free. Pinned and busy models are never evicted for it."""
+        if self.settings.guard == "off":
+            return
+        async with self._load_lock:
+            while need > self.available():
+                idle = [m for m in self.loaded.values()
+                        if not m.pinned and m.refs == 0 and m.replacing is None and not m.unloading]
+                if not idle:
+                    self._refuse(label, need, "; the models loaded here are busy or pinned"
+                                 if self.loaded else "")
+                await self.unload(min(idle, key=lambda m: m.last_used).name, "evicted")
+
     def _refuse(self, name: str, need: int, why: str):
         free = self.available()
+        what = name if " " in name else f"model '{name}'"
         raise NotEnoughMemory(
-            f"model '{name}' needs {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
+            f"{what} needs {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
             f"({free} bytes) of the {fmt_bytes(self.budget())} memory budget is available{why}",
             need, free)
 
@@ -493,33 +552,94 @@ class Scheduler:
         if self.loaded.get(m.name) is m:
             await self.unload(m.name, reason)
 
-    async def _start(self, rec: ModelRecord, ctx: int, parallel: int, need: int,
-                     keep: float) -> Loaded:
-        runner = RunnerProcess(
-            self.registry.model_dir(rec), self.settings.run_dir,
-            self.settings.logs_dir / "runners.log", num_parallel=parallel, context_length=ctx,
-            python=self.settings.runner_python, extra_args=self._engine_args(rec, ctx, parallel))
-        log.info("loading %s (estimated %s, %s in use of %s)", rec.name, fmt_bytes(need),
-                 fmt_bytes(self.used()), fmt_bytes(self.budget()))
+    async def _launch(self, plan: Plan) -> tuple[Runner, float]:
+        where = (" over " + ", ".join(f"{x.node} layers {x.layers}" for x in plan.shares)
+                 if plan.split else "")
+        log.info("loading %s%s (estimated %s here, %s in use of %s)", plan.record.name, where,
+                 fmt_bytes(plan.estimate), fmt_bytes(self.used()), fmt_bytes(self.budget()))
         t0 = time.monotonic()
+        runner = await self.factory(plan, self.replace)
+        return runner, time.monotonic() - t0
+
+    def _open_load(self, plan: Plan, runner: Runner, seconds: float) -> tuple[int, int]:
+        """The store's row for a runner that just started: (load id, measured bytes)."""
+        ready = runner.ready
+        measured = max(ready.rss_bytes, ready.mlx_active_bytes) if ready else 0
+        load_id = self.store.start_load(plan.record.name, self.node, "split" if plan.split else "request",
+                                        max(plan.total, measured), seconds, pid=runner.pid)
+        return load_id, measured
+
+    async def _start(self, plan: Plan, keep: float) -> Loaded:
+        """Start a runner for `plan` and register it: the one path for every loaded model."""
+        runner, seconds = await self._launch(plan)
         try:
-            ready = await runner.start(timeout=self.settings.load_timeout, spare=self.spares.take())
-            seconds = time.monotonic() - t0
-            measured = max(ready.rss_bytes, ready.mlx_active_bytes)
-            load_id = self.store.start_load(rec.name, self.node, "request", max(need, measured),
-                                            seconds, pid=runner.pid)
-        except BaseException:  # failed, timed out, or shutting down: leave no process behind
+            load_id, measured = self._open_load(plan, runner, seconds)
+        except BaseException:
             await runner.kill()
             raise
-        m = Loaded(rec.name, rec, runner, estimate=need, context_length=ready.context_length,
-                   num_parallel=parallel, load_id=load_id, load_seconds=seconds, keep_alive=keep,
-                   asked_context=ctx, measured=measured)
+        rec = plan.record
+        m = Loaded(rec.name, rec, runner, estimate=plan.estimate,
+                   context_length=runner.ready.context_length if runner.ready else plan.num_ctx,
+                   num_parallel=plan.num_parallel, load_id=load_id, load_seconds=seconds,
+                   keep_alive=keep, asked_context=plan.num_ctx, measured=measured)
         self.loaded[rec.name] = m
         self._spawn(self._watch(m))
         self.spares.refill(self.available())
-        log.info("loaded %s in %.2fs (pid %s, rss %s, counted %s)", rec.name, seconds, runner.pid,
-                 fmt_bytes(ready.rss_bytes), fmt_bytes(m.size))
+        log.info("loaded %s in %.2fs (pid %s, counted %s)", rec.name, seconds, runner.pid,
+                 fmt_bytes(m.size))
         return m
+
+    async def start_local(self, plan: Plan, on_lost: OnLost) -> Runner:
+        """The default factory: one runner process on this node (it cannot lose a node)."""
+        rec = plan.record
+        runner = RunnerProcess(
+            self.registry.model_dir(rec), self.settings.run_dir,
+            self.settings.logs_dir / "runners.log", num_parallel=plan.num_parallel,
+            context_length=plan.num_ctx, python=self.settings.runner_python,
+            extra_args=list(plan.engine_args))
+        try:
+            await runner.start(timeout=self.settings.load_timeout, spare=self.spares.take())
+        except BaseException:  # failed, timed out, or shutting down: leave no process behind
+            await runner.kill()
+            raise
+        return runner
+
+    async def replace(self, old: Runner, lost: frozenset[str]) -> Runner:
+        """A runner lost nodes mid-stream: plan its model again without them (here, if it now
+        fits after evicting idle models, or over the nodes that are left), start the successor
+        and register it in the old one's place, keeping the model's leases and keep_alive.
+        Raises (with the numbers) when no placement fits; the model is then unloaded."""
+        m = next((x for x in self.loaded.values() if x.runner is old), None)
+        if m is None or m.unloading:
+            raise SchedulerError("the model was unloaded while its runner lost a node", 503)
+        if m.replacing is not None:
+            return await asyncio.shield(m.replacing)
+        done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        m.replacing = done
+        try:
+            async with self._load_lock:
+                m.estimate = m.measured = 0  # the old runner is gone here: its memory is free
+                deadline = time.monotonic() + self.settings.busy_wait
+                plan = await self._place(m.record, m.asked_context, deadline, exclude=lost, keep=m)
+                runner, seconds = await self._launch(plan)
+            self.store.end_load(m.load_id, "node lost")
+            m.load_id, m.measured = self._open_load(plan, runner, seconds)
+            m.runner, m.estimate, m.load_seconds = runner, plan.estimate, seconds
+            if runner.ready:
+                m.context_length = runner.ready.context_length
+            log.info("%s continues on %s after losing %s", m.name,
+                     ", ".join(plan.nodes) if plan.split else self.node, ", ".join(sorted(lost)) or "its runner")
+            done.set_result(runner)
+            return runner
+        except BaseException as e:
+            done.set_exception(e if isinstance(e, Exception) else SchedulerError("hippod is shutting down", 503))
+            if self.loaded.get(m.name) is m:
+                self._spawn(self.unload(m.name, "node lost"))
+            raise
+        finally:
+            m.replacing = None
+            self._notify()
 
     # -- unloading --------------------------------------------------------------------------
 
@@ -562,11 +682,17 @@ class Scheduler:
         return True
 
     async def _watch(self, m: Loaded) -> None:
-        await m.runner.exited.wait()
+        while True:
+            runner = m.runner
+            await runner.exited.wait()
+            if m.replacing is not None:  # it lost a node: follow its successor
+                await asyncio.wait({m.replacing})
+            if m.runner is runner:
+                break
         if m.unloading:
             return
-        log.error("runner of %s exited unexpectedly (code %s): %s", m.name, m.runner.exit_code,
-                  m.runner.stderr_tail())
+        log.error("runner of %s exited unexpectedly (code %s): %s", m.name, runner.exit_code,
+                  runner.health())
         if self.loaded.get(m.name) is m:
             del self.loaded[m.name]
         if m.expiry:

@@ -78,6 +78,25 @@ def run_jobs(loop, requests: list[GenerateRequest]) -> list[dict]:
 # -- the grammar --------------------------------------------------------------------------------
 
 
+def _accepts(tokenizer, grammar: dict, text: str) -> bool:
+    """Walk `text` token by token through the grammar; True if every token is allowed and the
+    document is complete at the end."""
+    import mlx.core as mx
+
+    from hippod.engine.grammar import make_grammar_processor
+
+    logits = mx.zeros((1, tokenizer.vocab_size))
+    proc = make_grammar_processor(tokenizer, grammar)
+    context = tokenizer.encode("prompt")
+    out = proc(mx.array(context), logits)
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        if mx.isinf(out[0, token]).item():
+            return False
+        context.append(token)
+        out = proc(mx.array(context), logits)
+    return proc.done
+
+
 def test_schema_holds_for_20_of_20_on_a_random_model(tiny_loop):
     reqs = [GenerateRequest(prompt=f"Describe city number {i}.", grammar={"json_schema": CITY},
                             options={"temperature": 1.0, "seed": i, "num_predict": 96})
@@ -92,23 +111,10 @@ def test_schema_holds_for_20_of_20_on_a_random_model(tiny_loop):
 
 def test_json_object_mode_allows_any_object_and_nothing_else(tiny):
     """A random model writes endless keys under {"type": "object"}; walk known texts instead."""
-    import mlx.core as mx
-
-    from hippod.engine.grammar import make_grammar_processor
-
     _, tokenizer = tiny
-    logits = mx.zeros((1, tokenizer.vocab_size))
 
     def walk(text: str) -> bool:
-        proc = make_grammar_processor(tokenizer, {"json_object": True})
-        context = tokenizer.encode("prompt")
-        out = proc(mx.array(context), logits)
-        for token in tokenizer.encode(text, add_special_tokens=False):
-            if mx.isinf(out[0, token]).item():
-                return False
-            context.append(token)
-            out = proc(mx.array(context), logits)
-        return proc.done
+        return _accepts(tokenizer, {"json_object": True}, text)
 
     assert walk('{"a": [1, {"b": null}], "c": "x"}')
     assert walk('{}')
@@ -400,3 +406,234 @@ def test_call_schema_shapes():
     jsonschema.validate({"name": "get_weather", "arguments": {"city": "x", "unit": "celsius"}}, anyof)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"name": "get_weather", "arguments": {"tz": "UTC"}}, anyof)
+
+
+# -- closing objects as Ollama does -------------------------------------------------------------
+
+
+def _closed_validator(schema: dict):
+    from hippod.engine.grammar import close_objects
+
+    return jsonschema.Draft202012Validator(close_objects(schema))
+
+
+def _nested_model_schema() -> dict:
+    from typing import Optional, Union
+
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: str
+        country: Optional[str] = None
+
+    class Trip(BaseModel):
+        name: str
+        stops: list[Place]
+        home: Optional[Place] = None
+        counts: dict[str, int]
+        anything: Union[Place, dict]
+
+    return Trip.model_json_schema()
+
+
+def test_closing_reaches_every_object_of_a_pydantic_schema():
+    """No model sets additionalProperties: closed, extra keys fail at the top, in a list item, in a
+    $defs model behind anyOf; declared maps (dict[str, int], additionalProperties: true) stay open."""
+    schema = _nested_model_schema()
+    v = _closed_validator(schema)
+    good = {"name": "t", "stops": [{"city": "Oslo"}], "home": {"city": "Rome", "country": "IT"},
+            "counts": {"a": 1, "b": 2}, "anything": {"free": [1]}}
+    assert v.is_valid(good) and jsonschema.Draft202012Validator(schema).is_valid(good)
+    for bad in ({**good, "extra": 1},
+                {**good, "stops": [{"city": "Oslo", "population": 1}]},
+                {**good, "home": {"city": "Rome", "capital": True}},
+                {**good, "counts": {"a": "x"}}):
+        assert not v.is_valid(bad), bad
+        if bad["counts"] == good["counts"]:
+            assert jsonschema.Draft202012Validator(schema).is_valid(bad)  # open as written
+
+
+@pytest.mark.parametrize("schema,ok,bad", [
+    ({"type": "object"}, {"any": 1}, []),  # json mode: any object
+    ({"type": "object", "properties": {}}, {}, {"a": 1}),  # an empty model: only {}
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, {"b": 1}, []),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "integer"}},
+     {"a": "s", "b": 1}, {"b": "s"}),
+    ({"type": "object", "additionalProperties": {"properties": {"x": {}}}},  # a map of closed objects
+     {"k": {"x": 1}}, {"k": {"y": 1}}),
+    ({"type": "array", "items": {"properties": {"x": {}}}}, [{"x": 1}], [{"y": 1}]),
+    ({"type": "array", "prefixItems": [{"properties": {"x": {}}}]}, [{"x": 1}, 5], [{"y": 1}]),
+    ({"properties": {"p": {"$ref": "#/definitions/D"}}, "definitions": {"D": {"properties": {"x": {}}}}},
+     {"p": {"x": 1}}, {"p": {"z": 1}}),
+    ({"type": "object", "patternProperties": {"^x_": {"type": "integer"}}}, {"x_a": 1}, {"y": 1}),
+    ({"type": "object", "properties": {"a": {}}, "required": ["a", "b"]}, {"a": 1, "b": 2},
+     {"a": 1, "b": 2, "c": 3}),  # a key only `required` names counts as declared
+])
+def test_closing_rule_cases(schema, ok, bad):
+    v = _closed_validator(schema)
+    assert v.is_valid(ok)
+    if bad != []:
+        assert not v.is_valid(bad)
+
+
+def test_closing_merges_keys_across_combinators():
+    """Closing each member alone would make allOf unsatisfiable; keys are merged as llama.cpp does."""
+    all_of = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+                        {"$ref": "#/$defs/B"}],
+              "$defs": {"B": {"type": "object", "properties": {"b": {"type": "integer"}}}}}
+    v = _closed_validator(all_of)
+    assert v.is_valid({"a": 1, "b": 2})
+    assert not v.is_valid({"a": 1, "b": 2, "c": 3}) and not v.is_valid({"a": "x", "b": 2})
+    assert _closed_validator(all_of["$defs"]["B"]).is_valid({"b": 1})  # the definition elsewhere
+
+    tagged = {"type": "object", "properties": {"kind": {"enum": ["a", "b"]}},
+              "anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                        {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    v = _closed_validator(tagged)
+    assert v.is_valid({"kind": "a", "a": 1}) and v.is_valid({"kind": "b", "b": 2})
+    assert not v.is_valid({"kind": "a", "a": 1, "c": 3})
+    assert not v.is_valid({"kind": "a", "a": 1, "b": "x"})
+
+    union_with_map = {"anyOf": [{"properties": {"a": {}}}, {"type": "object", "additionalProperties": True}]}
+    assert _closed_validator(union_with_map).is_valid({"z": 1})  # a member allows any key
+
+
+def test_closing_copies_and_is_idempotent():
+    from hippod.engine.grammar import close_objects
+
+    schema = _nested_model_schema()
+    before = json.dumps(schema, sort_keys=True)
+    once = close_objects(schema)
+    assert json.dumps(schema, sort_keys=True) == before  # the caller's schema is untouched
+    assert close_objects(once) == once
+
+
+def test_the_grammar_enforces_closed_objects(tiny):
+    """The runner's grammar (not only the schema) refuses an invented key, at any depth."""
+    _, tokenizer = tiny
+    g = {"json_schema": _nested_model_schema()}
+    good = ('{"name": "t", "stops": [{"city": "Oslo"}], "home": null, "counts": {"a": 1}, '
+            '"anything": {"x": 1}}')
+    assert _accepts(tokenizer, g, good)
+    assert not _accepts(tokenizer, g, good[:-1] + ', "extra": 1}')
+    assert not _accepts(tokenizer, g, good.replace('{"city": "Oslo"}', '{"city": "Oslo", "pop": 1}'))
+
+
+def test_whitespace_between_tokens_is_bounded(tiny):
+    """At most one space, or one newline and 16 blanks, between tokens; nothing around the value."""
+    _, tokenizer = tiny
+    g = {"json_schema": CITY}
+    assert _accepts(tokenizer, g, '{\n  "city": "Oslo",\n  "population": 5\n}')
+    assert _accepts(tokenizer, g, '{"city":"Oslo","population":5}')
+    for loose in ('{  "city": "Oslo", "population": 5}', '{\n\n"city": "Oslo", "population": 5}',
+                  '{\n' + ' ' * 17 + '"city": "Oslo", "population": 5}',
+                  ' {"city": "Oslo", "population": 5}'):
+        assert not _accepts(tokenizer, g, loose), loose
+
+
+def test_tool_parameters_with_definitions_compile_closed(tiny):
+    """A pydantic model as a tool's parameters: its #/$defs refs still resolve inside the call
+    schema, and its objects are closed like any schema's."""
+    from hippod.engine.tool_calls import call_schema
+
+    _, tokenizer = tiny
+    params = _nested_model_schema()
+    tools = [{"type": "function", "function": {"name": "plan", "parameters": params}}, TIME_TOOL]
+    args = '{"name": "t", "stops": [{"city": "Oslo"}], "counts": {}, "anything": {"city": "x"}}'
+    for name in ("plan", None):
+        g = {"json_schema": call_schema(tools, name)}
+        assert _accepts(tokenizer, g, '{"name": "plan", "arguments": ' + args + '}')
+        assert not _accepts(tokenizer, g, '{"name": "plan", "arguments": ' +
+                            args.replace('"Oslo"}', '"Oslo", "x": 1}') + '}')
+
+
+def test_schema_checks_in_the_daemon_use_the_runner_rule_without_mlx():
+    """The API's 400 check compiles through the same entry point and never imports mlx."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from hippod.api.tooling import check_schema\n"
+            "from hippod.api.errors import BadRequest\n"
+            "check_schema({'type': 'object', 'properties': {'a': {'$ref': '#/$defs/A'}},"
+            " '$defs': {'A': {'properties': {'x': {}}}}}, 'format')\n"
+            "try:\n"
+            "    check_schema({'type': 'strin'}, 'format')\n"
+            "except BadRequest as e:\n"
+            "    print('400:', e)\n"
+            "assert 'mlx' not in sys.modules, 'the daemon imported mlx'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("400: format:") and "strin" in out.stdout
+
+
+# -- a required call is always a call -----------------------------------------------------------
+
+
+def test_required_call_cut_short_is_length_with_the_partial_call(tiny_loop):
+    reqs = [GenerateRequest(prompt=f"Do something {i}", tools=[WEATHER_TOOL, TIME_TOOL],
+                            tool_choice="required",
+                            options={"temperature": 1.0, "seed": i, "num_predict": n})
+            for i, n in enumerate((3, 9, 14))]
+    for r in run_jobs(tiny_loop, reqs):
+        assert r["error"] is None and r["text"] == ""  # never passed off as content
+        d = r["done"]
+        assert d.done_reason == "length" and d.tool_calls is None
+        (partial,) = d.partial_tool_calls
+        assert any(n.startswith(partial["name"]) for n in ("get_weather", "get_time"))
+        assert isinstance(partial["arguments"], str)
+        if partial["arguments"]:
+            assert partial["arguments"].startswith("{") and partial["name"] in ("get_weather", "get_time")
+
+
+def test_stop_sequences_do_not_cut_a_required_call(tiny_loop):
+    (r,) = run_jobs(tiny_loop, [GenerateRequest(
+        prompt="weather", tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        options={"temperature": 1.0, "seed": 5, "num_predict": 96, "stop": ['"', "name"]})])
+    assert r["done"].done_reason == "stop", r
+    (call,) = r["done"].tool_calls
+    jsonschema.validate(call["arguments"], WEATHER_TOOL["function"]["parameters"])
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('{"name": "get_time", "arguments": {"tz"', "not valid JSON"),
+    ('{"name": "launch", "arguments": {}}', "does not call one of the tools ['get_time']"),
+])
+def test_an_unparsed_required_call_is_named_in_the_error(text, fragment):
+    from hippod.engine.tool_calls import ToolCallBuffer, forced_failure
+
+    buf = ToolCallBuffer(None, [TIME_TOOL], forced=True)
+    assert buf.feed(text) == ""
+    assert buf.finish() == ("", None) and buf.unparsed == text
+    assert fragment in forced_failure(text, [TIME_TOOL])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", {"name": "", "arguments": ""}),
+    ('{"name": "get_w', {"name": "get_w", "arguments": ""}),
+    ('{"name": "get_time", "argu', {"name": "get_time", "arguments": ""}),
+    ('{\n  "name": "get_time",\n  "arguments": {"tz": "U', {"name": "get_time", "arguments": '{"tz": "U'}),
+])
+def test_partial_call_reads_the_name_and_raw_arguments(text, expected):
+    from hippod.engine.tool_calls import partial_call
+
+    assert partial_call(text) == expected
+
+
+# -- greedy output does not depend on the prompt cache ------------------------------------------
+
+
+def test_penalties_see_the_same_history_after_a_prompt_cache_hit(tiny_loop):
+    """A solo request resumed from the prompt cache decodes only the prompt's tail; its repetition
+    penalty must still see the whole prompt, as on a cold run."""
+    # The random model's favourite word is all over the prompt but not its last token: a
+    # penalty that sees only the uncached tail lets it through.
+    prompt = "start cyt nost " + "sensor " * 16 + "hello"
+    opts = {"temperature": 0, "num_predict": 16, "repeat_penalty": 1.5, "repeat_last_n": 64}
+    tiny_loop.prompt_cache.trim_to(n_sequences=0)
+    (cold,) = run_jobs(tiny_loop, [GenerateRequest(prompt=prompt, raw=True, options=opts)])
+    (warm,) = run_jobs(tiny_loop, [GenerateRequest(prompt=prompt, raw=True, options=opts)])
+    assert cold["done"].cached_tokens == 0 and warm["done"].cached_tokens > 16
+    assert warm["text"] == cold["text"]
+    assert "sensor" not in cold["text"][:8]

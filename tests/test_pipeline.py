@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from hippod.cluster import planner
-from hippod.cluster.splits import files_for_layers, model_parts
+from hippod.cluster.splits import LOST_AFTER, PING_TIMEOUT, files_for_layers, model_parts
 from hippod.protocol import DoneEvent, GenerateRequest, TokenEvent
 from hippod.registry.modelinfo import inspect_model_dir
 from hippod.runner_process import RunnerError, RunnerProcess
@@ -304,14 +304,14 @@ class Pair:
         self.a = tc.Node(net[0], root / "alpha", "alpha", {**common, **env_a})
         self.b = tc.Node(net[1], root / "beta", "beta", {**common, **env_b})
 
-    def start(self) -> "Pair":
+    def start(self, create_on: str = "a") -> "Pair":
         tc = _cluster_helpers()
         self.a.start()
         self.b.start()
         tc.wait_until(lambda: tc.trusted_and_fresh(self.a, self.b) and tc.trusted_and_fresh(self.b, self.a),
                       20, "both trust each other")
-        status, body = self.a.call("POST", "/api/create", {"model": "smol", "from": str(smollm2_mlx_dir()),
-                                                           "stream": False})
+        status, body = getattr(self, create_on).call("POST", "/api/create", {
+            "model": "smol", "from": str(smollm2_mlx_dir()), "stream": False})
         assert status == 200, body
         return self
 
@@ -471,5 +471,161 @@ def test_auto_split_follows_budgets_and_survives_a_dropped_link(tmp_path):
             again = generate(a, 6)
             assert again["response"] == first["response"]
             assert [s["layers"] for s in split_of(a)] == [s["layers"] for s in split]
+        finally:
+            pair.stop()
+
+
+def stream_text(lines: list) -> tuple[str, dict]:
+    parts = [body.get("response", "") for _, body in lines]
+    return "".join(parts), lines[-1][1]
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_a_node_lost_mid_stream_the_answer_goes_on(tmp_path):
+    """A forced split over alpha and beta; beta's link drops mid-stream. alpha re-plans (the
+    model fits alpha alone), replays the prompt and the tokens sent, and the same stream goes on
+    with the tokens the uncut split gives (greedy). The split's load row is closed, beta kills
+    its orphaned runner. Then beta's runner is killed mid-stream: the split is planned again
+    over both nodes and the stream goes on too."""
+    from tests.netns import in_netns, lan, start_in_netns
+
+    tc = _cluster_helpers()
+    env = {"HIPPO_MEMORY_BUDGET": "2GB", "HIPPO_NUM_CTX": "1024"}
+    with lan(2) as net:
+        pair = Pair(net, tmp_path, env, env)
+        try:
+            pair.start()
+            a, b = pair.a, pair.b
+            status, body = a.call("POST", "/api/hippo/placement", {"model": "smol", "nodes": ["alpha", "beta"]})
+            assert status == 200, body
+            request = {"model": "smol", "prompt": "Once upon a time", "raw": True,
+                       "options": {"temperature": 0, "num_predict": 40}}
+
+            def streamed() -> list:
+                lines: list = []
+                in_netns(a.net.ns, stream_lines, a, request, lines, threading.Event())
+                return lines
+
+            uncut, uncut_done = stream_text(streamed())
+            assert uncut_done.get("done") and uncut_done["eval_count"] == 40, uncut_done
+            assert [s["node"] for s in split_of(a)] == ["alpha", "beta"]
+            first_load = max(r["id"] for r in a.call("GET", "/api/hippo/loads?limit=50")[1]["loads"])
+
+            def cut_mid_stream(cut) -> tuple[list, float]:
+                lines: list = []
+                done = threading.Event()
+                start_in_netns(a.net.ns, stream_lines, a, request, lines, done)
+                tc.wait_until(lambda: len(lines) >= 8, 60, "a few tokens streamed")
+                at = time.monotonic()
+                cut()
+                assert done.wait(60), "the stream never ended"
+                return lines, at
+
+            # 1. The link to beta drops: alpha continues alone.
+            lines, cut_at = cut_mid_stream(lambda: link(b.net, "down"))
+            text, last = stream_text(lines)
+            after = [t for t, _ in lines if t > cut_at]
+            gap = after[0] - cut_at
+            assert "error" not in last and "exception" not in last, last
+            assert last["done"] and last["eval_count"] == 40, last
+            assert text == uncut
+            assert split_of(a) is None, "the model now runs on alpha alone"
+            rows = {r["id"]: r for r in a.call("GET", "/api/hippo/loads?limit=50")[1]["loads"]}
+            successor_load = rows[max(rows)]["load_seconds"]
+            prefill = uncut_done["prompt_eval_duration"] / 1e9
+            print(f"\n[pipeline] link down: next token {gap:.2f}s later; the successor's load took "
+                  f"{successor_load:.2f}s, a prefill of the prompt {prefill:.2f}s")
+            # The pause is noticing the loss (at most LOST_AFTER + PING_TIMEOUT), the load here
+            # and the replay of the prompt and 8+ tokens (about a second in all on a quiet
+            # machine; a busy CI box is slower at each, so the bound follows what it measured).
+            assert gap < LOST_AFTER + PING_TIMEOUT + successor_load + 3 * prefill + 1.0, (gap, successor_load)
+            assert rows[first_load]["end_reason"] == "node lost" and rows[first_load]["reason"] == "split"
+            assert [r["end_reason"] for i, r in rows.items() if i > first_load] == [None]
+            assert len(a.daemon.runner_pids()) == 1
+            tc.wait_until(lambda: not b.daemon.runner_pids(), 8, "beta stopped its orphaned runner")
+
+            # 2. The link is back; the placement brings the split back on the next load.
+            link(b.net, "up")
+            tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "peers again")
+            status, _ = a.call("POST", "/api/generate", {"model": "smol", "keep_alive": 0})
+            tc.wait_until(lambda: not a.daemon.runner_pids(), 10, "alpha unloaded")
+            assert stream_text(streamed())[0] == uncut and split_of(a) is not None
+
+            # 3. beta's runner is killed mid-stream: beta still answers, so the split is planned again.
+            victim = b.daemon.runner_pids()[0]
+            lines, cut_at = cut_mid_stream(lambda: psutil.Process(victim).kill())
+            text, last = stream_text(lines)
+            assert "error" not in last and last["done"] and text == uncut, last
+            assert [s["node"] for s in split_of(a)] == ["alpha", "beta"]
+            assert len(a.daemon.runner_pids()) == 1 and len(b.daemon.runner_pids()) == 1
+            assert victim not in b.daemon.runner_pids()
+            assert not [r for r in a.call("GET", "/api/hippo/loads?limit=50")[1]["loads"]
+                        if r["end_reason"] is None and r["id"] != max(rows)][1:]
+        finally:
+            pair.stop()
+
+
+@SLOW
+def test_split_chat_turn_two_prefills_only_its_new_tokens_on_every_rank(tmp_path):
+    """Every rank keeps the last sequence's KV for its layers: turn 2 of a chat trims them to
+    the shared prefix and prefills only the new tokens, with the tokens one runner gives; an
+    unrelated request after it starts every rank afresh and is right too."""
+    history = [{"role": "system", "content": "You are a terse assistant who answers in one line. " * 4},
+               {"role": "user", "content": "Name three colors."}]
+
+    def turn(messages, n=8):
+        return GenerateRequest(messages=messages, options={"temperature": 0, "num_predict": n})
+
+    async def main():
+        model_dir = smollm2_mlx_dir()
+        one = _runner(model_dir, tmp_path, num_parallel=1)
+        ranks = _split(model_dir, tmp_path, [0, 15, 30])
+        await asyncio.gather(one.start(120), *(r.start(120) for r in ranks))
+        try:
+            out = {}
+            for name, runner in (("one", one), ("split", ranks[0])):
+                tokens1, text1, done1 = await _generate(runner, turn(history))
+                second = history + [{"role": "assistant", "content": text1},
+                                    {"role": "user", "content": "And three fruits?"}]
+                tokens2, _, done2 = await _generate(runner, turn(second))
+                other = await _generate(runner, _requests(6)[0])
+                out[name] = (tokens1, done1, tokens2, done2, other[0])
+            return out
+        finally:
+            for r in (one, *ranks):
+                await r.kill()
+
+    out = asyncio.run(main())
+    tokens1, done1, tokens2, done2, other = out["split"]
+    assert (tokens1, tokens2, other) == (out["one"][0], out["one"][2], out["one"][4])
+    assert done1.cached_tokens == 0 and done2.cached_tokens >= done1.prompt_tokens, (done1, done2)
+    assert done2.prompt_tokens - done2.cached_tokens < done2.prompt_tokens / 3
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_any_node_answers_a_model_only_a_peer_holds(tmp_path):
+    """alpha has never seen the model; beta has it. A request to alpha is served: alpha copies
+    the model from beta (a trusted peer) and loads it; a model nobody has is still a 404."""
+    tc = _cluster_helpers()
+    from tests.netns import lan
+
+    env = {"HIPPO_MEMORY_BUDGET": "2GB", "HIPPO_NUM_CTX": "1024"}
+    with lan(2) as net:
+        pair = Pair(net, tmp_path, env, env)
+        try:
+            pair.start(create_on="b")
+            a, b = pair.a, pair.b
+            tc.wait_until(lambda: "smol:latest" in (a.row(b) or {}).get("models", []), 20, "alpha sees beta's model")
+            assert a.call("GET", "/api/tags")[1]["models"] == []
+            answer = generate(a, 6)
+            assert answer["response"] == generate(b, 6)["response"] and answer["eval_count"] == 6
+            tags = a.call("GET", "/api/tags")[1]["models"]
+            assert [m["name"] for m in tags] == ["smol:latest"]
+            status, body = a.call("POST", "/api/show", {"model": "smol"})
+            assert status == 200 and body["hippo"]["source"] == "peer:beta", body
+            status, body = a.call("POST", "/api/generate", {"model": "nobody-has-it", "prompt": "hi", "stream": False})
+            assert status == 404 and "nobody-has-it" in body["error"], body
         finally:
             pair.stop()

@@ -634,3 +634,188 @@ def test_cancelled_waiters_in_process(tmp_path, models, budget):
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+# -- scheduling decisions with a stand-in runner ------------------------------------------------
+# The scheduler is handed a factory (hippod.runners.RunnerFactory); these tests hand it one that
+# starts StandIn runners in no time, so eviction order, refusals and queueing are checked fast.
+# Every behaviour keeps its end-to-end test with real runners above.
+
+MiB = 2**20
+
+
+class StandIn:
+    """Satisfies hippod.runners.Runner; generation waits until the test releases it."""
+
+    placement = None
+
+    def __init__(self, plan, started: list):
+        from hippod.protocol import ReadyEvent
+
+        self.plan = plan
+        self.ready = ReadyEvent(pid=0, load_seconds=0.0, rss_bytes=0, mlx_active_bytes=0,
+                                context_length=plan.num_ctx, device="cpu")
+        self.exited = asyncio.Event()
+        self.exit_code = None
+        self.release = asyncio.Event()
+        started.append(self)
+
+    pid = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    async def generate(self, request):
+        from hippod.protocol import DoneEvent, TokenEvent
+
+        await self.release.wait()
+        yield TokenEvent("x", 1)
+        yield DoneEvent("stop", 1, 1, 0.0, 0.0)
+
+    async def embed(self, request):
+        raise NotImplementedError
+
+    async def info(self):
+        raise NotImplementedError
+
+    def memory(self) -> int:
+        return 0
+
+    def health(self) -> str:
+        return "running" if self.alive else "stopped"
+
+    async def stop(self, grace: float = 2.0) -> None:
+        self.exited.set()
+
+    async def kill(self) -> None:
+        self.exited.set()
+
+
+@contextlib.asynccontextmanager
+async def stand_in_scheduler(tmp_path, sizes: dict[str, int], budget: int, **env):
+    """A Scheduler over a real store whose models weigh `sizes` bytes, starting StandIns."""
+    from hippod.registry.registry import Registry
+    from hippod.runners import Runner
+    from hippod.scheduler import Scheduler
+    from hippod.store.database import Store
+    from hippod.store.records import ModelRecord
+
+    settings = load_settings(environ={"HIPPO_HOME": str(tmp_path / "home"), "HIPPO_MEMORY_BUDGET": str(budget),
+                                      "HIPPO_KEEP_ALIVE": "10m", "HIPPO_BUSY_WAIT": "0.3", **env})
+    settings.ensure_dirs()
+    store = Store(settings.db_path)
+    for name, size in sizes.items():
+        store.put_model(ModelRecord(name=f"{name}:latest", source="dir:/x", digest=name * 8, files=[],
+                                    format="mlx", size=size, details={"weights_bytes": size}))
+    started: list[StandIn] = []
+
+    async def factory(plan, on_lost):
+        await asyncio.sleep(0.01)
+        runner = StandIn(plan, started)
+        assert isinstance(runner, Runner)  # the stand-in keeps to the interface
+        return runner
+
+    sched = Scheduler(settings, store, Registry(settings, store), "test", factory=factory)
+    sched.started = started
+    try:
+        yield sched
+    finally:
+        await sched.shutdown()
+        assert store.open_loads() == []
+        store.close()
+
+
+def overhead() -> int:
+    return RUNNER_OVERHEAD
+
+
+def test_stand_in_eviction_is_least_recently_used_and_never_pinned_or_busy(tmp_path):
+    async def scenario():
+        # Room for two 100 MiB models (each also counts the runner overhead), not three.
+        async with stand_in_scheduler(tmp_path, {"a": 100 * MiB, "b": 100 * MiB, "c": 100 * MiB, "d": 100 * MiB},
+                                      2 * (100 * MiB + overhead()) + MiB) as sched:
+            async def use(name, **kw):
+                async with sched.lease(name, **kw):
+                    pass
+
+            async def hold(name):
+                lease = sched.lease(name)
+                await lease.__aenter__()
+                return lease
+
+            for m in sched.started:
+                m.release.set()
+            await use("a")
+            await use("b")
+            await use("a")  # b is now the least recently used
+            await use("c")
+            assert sorted(sched.loaded) == ["a:latest", "c:latest"]
+            # A pinned model stays; the idle one goes even though it was used after.
+            await use("a", keep_alive=-1)
+            await use("c")
+            await use("b")
+            assert sorted(sched.loaded) == ["a:latest", "b:latest"]
+            # Busy b and pinned a: d waits busy_wait for b, then is refused with the numbers.
+            held = await hold("b")
+            t0 = time.monotonic()
+            with pytest.raises(Exception) as e:
+                await use("d")
+            assert time.monotonic() - t0 >= 0.25
+            assert e.value.status == 507
+            need = 100 * MiB + overhead()
+            assert f"needs" in str(e.value) and f"({need} bytes)" in str(e.value) and "busy" in str(e.value)
+            assert sorted(sched.loaded) == ["a:latest", "b:latest"] and sched.loaded["b:latest"].refs == 1
+            await held.__aexit__(None, None, None)
+            rows = sched.store.recent_loads(20)
+            assert {r.model: r.end_reason for r in rows if r.end_reason} == {"b:latest": "evicted",
+                                                                             "c:latest": "evicted"}
+
+    asyncio.run(scenario())
+
+
+def test_stand_in_refusal_names_both_numbers_and_loads_are_one_at_a_time(tmp_path):
+    async def scenario():
+        budget = 150 * MiB + overhead()
+        async with stand_in_scheduler(tmp_path, {"big": 400 * MiB, "a": 100 * MiB, "b": 100 * MiB}, budget,
+                                      HIPPO_BUSY_WAIT="5") as sched:
+            with pytest.raises(Exception) as e:
+                async with sched.lease("big"):
+                    pass
+            need = 400 * MiB + overhead()
+            assert e.value.status == 507 and f"({need} bytes)" in str(e.value) and f"({budget} bytes)" in str(e.value)
+            # Three waiters of a and one of b: a loads once, all three share it; b loads after.
+            leases = [sched.lease(name) for name in "aaab"]  # held: a dropped one lets go
+            tasks = [asyncio.ensure_future(lease.__aenter__()) for lease in leases]
+            await asyncio.sleep(0.2)
+            assert sched.pending == 1 and len(sched.started) == 1  # b queues behind busy a
+            assert sched.loaded["a:latest"].refs == 3
+            for m in sched.started:
+                m.release.set()
+            for lease in leases[:3]:
+                await lease.__aexit__(None, None, None)
+            await asyncio.wait_for(tasks[3], 5)
+            assert [s.plan.record.name for s in sched.started] == ["a:latest", "b:latest"]
+            assert list(sched.loaded) == ["b:latest"]
+            await leases[3].__aexit__(None, None, None)
+
+    asyncio.run(scenario())
+
+
+def test_stand_in_share_for_a_peer_evicts_only_idle_models(tmp_path):
+    async def scenario():
+        size = 100 * MiB + overhead()
+        async with stand_in_scheduler(tmp_path, {"a": 100 * MiB, "b": 100 * MiB}, 2 * size + MiB) as sched:
+            for name in ("a", "b"):
+                async with sched.lease(name):
+                    pass
+            busy = sched.lease("b")
+            await busy.__aenter__()
+            await sched.make_room_for_share("layers 0-9 of 'x'", size)  # a goes, busy b stays
+            assert list(sched.loaded) == ["b:latest"]
+            with pytest.raises(Exception) as e:
+                await sched.make_room_for_share("layers 0-9 of 'x'", 2 * size)
+            assert e.value.status == 507 and "busy or pinned" in str(e.value) and f"({2 * size} bytes)" in str(e.value)
+            await busy.__aexit__(None, None, None)
+
+    asyncio.run(scenario())

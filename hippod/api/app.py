@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timezone
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from hippod.api import admin, info, ollama, openai, ui
 from hippod.api import cluster as cluster_routes, peer  # cluster (issue 5)
 from hippod.api import splits as split_routes  # pipeline split (issue 6)
 from hippod.api import auth, metrics  # operations (issue 8)
-from hippod.api.errors import error_middleware
+from hippod.api.errors import error_middleware, last_resort_middleware
 from hippod.config import Settings
 from hippod.registry.registry import Registry
 from hippod.scheduler import Scheduler
@@ -19,14 +20,19 @@ from hippod.store.database import Store
 
 
 def build_app(settings: Settings, store: Store, registry: Registry, scheduler: Scheduler) -> web.Application:
-    # Outermost first. Operations (issue 8): metrics count every answer, 401/403 included; CORS
-    # refuses foreign origins and answers preflights before the key is asked for; the audit row
-    # carries the final status; the key is checked inside error_middleware, before any handler.
-    app = web.Application(middlewares=[metrics.metrics_middleware, auth.draining_middleware,
+    # Outermost first. Anything a middleware raises is a generic 500; metrics count every
+    # answer, 401/403 included; a foreign Host (DNS rebinding) is refused before anything looks
+    # at the request; CORS refuses foreign origins and answers preflights before the key is asked
+    # for; the audit row carries the final status; the key is checked inside error_middleware,
+    # before any handler; peer requests are authenticated before their bodies are read.
+    app = web.Application(middlewares=[last_resort_middleware, metrics.metrics_middleware,
+                                       auth.host_middleware, auth.draining_middleware,
                                        auth.cors_middleware, audit.audit_middleware, error_middleware,
                                        auth.auth_middleware, peer.peer_auth_middleware],  # peer: issue 5
                           client_max_size=settings.max_body_bytes)
     app["settings"] = settings
+    app["allowed_hosts"] = auth.machine_names(settings)
+    app["peer_reads"] = asyncio.Semaphore(peer.PEER_READS)
     app["store"] = store
     app["registry"] = registry
     app["scheduler"] = scheduler

@@ -7,11 +7,11 @@ machine (loopback, or the address the request arrived on): the secret never cros
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 
 from aiohttp import web
 
+from hippod.api.auth import from_this_machine
 from hippod.api.errors import BadRequest, read_json
 from hippod.api.fields import get
 from hippod.api.ollama import _progress_stream
@@ -25,18 +25,6 @@ def _cluster(request: web.Request):
     if cluster is None:
         raise BadRequest("the cluster is not running on this node", status=503)
     return cluster
-
-
-def from_this_machine(request: web.Request) -> bool:
-    remote = (request.remote or "").split("%")[0]
-    sock = request.transport.get_extra_info("sockname") if request.transport else None
-    try:
-        ip = ipaddress.ip_address(remote)
-    except ValueError:
-        return False
-    if getattr(ip, "ipv4_mapped", None):
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or (bool(sock) and str(ip) == str(sock[0]).split("%")[0])
 
 
 def _local_only(request: web.Request) -> None:

@@ -6,6 +6,7 @@ Handlers raise; this middleware answers `{"error": "..."}` (Ollama, admin) or
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -13,6 +14,7 @@ import re
 
 from aiohttp import web
 
+from hippod.paths import UnsafePath
 from hippod.registry.registry import RegistryError
 from hippod.runner_process import RunnerError
 from hippod.scheduler import SchedulerError
@@ -34,6 +36,9 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
                  503: "server_busy", 507: "insufficient_memory"}
 
 
+INTERNAL_ERROR = "internal error (details are in hippod's log)"
+
+
 def error_response(request: web.Request, status: int, message: str, param: str | None = None
                    ) -> web.Response:
     if request.path.startswith("/v1/"):
@@ -49,11 +54,13 @@ def error_response(request: web.Request, status: int, message: str, param: str |
 def status_and_message(exc: BaseException) -> tuple[int, str, str | None]:
     if isinstance(exc, BadRequest):
         return exc.status, str(exc), exc.param
-    if isinstance(exc, (RegistryError, SchedulerError, RunnerError)):
+    if isinstance(exc, (RegistryError, SchedulerError, RunnerError, UnsafePath)):
         return exc.status, str(exc), None
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. the store's StoreDiskFull
         return 507, f"disk full: {exc.strerror or exc}", None
-    return 500, f"internal error: {type(exc).__name__}: {exc}", None
+    # A real fault. Its text may hold paths, SQL or secrets: the log gets it whole, the client not.
+    log.error("unhandled error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return 500, INTERNAL_ERROR, None
 
 
 @web.middleware
@@ -71,15 +78,29 @@ async def error_middleware(request: web.Request, handler):
                    413: f"request body too large (limit {request.app['settings'].max_body_bytes} bytes)"
                    }.get(exc.status, exc.reason)
         return error_response(request, exc.status, message)
-    except (BadRequest, RegistryError, SchedulerError, RunnerError) as exc:
+    except (BadRequest, RegistryError, SchedulerError, RunnerError, UnsafePath) as exc:
         status, message, param = status_and_message(exc)
         return error_response(request, status, message, param)
     except ConnectionError:
         # The client went away mid-stream; its generation was already cancelled on the way out.
         log.debug("client disconnected from %s %s", request.method, request.path)
         return web.Response(status=499)
-    except Exception as exc:  # a real fault: log it whole, answer without the traceback
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    except Exception as exc:  # a real fault: logged whole by status_and_message, answered without it
+        log.error("unhandled error on %s %s", request.method, request.path)
+        status, message, _ = status_and_message(exc)
+        return error_response(request, status, message)
+
+
+@web.middleware
+async def last_resort_middleware(request: web.Request, handler):
+    """Outermost: whatever a middleware outside error_middleware raises becomes a generic 500 in
+    the API's error shape (aiohttp's own 500 page would name the exception)."""
+    try:
+        return await handler(request)
+    except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as exc:
+        log.error("unhandled error on %s %s (in a middleware)", request.method, request.path)
         status, message, _ = status_and_message(exc)
         return error_response(request, status, message)
 

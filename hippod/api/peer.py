@@ -3,10 +3,17 @@
 Every request under that prefix, whether or not a route exists for it, must carry a valid
 HMAC signature made with the cluster secret (see hippod.cluster.trust); anything else gets 403
 before any handler runs. JSON answers are signed back, bound to the request's nonce.
+
+The signature covers the body, so the body must be read to check it; a stranger must not be able
+to make us hold much memory doing that. So the headers are checked first (no secret here, a
+missing header, another addressee, a stale or pre-start time: 403 unread), then the declared
+size (413 unread), and only then is the body read: at most PEER_MAX_BODY bytes, by at most
+PEER_READS requests at a time, within PEER_READ_TIMEOUT.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import asdict
 
@@ -18,6 +25,10 @@ from hippod.cluster.peers import NodeInfo
 
 log = logging.getLogger("hippo.api.peer")
 PREFIX = "/api/hippo/peer/"
+PEER_MAX_BODY = 1 << 20  # the largest peer message (a hello listing many models) is far smaller
+PEER_READS = 16  # bodies read before their signature is checked, at once: <= 16 MiB in memory
+PEER_READ_TIMEOUT = 30.0  # seconds a body may take to arrive
+PEER_SLOT_WAIT = 10.0  # seconds a request waits for a reading slot before a 503
 
 routes = web.RouteTableDef()
 
@@ -34,18 +45,63 @@ async def peer_auth_middleware(request: web.Request, handler):
     cluster = request.app.get("cluster")
     if cluster is None:
         return error_response(request, 403, "forbidden: this node takes no peer requests")
-    body = await request.read()
+    try:
+        cluster.keyring.precheck(request.headers)
+    except trust.TrustError as e:
+        return _refused(request, e)
+    limit = min(PEER_MAX_BODY, request.app["settings"].max_body_bytes)
+    if request.content_length is not None and request.content_length > limit:
+        return _too_large(request, limit)
+    request, body = await _read_capped(request, limit)
+    if isinstance(body, web.Response):
+        return body
     try:
         request["peer"] = cluster.keyring.verify(request.method, request.raw_path, body, request.headers)
     except trust.TrustError as e:
-        log.debug("refused peer request %s %s from %s: %s", request.method, request.path, request.remote, e)
-        return error_response(request, 403, f"forbidden: {e}")
+        return _refused(request, e)
     resp = await error_middleware(request, handler)  # errors too go out signed
     if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
         signature = cluster.keyring.sign_response(request.headers[trust.H_NONCE], resp.status, resp.body)
         if signature:
             resp.headers[trust.H_SIGNATURE] = signature
     return resp
+
+
+def _refused(request: web.Request, e: trust.TrustError) -> web.Response:
+    log.debug("refused peer request %s %s from %s: %s", request.method, request.path, request.remote, e)
+    resp = error_response(request, 403, f"forbidden: {e}")
+    if request.body_exists:
+        resp.force_close()  # a body we will not read: drop the connection rather than drain it
+    return resp
+
+
+def _too_large(request: web.Request, limit: int) -> web.Response:
+    resp = error_response(request, 413, f"peer request body too large (limit {limit} bytes)")
+    resp.force_close()  # the rest of the body is never read
+    return resp
+
+
+async def _read_capped(request: web.Request, limit: int) -> tuple[web.Request, bytes | web.Response]:
+    """(the request to hand on, its body) with the peer limits; an error answer instead of the
+    body when a limit is hit. The clone carries the smaller size cap and caches the body."""
+    if not request.body_exists:  # a GET (blob, manifest): nothing to hold in memory
+        return request, b""
+    slots: asyncio.Semaphore = request.app["peer_reads"]
+    try:
+        await asyncio.wait_for(slots.acquire(), PEER_SLOT_WAIT)
+    except asyncio.TimeoutError:
+        return request, error_response(request, 503, "too many peer requests at once; try again")
+    try:
+        capped = request.clone(client_max_size=limit)
+        return capped, await asyncio.wait_for(capped.read(), PEER_READ_TIMEOUT)
+    except web.HTTPRequestEntityTooLarge:
+        return request, _too_large(request, limit)
+    except asyncio.TimeoutError:
+        resp = error_response(request, 408, f"peer request body did not arrive within {PEER_READ_TIMEOUT:.0f}s")
+        resp.force_close()
+        return request, resp
+    finally:
+        slots.release()
 
 
 @routes.post("/api/hippo/peer/hello")
@@ -83,4 +139,5 @@ async def blob(request: web.Request) -> web.StreamResponse:
     path = registry.blob_path(sha256)
     if registry.store.get_blob(sha256) is None or not path.is_file():
         raise BadRequest(f"no blob sha256-{sha256} here", status=404)
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    # sendfile(2) where the platform has it; 4 MB reads where it does not.
+    return web.FileResponse(path, chunk_size=4 << 20, headers={"Content-Type": "application/octet-stream"})

@@ -1,4 +1,4 @@
-"""Routes of models split across nodes (issue 6).
+"""Routes of models split across nodes.
 
 Peer side, under /api/hippo/peer/split/ (signed with the cluster secret, like every peer route):
 budget, prepare, start, ping and stop of the layers this node runs for a coordinator.
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from hippod import paths
 from hippod.api.errors import BadRequest, read_json
-from hippod.api.fields import get, number_in
+from hippod.api.fields import get
+from hippod.protocol import SplitPrepare, SplitRecordError, SplitRef, SplitStart, decode_split
 
 routes = web.RouteTableDef()
 
@@ -30,50 +32,46 @@ async def budget(request: web.Request) -> web.Response:
     return web.json_response(_splits(request).budget())
 
 
+def _record(cls, body):
+    """Every split message is checked here, by the record's own rules."""
+    try:
+        return decode_split(cls, body)
+    except SplitRecordError as e:
+        raise BadRequest(str(e), param=e.param) from None
+
+
+def _address(value: str | None) -> str:
+    text = (value or "127.0.0.1").split("%")[0]
+    return text[7:] if text.startswith("::ffff:") else text
+
+
 @routes.post("/api/hippo/peer/split/prepare")
 async def prepare(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    for key in ("split", "model", "digest", "layers", "rank", "world", "bytes"):
-        if body.get(key) is None:
-            raise BadRequest(f"{key} is required", param=key)
-    layers = body["layers"]
-    if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers)
-            and 0 <= layers[0] < layers[1]):
-        raise BadRequest("layers must be [start, end] with start < end", param="layers")
-    for key in ("split", "model", "digest"):
-        get(body, key, str, required=True)
-    for key in ("rank", "world", "bytes"):  # splits.prepare converts them: a list or 1e400 was a 500
-        number_in(get(body, key, int, required=True), key, 0, 2**62)
-    if get(body, "context_length", int) is not None:
-        number_in(body["context_length"], "context_length", 1, 2**24)
+    record = _record(SplitPrepare, await read_json(request))
+    paths.check_token(record.split, "split")  # both become file names
+    paths.check_sha256(record.digest)
     sock = request.transport.get_extra_info("sockname") if request.transport else None
-    local = str(sock[0]).split("%")[0] if sock else "127.0.0.1"
-    remote = (request.remote or "127.0.0.1").split("%")[0]
-    if remote.startswith("::ffff:"):
-        remote = remote[7:]
-    if local.startswith("::ffff:"):
-        local = local[7:]
-    return web.json_response(await _splits(request).prepare(request["peer"], body, local, remote))
+    local = _address(str(sock[0]) if sock else None)
+    remote = _address(request.remote)
+    return web.json_response(await _splits(request).prepare(request["peer"], record, local, remote))
 
 
 @routes.post("/api/hippo/peer/split/start")
 async def start(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    return web.json_response(await _splits(request).start_hosted(request["peer"], body))
+    record = _record(SplitStart, await read_json(request))
+    return web.json_response(await _splits(request).start_hosted(request["peer"], record))
 
 
 @routes.post("/api/hippo/peer/split/ping")
 async def ping(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    split = get(body, "split", str, required=True)
-    return web.json_response(_splits(request).ping(request["peer"], split))
+    record = _record(SplitRef, await read_json(request))
+    return web.json_response(_splits(request).ping(request["peer"], record.split))
 
 
 @routes.post("/api/hippo/peer/split/stop")
 async def stop(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    split = get(body, "split", str, required=True)
-    return web.json_response({"stopped": await _splits(request).stop_hosted(request["peer"], split)})
+    record = _record(SplitRef, await read_json(request))
+    return web.json_response({"stopped": await _splits(request).stop_hosted(request["peer"], record.split)})
 
 
 # -- user side --------------------------------------------------------------------------------
@@ -100,7 +98,7 @@ async def set_placement(request: web.Request) -> web.Response:
     scheduler = request.app["scheduler"]
     loaded = scheduler.loaded.get(rec.name)
     if loaded is not None:
-        current = [s["node"] for s in getattr(loaded.runner, "split", None) or []]
+        current = [s["node"] for s in loaded.runner.placement or []]
         wanted = splits.forced(rec.name)
         if (wanted or []) != current[1:]:
             await scheduler.stop(rec.name)

@@ -10,6 +10,9 @@ Which addresses mDNS uses (the rule, in order):
   5. hippod bound to loopback (the default)          -> discovery stays off: a node nobody can
                                                         reach has nothing to announce.
 mDNS never runs on every interface of the machine, and never on loopback.
+An announcement is unauthenticated and may name any address; hippod would then send signed hellos
+there. So only the addresses of an announcement that lie on the subnets of the discovery
+addresses are kept (an announcement with none left is ignored).
 Only the asyncio API of python-zeroconf is used, so the daemon's loop does the work.
 """
 
@@ -70,6 +73,25 @@ def _default_route_address() -> str | None:
             return None
 
 
+def subnets_of(addresses: list[str]) -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks of this machine's interfaces that hold `addresses` (a /32 for an address
+    no interface reports a netmask for)."""
+    nets = {}
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and a.address in addresses and a.netmask:
+                nets[a.address] = ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False)
+    return [nets.get(a) or ipaddress.ip_network(f"{a}/32") for a in addresses]
+
+
+def on_subnets(address: str, subnets: list[ipaddress.IPv4Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.version == 4 and any(ip in net for net in subnets)
+
+
 def _usable(addresses: list[str]) -> list[str]:
     out = []
     for a in addresses:
@@ -125,6 +147,7 @@ class Discovery:
         if not addresses:
             raise ValueError("discovery needs at least one address")
         self.addresses = addresses
+        self.subnets = subnets_of(addresses)
         self.node_id = node_id
         self.port = port
         self._txt = txt
@@ -189,7 +212,12 @@ class Discovery:
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS):
             return
-        ann = parse_announcement(info.decoded_properties, info.parsed_addresses(IPVersion.V4Only), info.port)
+        announced = info.parsed_addresses(IPVersion.V4Only)
+        addresses = [a for a in announced if on_subnets(a, self.subnets)]
+        if announced and not addresses:
+            log.debug("discovery: ignoring %s: it names only addresses off our subnets (%s)", name,
+                      ", ".join(announced[:4]))
+        ann = parse_announcement(info.decoded_properties, addresses, info.port)
         if ann is None or ann.node_id == self.node_id:
             return
         self._names[name] = ann.node_id

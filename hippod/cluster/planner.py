@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hippod.config import fmt_bytes
+from hippod.protocol import LayerRange
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,16 @@ class ModelParts:
 @dataclass(frozen=True)
 class Share:
     node: str
-    start: int  # first layer
-    end: int  # one past the last layer
+    layers: LayerRange
     bytes: int  # what the node's runner is expected to take
+
+    @property
+    def start(self) -> int:
+        return self.layers.start
+
+    @property
+    def end(self) -> int:
+        return self.layers.end
 
 
 class PlanRefused(Exception):
@@ -59,8 +67,8 @@ def share_bytes(parts: ModelParts, index: int, count: int, start: int, end: int)
 
 def _shares(nodes: list[Node], parts: ModelParts, bounds: list[int]) -> list[Share]:
     k = len(nodes)
-    return [Share(n.name, bounds[i], bounds[i + 1], share_bytes(parts, i, k, bounds[i], bounds[i + 1]))
-            for i, n in enumerate(nodes)]
+    return [Share(n.name, LayerRange(bounds[i], bounds[i + 1]),
+                  share_bytes(parts, i, k, bounds[i], bounds[i + 1])) for i, n in enumerate(nodes)]
 
 
 def _fits(nodes: list[Node], shares: list[Share]) -> bool:

@@ -1,29 +1,30 @@
 """Models split across nodes (pipeline parallelism): planning, starting, watching, stopping.
 
 The node that takes a request is the *coordinator*: its runner is rank 0 (embeddings and
-sampling) and streams tokens to its daemon like any runner. When the scheduler cannot fit a
-model here (or the model has a forced placement), `Splits.load` asks trusted peers how much
-memory their guards can give, plans layer ranges (cluster/planner.py), and then, over the
-signed peer API:
+sampling) and streams tokens to its daemon like any runner. The scheduler asks `Splits.plan`
+for a plan when a model does not fit here (or has a forced placement): it asks trusted peers
+how much memory their guards can give and plans layer ranges (cluster/planner.py). The
+scheduler's factory then starts the plan (`start_runner`) over the signed peer API:
 
-  1. prepare: each peer checks the room, copies the safetensors files holding its tensors
-     from us if it lacks the model, and picks a port for the ring;
+  1. prepare: each peer makes room (evicting its own idle models), copies the safetensors files
+     holding its tensors from us if it lacks the model, and picks a port for the ring;
   2. start: with the hostfile of every rank, each peer starts its runner and answers when it
      is ready, while our rank-0 runner starts here (MLX's ring connects them);
-  3. the split is an ordinary loaded model for the scheduler (keep_alive, eviction, ps), with
-     a `SplitRunner` as its runner: stopping it stops the peers' runners too.
+  3. the answer is a `SplitRunner`, which the scheduler registers like any runner. This module
+     never touches the scheduler's state; it reads its free memory and asks it for room.
 
-Faults: the coordinator pings each peer twice a second. A peer that does not answer for
-LOST_AFTER seconds (dead, or its link dropped), or whose runner is gone, ends the split: the
-local runner is killed, so the request's stream ends with an error at once, and the next
-request plans again on the nodes that are left. A peer whose coordinator stops pinging kills
-its own runner after HOST_LOST_AFTER seconds, so nothing is left behind on either side.
+Faults: the coordinator pings each peer four times a second. A peer that does not answer for
+LOST_AFTER seconds (dead, or its link dropped), or a rank whose runner is gone, ends the split;
+streams in flight ask the scheduler for a successor without the lost nodes and continue there
+(see SplitRunner). A peer whose coordinator stops pinging kills its own runner after
+HOST_LOST_AFTER seconds, so nothing is left behind on either side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -33,33 +34,44 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 import aiohttp
 
+from hippod import paths
 from hippod.cluster import planner, trust
 from hippod.cluster.peers import peer_url
 from hippod.registry.modelinfo import read_safetensors_header
-from hippod.runner_process import RunnerError, RunnerProcess
-from hippod.scheduler import (
-    RUNNER_OVERHEAD,
-    Loaded,
-    NotEnoughMemory,
-    SchedulerError,
-    fmt_bytes,
+from hippod.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    InfoResult,
+    LayerRange,
+    SplitPrepare,
+    SplitRef,
+    SplitStart,
+    TokenEvent,
+    split_body,
 )
+from hippod.runner_process import RunnerError, RunnerProcess
+from hippod.runners import OnLost, Plan, Runner, RunnerFactory
+from hippod.scheduler import RUNNER_OVERHEAD, NotEnoughMemory, SchedulerError, fmt_bytes, kv_cache_bytes
 from hippod.store.records import ModelRecord, PeerRecord
 
 log = logging.getLogger("hippo.splits")
 
 PEER_PREFIX = "/api/hippo/peer/split/"
-PING_INTERVAL = 0.5
-PING_TIMEOUT = 1.0
-LOST_AFTER = 2.0  # seconds without an answer before the coordinator ends the split
+# A lost node costs a stream this pause (plus its successor's load), so the coordinator listens
+# closely: a peer answers a ping within milliseconds on a LAN, and a false alarm costs only a
+# re-plan now that streams continue.
+PING_INTERVAL = 0.25
+PING_TIMEOUT = 0.6
+LOST_AFTER = 1.2  # seconds without an answer before the coordinator ends the split
 HOST_LOST_AFTER = 3.0  # seconds without a ping before a peer kills the runner it hosts
 BUDGET_TIMEOUT = 2.0
 STOP_TIMEOUT = 2.0
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_HOST = re.compile(r"[0-9A-Za-z.:\[\]-]{1,100}:\d{1,5}")
 
 
 class SplitError(SchedulerError):
@@ -95,8 +107,7 @@ def model_parts(model_dir: Path, details: dict, num_ctx: int) -> planner.ModelPa
     sequence: a split serves one request at a time), the first and last node's extras."""
     groups = tensor_groups(model_dir)
     count = int(details.get("num_layers") or 0) or len([g for g in groups if g.startswith("layer:")])
-    kv = (2 * int(details.get("kv_heads") or 0) * int(details.get("head_dim") or 0) * num_ctx
-          * int(details.get("kv_dtype_bytes") or 2))
+    kv = kv_cache_bytes(details, num_ctx, 1, layers=1)
     layers = tuple(sum(groups.get(f"layer:{i}", {}).values()) + kv for i in range(count))
     first = sum(groups.get("first", {}).values())
     head = groups.get("head", {})
@@ -169,80 +180,183 @@ class Member:
     last_ok: float = field(default_factory=time.monotonic)
 
 
-class SplitRunner(RunnerProcess):
-    """Rank 0's runner process, plus the peers that hold the other layers.
+class SplitRunner:
+    """A model split over this node and peers, as one runner (hippod.runners.Runner).
 
-    To the scheduler it is the model's runner: stopping or killing it stops the whole split,
-    and it exits (with a message saying why) when a peer is lost.
+    Rank 0's runner process runs here and streams tokens; the members are the peers that hold
+    the other layers. Stopping or killing it stops the whole split. When a node stops answering
+    or a rank's runner dies mid-stream, every stream in flight asks the scheduler for a
+    successor (`on_lost`: the scheduler re-plans without the lost nodes), then replays its
+    prompt plus the tokens it already sent there and goes on: the client sees a pause.
     """
 
-    def __init__(self, splits: "Splits", split_id: str, model: str, shares: list[planner.Share],
-                 members: list[Member], *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, splits: "Splits", split_id: str, plan: Plan, members: list[Member],
+                 rank0: RunnerProcess, on_lost: OnLost):
         self.splits = splits
         self.split_id = split_id
-        self.model = model
-        self.shares = shares
+        self.plan = plan
+        self.model = plan.record.name
         self.members = members
-        self.lost: str | None = None
+        self.rank0 = rank0
+        self.on_lost = on_lost
+        self.exited = asyncio.Event()
+        self.lost: str | None = None  # why the split broke
+        self.lost_nodes: set[str] = set()  # nodes that stopped answering
+        self._streams = 0
+        self._successor: asyncio.Future | None = None
+        self._stopping = False
         self._watchdog: asyncio.Task | None = None
         self._peers_stopped = False
 
+    # -- what the scheduler reads --------------------------------------------------------
+
     @property
-    def split(self) -> list[dict]:
+    def ready(self):
+        return self.rank0.ready
+
+    @property
+    def pid(self) -> int | None:
+        return self.rank0.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.rank0.exit_code
+
+    @property
+    def alive(self) -> bool:
+        return self.rank0.alive and self.lost is None and not self.exited.is_set()
+
+    @property
+    def placement(self) -> list[dict]:
         """What /api/ps shows: node -> layers [start, end), bytes."""
-        return [{"node": s.node, "rank": i, "layers": [s.start, s.end], "bytes": s.bytes}
-                for i, s in enumerate(self.shares)]
+        return [{"node": s.node, "rank": i, "layers": s.layers.json(), "bytes": s.bytes}
+                for i, s in enumerate(self.plan.shares)]
+
+    def memory(self) -> int:
+        return self.rank0.memory()
+
+    def health(self) -> str:
+        if self.lost:
+            return f"the model split across nodes stopped: {self.lost}"
+        return self.rank0.health()
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[object]:
+        sent: list[int] = []  # ids of the tokens whose text the client has
+        self._streams += 1
+        try:
+            try:
+                async for event in self.rank0.generate(request):
+                    if isinstance(event, TokenEvent):
+                        sent.extend(event.ids or [event.token])
+                    yield event
+                return
+            except RunnerError as e:
+                if self._stopping or e.status < 500 or (self.rank0.alive and self.lost is None):
+                    raise  # the scheduler stopped it, or the request itself failed
+                log.warning("split %s of %s broke mid-stream (%s); re-planning", self.split_id,
+                            self.model, self.lost or e)
+            successor = await self._failover()
+        finally:
+            self._streams -= 1
+        async for event in successor.generate(resumed(request, sent)):
+            yield event
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        return await self.rank0.embed(request)
+
+    async def info(self) -> InfoResult:
+        return await self.rank0.info()
+
+    # -- losing a node -------------------------------------------------------------------
+
+    async def _failover(self) -> Runner:
+        """One successor for every stream in flight: the scheduler's answer to our loss."""
+        if self._successor is None:
+            self._successor = asyncio.ensure_future(self._find_successor())
+        return await asyncio.shield(self._successor)
+
+    async def _find_successor(self) -> Runner:
+        try:
+            if not self.lost_nodes:  # the ring broke before the watchdog saw it: ask each node now
+                answered = await asyncio.gather(*(self._ping(m) for m in self.members))
+                self.lost_nodes = {m.peer.name for m, ok in zip(self.members, answered) if not ok}
+            self.lost = self.lost or "a rank's runner stopped"
+            await self._end(kill=True)
+            try:
+                return await self.on_lost(self, frozenset(self.lost_nodes))
+            except SchedulerError as e:
+                raise RunnerError(f"the model split across nodes stopped ({self.lost}) and cannot "
+                                  f"continue elsewhere: {e}", e.status) from None
+        finally:
+            self.exited.set()
 
     def watch(self) -> None:
-        self._watchdog = asyncio.ensure_future(self._watch_peers())
+        self._watchdog = asyncio.ensure_future(self._watch_split())
 
-    async def _watch_peers(self) -> None:
+    async def _watch_split(self) -> None:
+        """Ping each peer; end the split when one stops answering or a runner is gone."""
+        rank0_exit = asyncio.ensure_future(self.rank0.exited.wait())
         try:
-            while self.alive and self.lost is None:
-                await asyncio.gather(*(self._ping(m) for m in self.members))
+            while self.lost is None and not rank0_exit.done():
+                answers = await asyncio.gather(*(self._ping(m) for m in self.members))
                 now = time.monotonic()
-                for m in self.members:
-                    if self.lost is None and now - m.last_ok > LOST_AFTER:
-                        self.lost = (f"peer {m.peer.name} ({m.address}) stopped answering for "
-                                     f"{now - m.last_ok:.1f}s")
+                for m, ok in zip(self.members, answers):
+                    if not ok and now - m.last_ok > LOST_AFTER:
+                        self.lost_nodes.add(m.peer.name)
+                        self.lost = self.lost or (f"peer {m.peer.name} ({m.address}) stopped answering "
+                                                  f"for {now - m.last_ok:.1f}s")
                 if self.lost is not None:
-                    log.error("split %s of %s: %s; stopping its runners", self.split_id, self.model,
-                              self.lost)
-                    await self.kill()
                     break
-                await asyncio.sleep(PING_INTERVAL)
-        finally:
+                await asyncio.wait({rank0_exit}, timeout=PING_INTERVAL)
+            if self._stopping:
+                return
+            log.error("split %s of %s: %s; stopping its runners", self.split_id, self.model,
+                      self.lost or f"rank 0 exited ({self.rank0.exit_code})")
+            await self.rank0.kill()  # the streams in flight fail over now
             await self.stop_peers()
+            if self._streams == 0 and self._successor is None:
+                self.exited.set()  # idle: the scheduler unloads it; the next request plans again
+        finally:
+            rank0_exit.cancel()
             self.splits.forget_hostfile(self.split_id)
 
-    async def _ping(self, m: Member) -> None:
+    async def _ping(self, m: Member) -> bool:
+        """True when the node answered (whatever it said)."""
         try:
             status, body = await self.splits.call(m.peer, m.address, "POST", PEER_PREFIX + "ping",
-                                                  {"split": self.split_id}, PING_TIMEOUT)
+                                                  split_body(SplitRef(self.split_id)), PING_TIMEOUT)
         except SplitError:
-            return
-        if status == 200 and body.get("alive"):
-            m.last_ok = time.monotonic()
-        elif status in (200, 404) and self.lost is None:
+            return False
+        m.last_ok = time.monotonic()
+        if not (status == 200 and body.get("alive")) and self.lost is None:
             self.lost = f"the runner on peer {m.peer.name} is gone ({body.get('error') or 'not alive'})"
+        return True
+
+    # -- stopping ------------------------------------------------------------------------
 
     async def stop_peers(self) -> None:
         if self._peers_stopped:
             return
         self._peers_stopped = True
-        await asyncio.gather(*(self.splits.stop_member(self.split_id, m) for m in self.members))
+        live = [m for m in self.members if m.peer.name not in self.lost_nodes]
+        await asyncio.gather(*(self.splits.stop_member(self.split_id, m) for m in live))
 
     async def stop(self, grace: float = 2.0) -> None:
-        await super().stop(grace)
+        self._stopping = True
+        await self.rank0.stop(grace)
         await self._end()
+        self.exited.set()
 
     async def kill(self) -> None:
-        await super().kill()
-        if self._watchdog is not None and asyncio.current_task() is not self._watchdog:
-            await self._end()
+        self._stopping = True
+        await self._end(kill=True)
+        self.exited.set()
 
-    async def _end(self) -> None:
+    async def _end(self, kill: bool = False) -> None:
+        if kill:
+            await self.rank0.kill()
         if self._watchdog is not None and asyncio.current_task() is not self._watchdog:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -250,12 +364,12 @@ class SplitRunner(RunnerProcess):
         await self.stop_peers()
         self.splits.forget_hostfile(self.split_id)
 
-    def _died_message(self) -> str:
-        if self.lost:
-            return f"the model split across nodes stopped: {self.lost}"
-        if self.exit_code == 3:  # the runner's own verdict: the ring to a peer broke
-            return "the model split across nodes stopped: the link to a peer's runner broke"
-        return super()._died_message()
+
+def resumed(request: GenerateRequest, sent: list[int]) -> GenerateRequest:
+    """The same request, continuing after the tokens already sent (the runner replays them)."""
+    if not sent:
+        return request
+    return dataclasses.replace(request, resume=list(request.resume or []) + sent)
 
 
 # -- what a peer runs for a coordinator -------------------------------------------------------
@@ -267,8 +381,7 @@ class Hosted:
     model: str
     coordinator: str  # node id
     model_dir: Path
-    start: int
-    end: int
+    layers: LayerRange
     rank: int
     world: int
     bytes: int
@@ -283,7 +396,7 @@ class Hosted:
 
     def row(self) -> dict:
         return {"split": self.split, "model": self.model, "coordinator": self.coordinator,
-                "layers": [self.start, self.end], "rank": self.rank, "world": self.world,
+                "layers": self.layers.json(), "rank": self.rank, "world": self.world,
                 "bytes": self.bytes, "pid": self.runner.pid if self.runner else None,
                 "running": bool(self.runner and self.runner.alive)}
 
@@ -299,6 +412,7 @@ class Splits:
         self.cluster = cluster
         self.placements = Placements(settings.home / "placements.json")
         self.hosted: dict[str, Hosted] = {}
+        self._fetching: dict[str, asyncio.Task] = {}
         self.session: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task | None = None
 
@@ -318,12 +432,34 @@ class Splits:
 
     # -- hooks for the scheduler --------------------------------------------------------
 
-    def forced(self, model: str) -> list[str] | None:
+    def forced(self, model: str, exclude: frozenset[str] = frozenset()) -> list[str] | None:
+        """The peers a placement names for `model`, less the nodes in `exclude` (lost ones)."""
         nodes = self.placements.get(model)
         if not nodes:
             return None
-        others = list(dict.fromkeys(n for n in nodes if not self._is_me(n)))
+        others = list(dict.fromkeys(n for n in nodes if not self._is_me(n) and not self._named(n, exclude)))
         return others or None
+
+    def _named(self, ref: str, names: frozenset[str]) -> bool:
+        if not names:
+            return False
+        peer = self.cluster.peers.find(ref)
+        return ref in names or (peer is not None and peer.name in names)
+
+    async def fetch(self, name: str) -> ModelRecord | None:
+        """A request named a model this node lacks: copy it from a trusted peer that lists it
+        (one copy for every request that waits for it). None when no peer has it."""
+        task = self._fetching.get(name)
+        if task is None:
+            from hippod.cluster import transfer
+
+            task = self._fetching[name] = asyncio.ensure_future(
+                transfer.pull(self.cluster, name, lambda update: None))
+            task.add_done_callback(lambda _: self._fetching.pop(name, None))
+        rec = await asyncio.shield(task)
+        if rec is not None:
+            log.info("%s was not here: copied it from a trusted peer (%s) to serve a request", name, rec.source)
+        return rec
 
     def hosted_bytes(self) -> int:
         return sum(h.bytes for h in self.hosted.values())
@@ -368,8 +504,8 @@ class Splits:
 
     async def stop_member(self, split_id: str, m: Member) -> None:
         with contextlib.suppress(SplitError):
-            await self.call(m.peer, m.address, "POST", PEER_PREFIX + "stop", {"split": split_id},
-                            STOP_TIMEOUT)
+            await self.call(m.peer, m.address, "POST", PEER_PREFIX + "stop",
+                            split_body(SplitRef(split_id)), STOP_TIMEOUT)
 
     async def _budget(self, peer: PeerRecord) -> tuple[PeerRecord, int, str] | None:
         try:
@@ -385,9 +521,9 @@ class Splits:
 
     # -- coordinator: planning and starting a split ------------------------------------
 
-    def _candidates(self, forced: list[str] | None) -> list[PeerRecord]:
+    def _candidates(self, forced: list[str] | None, exclude: frozenset[str]) -> list[PeerRecord]:
         if not forced:
-            return self.cluster.peers.usable()
+            return [p for p in self.cluster.peers.usable() if p.name not in exclude]
         peers = []
         for ref in forced:
             p = self.cluster.peers.find(ref)
@@ -402,12 +538,12 @@ class Splits:
             peers.append(p)
         return peers
 
-    async def load(self, rec: ModelRecord, ctx: int, keep: float,
-                   refusal: NotEnoughMemory | None = None) -> Loaded:
-        """Plan, start and register a split of `rec`; raise the refusal with the numbers when
-        the nodes cannot hold it."""
-        forced = self.forced(rec.name)
-        peers = self._candidates(forced)
+    async def plan(self, rec: ModelRecord, ctx: int, local_free: int, *,
+                   forced: list[str] | None = None, refusal: NotEnoughMemory | None = None,
+                   exclude: frozenset[str] = frozenset()) -> Plan:
+        """Layer ranges of `rec` over this node (`local_free` bytes) and peers that answer, or
+        the refusal with the numbers when they cannot hold it. Changes nothing anywhere."""
+        peers = self._candidates(forced, exclude)
         if not peers:
             assert refusal is not None
             raise refusal
@@ -420,7 +556,7 @@ class Splits:
             raise NotEnoughMemory(f"{refusal}; no trusted peer could take a share", refusal.needed,
                                   refusal.available)
         parts = model_parts(self.registry.model_dir(rec), rec.details or {}, ctx)
-        local = planner.Node(self.cluster.name, self.scheduler.available())
+        local = planner.Node(self.cluster.name, local_free)
         nodes = [planner.Node(p.name, free) for p, free, _ in offers]
         label = f"model '{rec.name}'"
         try:
@@ -432,73 +568,72 @@ class Splits:
             raise NotEnoughMemory(str(e), e.needed, e.available) from None
         if len(shares) == 1:  # cannot happen after a refusal, but a forced list may name only us
             raise refusal or SplitError(f"'{rec.name}' needs no split", 400)
-        by_name = {p.name: (p, addr) for p, _, addr in offers}
-        members = [Member(by_name[s.node][0], by_name[s.node][1], s, rank)
-                   for rank, s in enumerate(shares) if rank > 0]
-        log.info("splitting %s over %s", rec.name,
-                 ", ".join(f"{s.node} layers {s.start}-{s.end - 1} ({fmt_bytes(s.bytes)})" for s in shares))
-        return await self._start(rec, ctx, keep, shares, members)
+        addresses = tuple((p.name, addr) for p, _, addr in offers if p.name in {s.node for s in shares})
+        return Plan(rec, ctx, 1, shares[0].bytes, shares=tuple(shares), addresses=addresses)
 
-    async def _start(self, rec: ModelRecord, ctx: int, keep: float, shares: list[planner.Share],
-                     members: list[Member]) -> Loaded:
+    async def start_runner(self, plan: Plan, on_lost: OnLost) -> SplitRunner:
+        """Prepare every peer's share, start all ranks together, and answer with the runner."""
+        rec = plan.record
+        where = dict(plan.addresses)
+        members = []
+        for rank, share in enumerate(plan.shares[1:], start=1):
+            peer = self.cluster.peers.find(share.node)
+            if peer is None:
+                raise SplitError(f"peer {share.node} is no longer known", 503)
+            members.append(Member(peer, where[share.node], share, rank))
         split_id = uuid.uuid4().hex[:12]
-        world = len(shares)
-        t0 = time.monotonic()
-        runner: SplitRunner | None = None
+        world = len(plan.shares)
+        rank0: RunnerProcess | None = None
         try:
-            answers = await _all_or_nothing([self._prepare(split_id, rec, ctx, m, world) for m in members])
+            answers = await _all_or_nothing([self._prepare(split_id, plan, m, world) for m in members])
             me = answers[0]["seen_as"]
             hosts = [[f"{me}:{_free_port(me)}"]] + [[f"{m.address}:{a['port']}"] for m, a in zip(members, answers)]
             hostfile = self._hostfile(split_id, hosts)
-            share = shares[0]
-            runner = SplitRunner(
-                self, split_id, rec.name, shares, members, self.registry.model_dir(rec),
-                self.settings.run_dir, self.settings.logs_dir / "runners.log", num_parallel=1,
-                context_length=ctx, python=self.settings.runner_python,
-                extra_args=["--layers", f"{share.start}:{share.end}", "--rank", "0", "--world", str(world)],
+            rank0 = RunnerProcess(
+                self.registry.model_dir(rec), self.settings.run_dir, self.settings.logs_dir / "runners.log",
+                num_parallel=plan.num_parallel, context_length=plan.num_ctx,
+                python=self.settings.runner_python,
+                extra_args=["--layers", plan.shares[0].layers.arg(), "--rank", "0", "--world", str(world)],
                 extra_env={"MLX_HOSTFILE": str(hostfile)})
             # Every rank blocks in the ring's connect until all are up: start them together, and
             # give up on all of them as soon as one fails.
-            starts = [runner.start(timeout=self.settings.load_timeout)]
+            starts = [rank0.start(timeout=self.settings.load_timeout)]
             starts += [self._start_member(split_id, m, hosts) for m in members]
-            ready = (await _all_or_nothing(starts))[0]
+            await _all_or_nothing(starts)
         except BaseException as e:
-            if runner is not None:
-                await RunnerProcess.kill(runner)
+            if rank0 is not None:
+                await rank0.kill()
             await asyncio.gather(*(self.stop_member(split_id, m) for m in members))
             self.forget_hostfile(split_id)
-            if isinstance(e, (SchedulerError, NotEnoughMemory)):
-                raise
             if isinstance(e, RunnerError):
                 raise SplitError(f"could not start the split of '{rec.name}': {e}", e.status) from None
             raise
-        seconds = time.monotonic() - t0
-        total = sum(s.bytes for s in shares)
-        measured = max(ready.rss_bytes, ready.mlx_active_bytes)
-        load_id = self.scheduler.store.start_load(rec.name, self.scheduler.node, "split", total, seconds,
-                                                  pid=runner.pid)
-        m = Loaded(rec.name, rec, runner, estimate=shares[0].bytes, context_length=ready.context_length,
-                   num_parallel=1, load_id=load_id, load_seconds=seconds, keep_alive=keep,
-                   asked_context=ctx, measured=measured)
-        self.scheduler.loaded[rec.name] = m
-        self.scheduler._spawn(self.scheduler._watch(m))
+        runner = SplitRunner(self, split_id, plan, members, rank0, on_lost)
         runner.watch()
-        log.info("loaded %s split over %d nodes in %.2fs", rec.name, world, seconds)
-        return m
+        return runner
 
-    async def _prepare(self, split_id: str, rec: ModelRecord, ctx: int, m: Member, world: int) -> dict:
-        body = {"split": split_id, "model": rec.name, "digest": rec.digest, "layers": [m.share.start, m.share.end],
-                "rank": m.rank, "world": world, "bytes": m.share.bytes, "context_length": ctx}
-        status, answer = await self.call(m.peer, m.address, "POST", PEER_PREFIX + "prepare", body,
-                                         self.settings.load_timeout)
+    def factory(self, local: RunnerFactory) -> RunnerFactory:
+        """The scheduler's factory: splits here, everything else by `local`."""
+        async def start(plan: Plan, on_lost: OnLost) -> Runner:
+            if plan.split:
+                return await self.start_runner(plan, on_lost)
+            return await local(plan, on_lost)
+        return start
+
+    async def _prepare(self, split_id: str, plan: Plan, m: Member, world: int) -> dict:
+        rec = plan.record
+        record = SplitPrepare(split_id, rec.name, rec.digest, m.share.layers, m.rank, world, m.share.bytes,
+                              plan.num_ctx)
+        status, answer = await self.call(m.peer, m.address, "POST", PEER_PREFIX + "prepare",
+                                         split_body(record), self.settings.load_timeout)
         if status != 200:
-            raise SplitError(f"peer {m.peer.name} cannot take layers {m.share.start}-{m.share.end - 1} of "
+            raise SplitError(f"peer {m.peer.name} cannot take layers {m.share.layers} of "
                              f"'{rec.name}': {answer.get('error') or status}", 507 if status == 507 else 502)
         return answer
 
     async def _start_member(self, split_id: str, m: Member, hosts: list) -> dict:
         status, answer = await self.call(m.peer, m.address, "POST", PEER_PREFIX + "start",
-                                         {"split": split_id, "hosts": hosts}, self.settings.load_timeout)
+                                         split_body(SplitStart(split_id, hosts)), self.settings.load_timeout)
         if status != 200:
             raise SplitError(f"peer {m.peer.name} could not start its runner: "
                              f"{answer.get('error') or status}", 502)
@@ -519,36 +654,34 @@ class Splits:
         return {"available": self.scheduler.available(), "budget": self.scheduler.budget(),
                 "node": self.cluster.name}
 
-    async def prepare(self, sender: str, body: dict, local_address: str, remote: str) -> dict:
-        """Check room, get the files, pick a ring port. Raises SplitError with a status."""
-        split_id, name, digest = str(body["split"]), str(body["model"]), str(body["digest"])
-        start, end = (int(x) for x in body["layers"])
-        rank, world, need = int(body["rank"]), int(body["world"]), int(body["bytes"])
+    async def prepare(self, sender: str, body: SplitPrepare, local_address: str, remote: str) -> dict:
+        """Make room (evicting our own idle models, never pinned or busy ones), get the files,
+        pick a ring port. Raises SplitError with a status."""
+        split_id, name, layers, need = body.split, body.model, body.layers, body.bytes
         if split_id in self.hosted:
             raise SplitError(f"split {split_id} is already prepared here", 409)
-        free = self.scheduler.available()
-        if need > free:
-            raise SplitError(f"node {self.cluster.name} cannot hold layers {start}-{end - 1} of '{name}': "
-                             f"they need {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
-                             f"({free} bytes) of its memory budget is free", 507)
         coordinator = self.cluster.peers.store.get_peer(sender)
         if coordinator is None:
             raise SplitError("unknown coordinator", 403)
-        model_dir = await self._model_files(coordinator, name, digest, start, end, rank, world)
-        hosted = Hosted(split_id, name, sender, model_dir, start, end, rank, world, need,
-                        int(body.get("context_length") or self.settings.num_ctx), local_address,
-                        _free_port(local_address))
+        try:
+            await self.scheduler.make_room_for_share(f"layers {layers} of '{name}' on node {self.cluster.name}",
+                                                     need)
+        except NotEnoughMemory as e:
+            raise SplitError(str(e), 507) from None
+        model_dir = await self._model_files(coordinator, body)
+        hosted = Hosted(split_id, name, sender, model_dir, layers, body.rank, body.world, need,
+                        body.context_length or self.settings.num_ctx, local_address, _free_port(local_address))
         self.hosted[split_id] = hosted
-        log.info("prepared layers %d-%d of %s for %s (split %s)", start, end - 1, name, coordinator.name,
-                 split_id)
+        log.info("prepared layers %s of %s for %s (split %s)", layers, name, coordinator.name, split_id)
         return {"port": hosted.port, "address": local_address, "seen_as": remote}
 
-    async def _model_files(self, coordinator: PeerRecord, name: str, digest: str, start: int, end: int,
-                           rank: int, world: int) -> Path:
+    async def _model_files(self, coordinator: PeerRecord, body: SplitPrepare) -> Path:
         """Our copy of the model if we have this version, else the files this rank needs,
         copied from the coordinator into `<home>/shards/<digest>/` (kept for next time)."""
         from hippod.cluster import transfer
 
+        name, digest, start, end = body.model, body.digest, body.layers.start, body.layers.end
+        rank, world = body.rank, body.world
         rec = self.registry.store.get_model(self.registry.normalize(name))
         if rec is not None and rec.digest == digest and not rec.missing:
             return self.registry.model_dir(rec)
@@ -556,7 +689,7 @@ class Splits:
         if manifest is None or manifest.get("digest") != digest:
             raise SplitError(f"peer {coordinator.name} no longer has this version of '{name}'", 409)
         files = manifest["files"]
-        target = self.settings.home / "shards" / digest
+        target = paths.confined(self.settings.home / "shards", paths.check_sha256(digest))
         target.mkdir(parents=True, exist_ok=True)
         index = None
         entry = next((f for f in files if f["name"] == "model.safetensors.index.json"), None)
@@ -583,23 +716,21 @@ class Splits:
             await asyncio.to_thread(transfer.download_blob, self.cluster, peer, f["sha256"], f["size"],
                                     dest, lambda done, total: None, threading.Event())
 
-    async def start_hosted(self, sender: str, body: dict) -> dict:
-        h = self.hosted.get(str(body.get("split")))
+    async def start_hosted(self, sender: str, body: SplitStart) -> dict:
+        h = self.hosted.get(body.split)
         if h is None or h.coordinator != sender:
             raise SplitError("no such split prepared here", 404)
         if h.runner is not None:
             raise SplitError("this split's runner is already started", 409)
-        hosts = body.get("hosts")
-        if not (isinstance(hosts, list) and len(hosts) == h.world and all(
-                isinstance(e, list) and e and all(isinstance(a, str) and _HOST.fullmatch(a) for a in e)
-                for e in hosts)):
+        hosts = body.hosts
+        if len(hosts) != h.world:
             raise SplitError("hosts must list one [\"address:port\"] per rank", 400)
         hostfile = self.settings.run_dir / f"split-{h.split}.json"
         hostfile.write_text(json.dumps(hosts))
         h.runner = RunnerProcess(
             h.model_dir, self.settings.run_dir, self.settings.logs_dir / "runners.log", num_parallel=1,
             context_length=h.context_length, python=self.settings.runner_python,
-            extra_args=["--layers", f"{h.start}:{h.end}", "--rank", str(h.rank), "--world", str(h.world)],
+            extra_args=["--layers", h.layers.arg(), "--rank", str(h.rank), "--world", str(h.world)],
             extra_env={"MLX_HOSTFILE": str(hostfile)})
         h.starting = True
         try:
@@ -612,8 +743,7 @@ class Splits:
         finally:
             h.starting = False
         h.last_ping = time.monotonic()
-        log.info("running layers %d-%d of %s for split %s (pid %s)", h.start, h.end - 1, h.model, h.split,
-                 h.runner.pid)
+        log.info("running layers %s of %s for split %s (pid %s)", h.layers, h.model, h.split, h.runner.pid)
         return {"pid": ready.pid, "rss_bytes": ready.rss_bytes, "load_seconds": ready.load_seconds}
 
     def ping(self, sender: str, split_id: str) -> dict:
@@ -637,7 +767,7 @@ class Splits:
         if h.runner is not None:
             await h.runner.stop(grace=1.0)
         (self.settings.run_dir / f"split-{h.split}.json").unlink(missing_ok=True)
-        log.info("dropped layers %d-%d of %s (split %s): %s", h.start, h.end - 1, h.model, h.split, why)
+        log.info("dropped layers %s of %s (split %s): %s", h.layers, h.model, h.split, why)
 
     async def _watch_hosted(self) -> None:
         """Runners whose coordinator went quiet (dead, or the link dropped) are killed."""

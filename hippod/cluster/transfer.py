@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -35,8 +36,11 @@ log = logging.getLogger("hippo.transfer")
 
 MANIFEST_PATH = "/api/hippo/peer/manifest"
 BLOB_PATH = "/api/hippo/peer/blobs/sha256-{}"
-CHUNK = 4 << 20
+CHUNK = 4 << 20  # receive and hash buffer
 PROGRESS_EVERY = 4 << 20  # bytes between progress events
+PARALLEL = 4  # connections per blob (ranges of one blob), and blobs copied at once
+MIN_RANGE = 16 << 20  # a blob is split into ranges no smaller than this
+SAVE_EVERY = 16 << 20  # bytes a range moves between saves of its progress
 IO_TIMEOUT = 30.0  # seconds without a byte before a copy is given up (and can be resumed)
 MAX_FILES = 1000
 
@@ -106,54 +110,287 @@ async def fetch_manifest(cluster: Cluster, peer: PeerRecord, name: str) -> dict 
     raise TransferError(f"cannot reach peer {peer.name}: {last_error}")
 
 
+class _Plan:
+    """Which byte ranges of a blob are on disk, saved beside the partial file so that a copy
+    cut off anywhere resumes each range where it stopped. A range's `done` only ever counts
+    bytes already written; the whole file is still hashed before it is accepted."""
+
+    def __init__(self, path: Path, size: int, ranges: list[list[int]]):
+        self.path, self.size, self.ranges = path, size, ranges  # [start, end, done] each
+        self.lock = threading.Lock()
+        self.saving = threading.Lock()
+        self.hexdigest: str | None = None  # set once every byte is on disk and hashed
+
+    @classmethod
+    def read(cls, partial: Path, size: int) -> _Plan | None:
+        """What an earlier copy left, as a plan; None when it cannot be trusted."""
+        path = partial.with_name(partial.name + ".ranges")
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                ranges = [[int(a), int(b), int(c)] for a, b, c in saved["ranges"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            ok = saved["size"] == size and _covers(ranges, size) and partial.exists()
+            return cls(path, size, ranges) if ok else None
+        # A partial without a plan was written front to back: its length is what it holds.
+        held = partial.stat().st_size if partial.exists() else 0
+        if held > size:
+            return None
+        plan = cls(path, size, [[0, held, held]] if held else [])
+        plan.ranges += [[a, b, a] for a, b in _split(held, size)]
+        return plan
+
+    @classmethod
+    def load(cls, partial: Path, size: int) -> _Plan:
+        """The plan to continue with; what cannot be trusted is deleted and the copy starts over."""
+        plan = cls.read(partial, size)
+        if plan is None:
+            partial.unlink(missing_ok=True)
+            partial.with_name(partial.name + ".ranges").unlink(missing_ok=True)
+            plan = cls.read(partial, size)
+        return plan
+
+    def save(self) -> None:
+        with self.saving:  # one writer at a time: the ranges' threads all save
+            with self.lock:
+                text = json.dumps({"size": self.size, "ranges": self.ranges})
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(self.path)
+
+    def done_bytes(self) -> int:
+        with self.lock:
+            return sum(d - a for a, _, d in self.ranges)
+
+    def contiguous(self) -> int:
+        """Bytes from the start of the blob that are all on disk."""
+        with self.lock:
+            end = 0
+            for a, b, d in sorted(self.ranges):
+                if a > end:
+                    break
+                end = max(end, d)
+                if d < b:
+                    break
+            return end
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _covers(ranges: list[list[int]], size: int) -> bool:
+    at = 0
+    for a, b, d in sorted(ranges):
+        if a != at or not a <= d <= b:
+            return False
+        at = b
+    return at == size
+
+
+def _split(start: int, size: int) -> list[tuple[int, int]]:
+    """[start, size) in up to PARALLEL ranges of at least MIN_RANGE bytes."""
+    left = size - start
+    if left <= 0:
+        return []
+    n = max(1, min(PARALLEL, left // MIN_RANGE))
+    step = -(-left // n)
+    return [(a, min(a + step, size)) for a in range(start, size, step)]
+
+
+class _Hasher(threading.Thread):
+    """Hashes the partial file from its start as the ranges before each byte complete, reading
+    back what was written (still in the page cache), so hashing runs beside the copy."""
+
+    def __init__(self, partial: Path, plan: _Plan):
+        super().__init__(name="blob-hash", daemon=True)
+        self.partial, self.plan = partial, plan
+        self.digest = hashlib.sha256()
+        self.moved = threading.Condition()
+        self.closing = False
+        self.error: BaseException | None = None
+
+    def nudge(self) -> None:
+        with self.moved:
+            self.moved.notify()
+
+    def finish(self) -> str:
+        with self.moved:
+            self.closing = True
+            self.moved.notify()
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+    def run(self) -> None:
+        at, buf = 0, bytearray(CHUNK)
+        try:
+            with open(self.partial, "rb") as f:
+                while at < self.plan.size:
+                    ready = self.plan.contiguous()
+                    if ready <= at:
+                        with self.moved:
+                            if self.closing:
+                                return
+                            self.moved.wait(0.2)
+                        continue
+                    f.seek(at)
+                    while at < ready:
+                        n = f.readinto(memoryview(buf)[:min(CHUNK, ready - at)])
+                        if not n:
+                            return
+                        self.digest.update(memoryview(buf)[:n])
+                        at += n
+        except BaseException as e:  # reported by finish()
+            self.error = e
+
+
+class _Either:
+    """Set when any of its events is (the caller's cancel, or a sibling copy's failure)."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+class _NoRanges(Exception):
+    """The peer answered a range request with the whole blob."""
+
+
 def download_blob(cluster: Cluster, peer: PeerRecord, sha256: str, size: int, dest: Path,
                   progress: Callable[[int, int], None], cancel: threading.Event) -> int:
     """Fetch one blob into `dest` via `.partial-<sha256>`, resuming, verifying (blocking).
 
-    Returns the offset it resumed from (0 for a fresh copy).
+    Ranges of a large blob come over PARALLEL connections at once, written in place; a thread
+    hashes the file behind them. Returns the bytes that were already there (0 for a fresh copy).
     """
     partial = dest.parent / f".partial-{sha256}"
-    digest = hashlib.sha256()
-    offset = partial.stat().st_size if partial.exists() else 0
-    if offset > size:
-        partial.unlink()
-        offset = 0
-    if offset:  # the hash must cover what we already have
-        with open(partial, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-    resumed = offset
-    if offset < size:
-        resp, conn = _open_blob(cluster, peer, sha256, offset)
-        try:
-            if resp.status == 200 and offset:  # the peer ignored Range: start over
-                offset, resumed, digest = 0, 0, hashlib.sha256()
-            offset = _copy_body(resp, partial, "ab" if offset else "wb", offset, size, digest,
-                                progress, cancel)
-        except (OSError, http.client.HTTPException) as e:
-            raise TransferError(f"copy of blob {sha256[:12]} from peer {peer.name} broke off: "
-                                f"{e or type(e).__name__} (pull again to resume)") from None
-        finally:
-            conn.close()
-    if offset != size:
-        raise TransferError(f"peer {peer.name} closed the copy of blob {sha256[:12]} at {offset} of "
-                            f"{size} bytes (pull again to resume)")
-    if digest.hexdigest() != sha256:
+    plan = _Plan.load(partial, size)
+    resumed = plan.done_bytes()
+    try:
+        _fetch_ranges(cluster, peer, sha256, partial, plan, progress, cancel)
+    except _NoRanges:  # an old or odd peer: one stream from the start
         partial.unlink(missing_ok=True)
+        plan = _Plan(plan.path, size, [[0, size, 0]])
+        resumed = 0
+        _fetch_ranges(cluster, peer, sha256, partial, plan, progress, cancel)
+    if plan.done_bytes() != size:
+        raise TransferError(f"peer {peer.name} closed the copy of blob {sha256[:12]} at "
+                            f"{plan.done_bytes()} of {size} bytes (pull again to resume)")
+    if plan.hexdigest != sha256:
+        partial.unlink(missing_ok=True)
+        plan.remove()
         raise TransferError(f"sha256 mismatch for blob {sha256[:12]} from peer {peer.name}; "
                             "the copy was discarded")
     partial.replace(dest)
+    plan.remove()
     return resumed
 
 
-def _open_blob(cluster: Cluster, peer: PeerRecord, sha256: str, offset: int):
-    """(response, connection) for the blob from the first address of the peer that answers."""
+def _fetch_ranges(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path, plan: _Plan,
+                  progress: Callable[[int, int], None], cancel: threading.Event) -> None:
+    """Copy every unfinished range at once; sets plan.hexdigest once all bytes are on disk."""
+    plan.save()  # before the partial file exists: a partial without a plan is front-to-back
+    with open(partial, "ab"):
+        pass
+    hasher = _Hasher(partial, plan)
+    hasher.start()
+    stop = threading.Event()  # one range failed: the others stop too (and keep what they have)
+    reported = [plan.done_bytes()]
+    report_lock = threading.Lock()
+
+    def moved() -> None:
+        hasher.nudge()
+        done = plan.done_bytes()
+        with report_lock:
+            if done - reported[0] >= PROGRESS_EVERY or done == plan.size:
+                reported[0] = done
+                progress(done, plan.size)
+
+    todo = [r for r in plan.ranges if r[2] < r[1]]
+    errors: list[BaseException] = []
+
+    def run(r: list[int]) -> None:
+        try:
+            _fetch_range(cluster, peer, sha256, partial, plan, r, moved, cancel, stop)
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(r,), name="blob-range", daemon=True) for r in todo]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    plan.save()
+    if errors or plan.done_bytes() != plan.size:
+        hasher.finish()
+        plan.hexdigest = None
+        if errors:
+            e = next((e for e in errors if isinstance(e, (TransferError, _NoRanges))), errors[0])
+            if isinstance(e, (TransferError, _NoRanges)):
+                raise e
+            raise TransferError(f"copy of blob {sha256[:12]} from peer {peer.name} broke off: "
+                                f"{e or type(e).__name__} (pull again to resume)") from None
+        return
+    if plan.size == 0 or not todo:
+        progress(plan.size, plan.size)
+    plan.hexdigest = hasher.finish()
+
+
+def _fetch_range(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path, plan: _Plan,
+                 r: list[int], moved: Callable[[], None], cancel: threading.Event,
+                 stop: threading.Event) -> None:
+    """Receive one range into its place in `partial`, recording its progress as it goes."""
+    start, end, offset = r
+    whole = start == 0 and end == plan.size
+    resp, conn = _open_blob(cluster, peer, sha256, offset, None if whole and offset == 0 else end)
+    view = memoryview(bytearray(CHUNK))
+    saved = offset
+    try:
+        if resp.status == 200 and offset:
+            raise _NoRanges()
+        fd = os.open(partial, os.O_WRONLY)
+        try:
+            while offset < end:
+                if cancel.is_set():
+                    raise TransferError("pull cancelled (pull again to resume)", 499)
+                if stop.is_set():
+                    return
+                n = resp.readinto(view[:min(CHUNK, end - offset)])
+                if not n:
+                    break
+                written = 0
+                while written < n:
+                    written += os.pwrite(fd, view[written:n], offset + written)
+                offset += n
+                with plan.lock:
+                    r[2] = offset
+                if offset - saved >= SAVE_EVERY:
+                    plan.save()
+                    saved = offset
+                moved()
+        finally:
+            os.close(fd)
+    except (OSError, http.client.HTTPException) as e:
+        raise TransferError(f"copy of blob {sha256[:12]} from peer {peer.name} broke off: "
+                            f"{e or type(e).__name__} (pull again to resume)") from None
+    finally:
+        conn.close()
+
+
+def _open_blob(cluster: Cluster, peer: PeerRecord, sha256: str, offset: int, end: int | None):
+    """(response, connection) for bytes [offset, end) of the blob (to its end when `end` is
+    None), from the first address of the peer that answers."""
     path = BLOB_PATH.format(sha256)
     last_error = "no address"
     for address in peer.addresses:
         headers = cluster.keyring.sign("GET", path, b"", peer.node_id)
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
         conn = http.client.HTTPConnection(address, peer.port, timeout=IO_TIMEOUT)
         try:
             conn.request("GET", path, headers=headers)
@@ -172,26 +409,13 @@ def _open_blob(cluster: Cluster, peer: PeerRecord, sha256: str, offset: int):
     raise TransferError(f"cannot reach peer {peer.name}: {last_error}")
 
 
-def _copy_body(resp, partial: Path, mode: str, offset: int, size: int, digest,
-               progress: Callable[[int, int], None], cancel: threading.Event) -> int:
-    """Receive into `partial` from `offset`, hashing as it goes; returns the new offset.
-    What was written stays on disk if the connection breaks off."""
-    view = memoryview(bytearray(CHUNK))
-    reported = offset
-    with open(partial, mode) as out:
-        while offset < size:
-            if cancel.is_set():
-                raise TransferError("pull cancelled (pull again to resume)", 499)
-            n = resp.readinto(view[:min(CHUNK, size - offset)])
-            if not n:
-                break
-            digest.update(view[:n])
-            out.write(view[:n])
-            offset += n
-            if offset - reported >= PROGRESS_EVERY or offset == size:
-                progress(offset, size)
-                reported = offset
-    return offset
+def partial_bytes(dest: Path, sha256: str, size: int) -> int:
+    """How much of a blob an earlier, cut-off copy left on disk (0 if none or untrusted)."""
+    try:
+        plan = _Plan.read(dest.parent / f".partial-{sha256}", size)
+    except OSError:
+        return 0
+    return plan.done_bytes() if plan is not None else 0
 
 
 # -- a whole model ----------------------------------------------------------------------------
@@ -211,27 +435,40 @@ async def pull_from_peer(cluster: Cluster, peer: PeerRecord, name: str, progress
         progress({"status": f"{name} is up to date"})
         return existing
     progress({"status": f"copying from peer {peer.name}"})
-    started, moved = time.perf_counter(), 0
-    for f in files:
+    started = time.perf_counter()
+    slots = asyncio.Semaphore(PARALLEL)
+    failed = threading.Event()  # one blob failed: stop the others (not the caller's cancel)
+    stop = _Either(cancel, failed)
+
+    async def copy(f: dict) -> int:
         sha, size = f["sha256"], f["size"]
         dest = registry.blob_path(sha)
-        status = f"pulling {f['name']}"
-        event = {"status": status, "digest": f"sha256:{sha}", "total": size}
+        event = {"status": f"pulling {f['name']}", "digest": f"sha256:{sha}", "total": size}
         lock = cluster.blob_locks.setdefault(sha, asyncio.Lock())
-        async with lock:
+        async with slots, lock:
             if dest.is_file() and dest.stat().st_size == size:
                 progress({**event, "completed": size})
-                continue
+                return 0
 
             def report(done: int, total: int, event=event) -> None:
                 progress({**event, "completed": done})
 
-            partial = dest.parent / f".partial-{sha}"
-            if partial.exists() and 0 < partial.stat().st_size <= size:
-                progress({**event, "status": f"resuming {f['name']} at {partial.stat().st_size} bytes",
-                          "completed": partial.stat().st_size})
-            resumed = await asyncio.to_thread(download_blob, cluster, peer, sha, size, dest, report, cancel)
-            moved += size - resumed
+            held = await asyncio.to_thread(partial_bytes, dest, sha, size)
+            if 0 < held <= size:
+                progress({**event, "status": f"resuming {f['name']} at {held} bytes", "completed": held})
+            resumed = await asyncio.to_thread(download_blob, cluster, peer, sha, size, dest, report,
+                                              stop)
+            return size - resumed
+
+    # Several blobs at once (the small files do not wait behind the weights); the first
+    # failure cancels the rest, which keep what they copied for the next try.
+    tasks = [asyncio.ensure_future(copy(f)) for f in files]
+    try:
+        moved = sum(await asyncio.gather(*tasks))
+    except BaseException:
+        failed.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     progress({"status": "verifying sha256 digest"})
     progress({"status": "writing manifest"})
     details = manifest.get("details") or {}

@@ -4,6 +4,12 @@ The LAN is not trusted. A node proves it holds the cluster secret by signing eve
 (and its JSON answers) with an HMAC over method, path, body hash, time, nonce and both node ids;
 the secret itself never crosses the wire. A request is refused when its time is outside a small
 window or its nonce was already seen inside that window, so a captured request cannot be replayed.
+Seen nonces live in memory only, so a request signed before this process started is refused too:
+a restart cannot reopen the window for requests captured earlier. (A peer whose clock lags ours
+by d seconds is refused for the first d seconds after we start; NTP keeps d well under one.)
+
+Checking is ordered by cost: the headers, addressee and time are checked before the body is read
+(`precheck`), the HMAC over the body after, the nonce last.
 
 The join token is the one place the secret leaves a machine on purpose: the user copies it from
 `hippoctl cluster init` on one Mac to `hippoctl cluster join` on another.
@@ -14,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import time
@@ -130,6 +137,8 @@ class Keyring:
         self.node_id = node_id
         self.replays = ReplayGuard()
         self.secret = secret
+        # Requests signed before this are refused (their nonces were lost); stamps have 1 ms steps.
+        self.started = time.time() - 0.001
 
     @property
     def secret(self) -> str | None:
@@ -153,31 +162,47 @@ class Keyring:
         """Headers that authenticate one request to node `to` (none without a secret: it will get 403)."""
         if self._key is None:
             return {H_NODE: self.node_id, H_TO: to}
-        stamp, nonce = str(int(time.time())), secrets.token_hex(16)
+        stamp, nonce = f"{time.time():.3f}", secrets.token_hex(16)
         sig = self._mac("req", method.upper(), path, body_hash(body), stamp, nonce, self.node_id, to)
         return {H_NODE: self.node_id, H_TO: to, H_TIME: stamp, H_NONCE: nonce, H_SIGNATURE: sig}
 
-    def verify(self, method: str, path: str, body: bytes, headers, now: float | None = None) -> str:
-        """The sender's node id if the request is signed for us with the secret; else TrustError."""
+    def precheck(self, headers, now: float | None = None) -> str:
+        """The cheap checks, before the body is read: a secret here, every header, addressed to
+        us, signed inside the window and after this process started. The claimed sender, or
+        TrustError."""
         if self._key is None:
             raise TrustError("this node has no cluster secret (run `hippoctl cluster init` or `join`)")
         try:
             sender, to, stamp, nonce, sig = (headers[h] for h in (H_NODE, H_TO, H_TIME, H_NONCE, H_SIGNATURE))
         except KeyError:
             raise TrustError("peer request is not signed") from None
-        expected = self._mac("req", method.upper(), path, body_hash(body), stamp, nonce, sender, to)
-        if not hmac.compare_digest(expected, sig):
-            raise TrustError("peer request signature does not match this cluster's secret")
         if to != self.node_id:
             raise TrustError("peer request was signed for another node")
+        if not (0 < len(nonce) <= 64 and 0 < len(sig) <= 128 and 0 < len(sender) <= 64):
+            raise TrustError("peer request has malformed signature headers")
         now = time.time() if now is None else now
         try:
-            skew = abs(now - int(stamp))
+            signed_at = float(stamp)
         except ValueError:
             raise TrustError("peer request has a malformed timestamp") from None
+        if not math.isfinite(signed_at):
+            raise TrustError("peer request has a malformed timestamp")
+        skew = abs(now - signed_at)
         if skew > self.replays.window:
             raise TrustError(f"peer request timestamp is {skew:.0f}s off (clocks out of sync?)")
-        if not self.replays.accept(sender, nonce, now):
+        if signed_at < self.started:
+            raise TrustError("peer request was signed before this node started (a replay, or clocks "
+                             "out of sync)")
+        return sender
+
+    def verify(self, method: str, path: str, body: bytes, headers, now: float | None = None) -> str:
+        """The sender's node id if the request is signed for us with the secret; else TrustError."""
+        sender = self.precheck(headers, now)
+        stamp, nonce, sig = headers[H_TIME], headers[H_NONCE], headers[H_SIGNATURE]
+        expected = self._mac("req", method.upper(), path, body_hash(body), stamp, nonce, sender, self.node_id)
+        if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "surrogateescape")):
+            raise TrustError("peer request signature does not match this cluster's secret")
+        if not self.replays.accept(sender, nonce, time.time() if now is None else now):
             raise TrustError("peer request was already used (replay refused)")
         return sender
 

@@ -109,6 +109,7 @@ class _Active:
     accepted: int = 0
     grammar: object = None  # the GrammarProcessor (also in processors) of a constrained request
     tools: ToolCallBuffer | None = None  # set when the answer may hold tool calls
+    unsent: list[int] = field(default_factory=list)  # ids decoded since the last text sent
 
 
 class BatchLoop:
@@ -264,10 +265,11 @@ class BatchLoop:
             # Keep the end of an over-long prompt, leaving room to answer (Ollama truncates too).
             reserve = min(num_predict if num_predict > 0 else num_ctx // 4, num_ctx // 2)
             tokens = tokens[-(num_ctx - max(reserve, 1)):]
+        resume = [int(t) for t in req.resume or []]
         room = num_ctx - len(tokens)
         max_tokens = room if num_predict < 0 else min(num_predict, room)
-        if max_tokens <= 0:
-            job.emit(DoneEvent("length", len(tokens), 0, 0.0, 0.0))
+        if max_tokens - len(resume) <= 0:
+            job.emit(DoneEvent("length", len(tokens), len(resume), 0.0, 0.0))
             return None
         stop = opts.get("stop") or []
         if isinstance(stop, str):
@@ -282,10 +284,26 @@ class BatchLoop:
             processors.append(grammar)
         tools = (ToolCallBuffer(self.tokenizer, req.tools, forced=tool_grammar is not None)
                  if uses_tools(req) else None)
-        return _Active(job, self.tokenizer.detokenizer, StopMatcher(list(stop)), list(tokens),
-                       prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
-                       sampler=make_request_sampler(opts), processors=processors,
-                       started=time.perf_counter(), grammar=grammar, tools=tools)
+        active = _Active(job, self.tokenizer.detokenizer, StopMatcher(list(stop)), list(tokens),
+                         prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
+                         sampler=make_request_sampler(opts), processors=processors,
+                         started=time.perf_counter(), grammar=grammar, tools=tools)
+        self._replay(active, resume)
+        return active
+
+    @staticmethod
+    def _replay(a: _Active, ids: list[int]) -> None:
+        """Bring a resumed request to where its first runner stopped: the ids join the KV
+        input, and pass through every per-token state (text, stops, tools, grammar) unsent."""
+        for token in ids:
+            a.tokens.append(token)
+            a.completion_tokens += 1
+            a.detokenizer.add_token(token)
+            text, _ = a.stops.feed(a.detokenizer.last_segment)
+            if a.tools is not None:
+                a.tools.feed(text)
+            if a.grammar is not None:
+                a.grammar.advance(token)
 
     def _cached(self, namespace: str, tokens: list[int]) -> tuple[list | None, list[int]]:
         """The longest cached prefix's KV (a copy) and the tokens still to process (never none)."""
@@ -318,14 +336,14 @@ class BatchLoop:
             cache = make_prompt_cache(self.model)
             if a.speculative:
                 cache += self.drafter.make_cache()
-        a.cached_tokens = a.prompt_tokens - len(rest)
+        a.cached_tokens = min(a.prompt_tokens, len(a.tokens) - len(rest))
         a.cache = cache
         if a.speculative:
             a.solo = self._speculate(a)
         else:
-            a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens,
+            a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens - a.completion_tokens,
                                    sampler=a.sampler, prompt_cache=cache,
-                                   logits_processors=_seeing(a.tokens[:a.cached_tokens], a))
+                                   logits_processors=_seeing(a.tokens[:len(a.tokens) - len(rest)], a))
         self.solo = a
 
     def _step_solo(self) -> None:
@@ -410,12 +428,13 @@ class BatchLoop:
         prompts, caches, held = [], [], []
         for a in starting:
             cache, rest = self._cached(MAIN, a.tokens)
-            a.cached_tokens = a.prompt_tokens - len(rest)
+            kept = len(a.tokens) - len(rest)  # a resumed request's tokens are part of its prompt here
+            a.cached_tokens = min(a.prompt_tokens, kept)
             prompts.append(rest)
             caches.append(cache)
-            held.append(a.tokens[:a.cached_tokens])
+            held.append(a.tokens[:kept])
         uids = self.generator.insert(
-            prompts, max_tokens=[a.max_tokens for a in starting], caches=caches, all_tokens=held,
+            prompts, max_tokens=[a.max_tokens - a.completion_tokens for a in starting], caches=caches, all_tokens=held,
             samplers=[a.sampler for a in starting],
             logits_processors=[a.processors for a in starting])
         for uid, a in zip(uids, starting):
@@ -472,8 +491,13 @@ class BatchLoop:
             if ending:
                 rest, calls = a.tools.finish()
                 text += rest
+        counted = not (reason == "stop" and token in self.eos)
         if text:
-            a.job.emit(TokenEvent(text, token))
+            ids = a.unsent + [token] if counted else a.unsent
+            a.job.emit(TokenEvent(text, token, ids if ids != [token] else None))
+            a.unsent = []
+        elif counted:
+            a.unsent.append(token)
         if ending:  # parsed calls are a complete answer, even on the budget's last token
             self._finish(a, "stop" if hit_stop or calls else reason, now, calls)
             return True

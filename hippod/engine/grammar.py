@@ -283,6 +283,10 @@ class GrammarProcessor:
         """The next call shows the last consumed token again (the sequence changed generators)."""
         self.repeat = True
 
+    def advance(self, token: int) -> None:
+        """Feed a token the sequence already holds (a resumed request's replay)."""
+        self._consume(token)
+
     def _consume(self, token: int) -> None:
         if self.repeat:
             self.repeat = False

@@ -29,20 +29,21 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from hippod.engine.batch_loop import BatchLoop
-from hippod.protocol import ErrorEvent
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+from hippod.engine.batch_loop import MIN_REUSE, BatchLoop
+from hippod.protocol import ErrorEvent, LayerRange
 
 log = logging.getLogger("hippo.pipeline")
 
-FORWARD, RESET, STOP = 1, 2, 3
+FORWARD, RESET, STOP, TRIM = 1, 2, 3, 4
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 HEADER = 5  # int32: command, batch, length, width, dtype index
 
 
 @dataclass(frozen=True)
 class Shard:
-    start: int  # first layer this rank runs
-    end: int  # one past its last layer
+    layers: LayerRange  # the decoder layers this rank runs
     rank: int
     world: int
 
@@ -53,15 +54,6 @@ class Shard:
     @property
     def last(self) -> bool:
         return self.rank == self.world - 1
-
-
-def parse_layers(text: str) -> tuple[int, int]:
-    """'0:15' -> (0, 15)."""
-    start, _, end = text.partition(":")
-    a, b = int(start), int(end)
-    if not 0 <= a < b:
-        raise ValueError(f"bad layer range {text!r} (expected START:END with START < END)")
-    return a, b
 
 
 # -- finding the decoder ------------------------------------------------------------------------
@@ -152,16 +144,16 @@ def load_shard(model_dir: Path, shard: Shard):
     model, _config = load_model(model_dir, lazy=True, strict=False)
     owner, decoder = decoder_parts(model)
     total = len(decoder.layers)
-    if not 0 <= shard.start < shard.end <= total:
-        raise ValueError(f"layers {shard.start}:{shard.end} are outside the model's {total} layers")
-    if shard.first and shard.start != 0 or shard.last and shard.end != total:
-        raise ValueError(f"rank {shard.rank} of {shard.world} cannot hold layers {shard.start}:{shard.end}")
+    if not 0 <= shard.layers.start < shard.layers.end <= total:
+        raise ValueError(f"layers {shard.layers.arg()} are outside the model's {total} layers")
+    if shard.first and shard.layers.start != 0 or shard.last and shard.layers.end != total:
+        raise ValueError(f"rank {shard.rank} of {shard.world} cannot hold layers {shard.layers.arg()}")
     templates = model.make_cache() if hasattr(model, "make_cache") else None
     slot = _Slot()
     layers = list(decoder.layers)
     for i, layer in enumerate(layers):
-        if not shard.start <= i < shard.end:
-            inject = not shard.first and i == shard.start - 1
+        if i not in shard.layers:
+            inject = not shard.first and i == shard.layers.start - 1
             layers[i] = _StandIn(layer, slot if inject else None)
     decoder.layers = layers
     tied = "lm_head" not in owner
@@ -281,7 +273,7 @@ class _Parts:
 
 class ShardedModel:
     """Rank 0's model as generate_step sees it: a call runs the whole pipeline and returns the
-    logits of the last position. One sequence at a time (B=1, no batching, no prompt cache)."""
+    logits of the last position. One sequence at a time (B=1, no batching)."""
 
     def __init__(self, parts: _Parts, wire: Wire, world: int):
         self.parts = parts
@@ -306,6 +298,11 @@ class ShardedModel:
         last = self.world - 1
         head = self.wire.recv_header(last)
         return self.wire.recv((head[1], head[2], head[3]), DTYPES[head[4]], last)
+
+    def trim_to(self, tokens: int) -> None:
+        """The next request shares the first `tokens` of the last one: every rank keeps that
+        much of its KV cache and drops the rest."""
+        self.wire.send_message(mx.array([TRIM, tokens, 0, 0, 0], dtype=mx.int32), None, 1)
 
     def stop(self) -> None:
         self.wire.send_message(_header(STOP), None, 1)
@@ -346,12 +343,15 @@ def _serve_loop(parts: _Parts, wire: Wire, shard: Shard) -> None:
     while True:
         head = wire.recv_header(prev)
         command = head[0]
-        if command in (RESET, STOP):
+        if command in (RESET, STOP, TRIM):
             if not shard.last:
                 wire.send_message(mx.array(head, dtype=mx.int32), None, nxt)
             if command == STOP:
                 return
-            cache = parts.make_cache()
+            if command == TRIM and cache and cache[0].offset >= head[1]:
+                trim_prompt_cache(cache, cache[0].offset - head[1])
+            else:
+                cache = parts.make_cache()
             continue
         if command != FORWARD:
             raise RuntimeError(f"unknown pipeline command {command}")
@@ -376,8 +376,8 @@ def _serve_loop(parts: _Parts, wire: Wire, shard: Shard) -> None:
 
 def first_rank_loop(model_dir: Path, shard: Shard, *, context_length: int, info):
     """Rank 0's generation loop: joins the ring, loads its layers, decodes one request at a
-    time with generate_step (no batching, no prompt cache, no speculation: the other ranks
-    hold one KV cache each, reset at every request)."""
+    time with generate_step (no batching, no speculation: the other ranks hold one KV cache
+    each, trimmed to the prefix the next request shares or reset)."""
     group = init_group(shard.rank, shard.world)
     model, tokenizer = load_first(model_dir, shard, group)
     return SoloLoop(model, tokenizer, num_parallel=1, context_length=context_length, info=info,
@@ -385,10 +385,37 @@ def first_rank_loop(model_dir: Path, shard: Shard, *, context_length: int, info)
 
 
 class SoloLoop(BatchLoop):
-    """BatchLoop that never batches: with one slot, a request always decodes alone."""
+    """BatchLoop that never batches: with one slot, a request always decodes alone.
+
+    Every rank keeps the KV cache of the last sequence for its own layers: a request that
+    starts with that sequence's tokens (a chat's next turn) trims every rank's cache to the
+    shared prefix and prefills only its new tokens, on each node.
+    """
+
+    kept: tuple[list[int], list] | None = None  # (tokens the caches hold, rank 0's cache)
 
     def _insert_batch(self, a) -> None:
         self._start_solo(a)
+
+    def _remember(self, namespace: str, tokens: list[int], cache: list) -> None:
+        held = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
+        self.kept = (list(tokens[:held]), cache) if held else None
+
+    def _cached(self, namespace: str, tokens: list[int]) -> tuple[list | None, list[int]]:
+        kept, self.kept = self.kept, None
+        if kept is None:
+            return None, tokens
+        held, cache = kept
+        n = 0
+        for a, b in zip(held, tokens[:-1]):  # at least the last token is processed anew
+            if a != b:
+                break
+            n += 1
+        if n < MIN_REUSE or not can_trim_prompt_cache(cache):
+            return None, tokens  # a fresh cache: make_cache resets every rank
+        trim_prompt_cache(cache, cache[0].offset - n)
+        self.model.trim_to(n)
+        return cache, tokens[n:]
 
     def _embed(self, job) -> None:
         job.emit(ErrorEvent("embeddings are not available from a model split across nodes", status=400))
@@ -416,7 +443,7 @@ def serve_rank(model_dir: Path, shard: Shard, context_length: int) -> int:
         parts = _Parts(*load_shard(model_dir, shard))
         wire = Wire(group)
     except BaseException as e:  # reported to the daemon, which shows it to the user
-        message = f"could not load layers {shard.start}:{shard.end}: {type(e).__name__}: {e}"
+        message = f"could not load layers {shard.layers.arg()}: {type(e).__name__}: {e}"
         sys.stdout.write(encode(ErrorEvent(message, status=500)).decode())
         sys.stdout.flush()
         return 1

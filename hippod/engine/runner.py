@@ -293,9 +293,10 @@ def main(argv: list[str] | None = None, start=None) -> int:
                         format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
     shard = None
     if args.layers:  # pipeline split (issue 6): ranks after the first only pass hidden states on
-        from hippod.engine.pipeline import Shard, parse_layers, serve_rank
+        from hippod.engine.pipeline import Shard, serve_rank
+        from hippod.protocol import LayerRange
 
-        shard = Shard(*parse_layers(args.layers), args.rank, args.world)
+        shard = Shard(LayerRange.parse(args.layers), args.rank, args.world)
         if shard.rank > 0:
             return serve_rank(args.model, shard, args.context_length)
         args.num_parallel = 1

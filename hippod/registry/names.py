@@ -28,6 +28,9 @@ def parse_name(raw: object) -> ModelName:
     """'Gemma-3-12b' -> gemma-3-12b:latest. Raises InvalidName with a reason users understand."""
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidName("model name is required")
+    if not raw.isascii():  # before lower(): 'K' (KELVIN SIGN) would fold to 'k' and alias a model
+        raise InvalidName(f"invalid model name {raw!r}: only ASCII letters, digits, '.', '_', '-', '/' "
+                          "and ':' are allowed")
     text = raw.strip().lower()
     if len(text) > MAX_NAME:
         raise InvalidName(f"model name is longer than {MAX_NAME} characters")

@@ -3,6 +3,12 @@
 A model is a manifest of files, each kept once as `blobs/sha256-<hex>`; its loadable directory
 `models/<manifest digest>/` holds symlinks with the files' real names, which is what mlx_lm.load
 reads. Copies share blobs; deleting the last model that uses a blob removes it.
+
+Crash safety (kill -9 at any moment): a blob is written to a temp name and renamed into place
+before the model's row is written, so a row never names a blob that is not there; what a crash
+leaves behind (blobs and model directories no row names, temp files) is removed when the next
+hippod starts, before it serves anything (`reconcile`). Partial downloads are kept a while so the
+next pull resumes. Blobs are private to the daemon's user (0600).
 """
 
 from __future__ import annotations
@@ -14,17 +20,20 @@ import json
 import logging
 import os
 import shutil
-import sys
+import stat
 import threading
+import time
 import uuid
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from hippod import lifeline, paths
 from hippod.config import Settings
 from hippod.registry.modelinfo import ModelFormatError, inspect_model_dir
 from hippod.registry.names import InvalidName, parse_name
+from hippod.registry.sourcetree import UnsafeLink, model_files, open_regular
 from hippod.store.database import Store
 from hippod.store.records import ModelRecord
 
@@ -32,6 +41,8 @@ log = logging.getLogger("hippo.registry")
 CHUNK = 4 * 2**20
 # Files an MLX model directory may need; anything else in an imported directory is ignored.
 MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".model", ".jinja", ".txt", ".tiktoken", ".py")
+BLOB_MODE = 0o600
+RESUME_KEEP_SECONDS = 7 * 86400  # partial downloads older than this are removed at start-up
 
 Progress = Callable[[dict], None]
 
@@ -67,6 +78,7 @@ class Registry:
         self.store = store
         self.tmp_dir = settings.home / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.tmp_dir, 0o700)  # conversions of the user's files pass through here
         # Ingest and garbage collection must not interleave: a blob written for a model not yet
         # recorded would look unused.
         self._lock = threading.RLock()
@@ -95,7 +107,7 @@ class Registry:
         return self.settings.models_dir / rec.digest
 
     def blob_path(self, sha256: str) -> Path:
-        return self.settings.blobs_dir / f"sha256-{sha256}"
+        return self.settings.blobs_dir / f"sha256-{paths.check_sha256(sha256, 'blob digest')}"
 
     # -- writing models ---------------------------------------------------------------------
 
@@ -108,12 +120,14 @@ class Registry:
             if dst.exists() and dst.stat().st_size == size:
                 src.unlink()
             else:
+                os.chmod(src, BLOB_MODE)
                 os.replace(src, dst)
         else:
             tmp = self.settings.blobs_dir / f".tmp-{uuid.uuid4().hex}"
             h = hashlib.sha256()
             try:
-                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, BLOB_MODE)
+                with open_regular(src) as fin, os.fdopen(fd, "wb") as fout:
                     while chunk := fin.read(CHUNK):
                         h.update(chunk)
                         fout.write(chunk)
@@ -152,21 +166,22 @@ class Registry:
 
     def _ingest_dir(self, src: Path, name: str, *, source: str, fmt: str, move: bool,
                     extra: dict | None, progress: Progress | None) -> ModelRecord:
-        try:  # before walking the tree: `from: "/"` must not scan the whole disk
-            info = inspect_model_dir(src)
+        try:  # links at the top first (config.json is read next), then the whole tree
+            model_files(src, MODEL_FILE_SUFFIXES, recursive=False)
+            info = inspect_model_dir(src)  # before walking the tree: `from: "/"` must not scan the disk
+            files = model_files(src, MODEL_FILE_SUFFIXES)
+        except UnsafeLink as e:
+            raise RegistryError(f"cannot import {src}: {e}") from None
         except ModelFormatError as e:
             raise RegistryError(str(e)) from None
-        files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and p.suffix in MODEL_FILE_SUFFIXES)
         if not files:
             raise RegistryError(f"{src}: no model files found")
         manifest = []
-        for p in files:
-            rel = p.relative_to(src).as_posix()
+        for f in files:
             if progress:
-                progress({"status": f"writing {rel}"})
-            digest, size = self._store_blob(p, move)
-            manifest.append({"name": rel, "sha256": digest, "size": size})
+                progress({"status": f"writing {f.name}"})
+            digest, size = self._store_blob(f.path, move)
+            manifest.append({"name": f.name, "sha256": digest, "size": size})
         model_digest = self._link_model_dir(manifest)
         return self._record(name, manifest, model_digest, info, source=source, fmt=fmt, extra=extra)
 
@@ -175,11 +190,16 @@ class Registry:
         """Write the model's row (keeping its creation time) and drop what no model uses now."""
         details = info.as_details()
         details.update(extra or {})
+        # details["parameters"] holds the Modelfile's PARAMETERs; the count has its own key.
+        count = details.pop("parameters", None)
+        if isinstance(count, dict):
+            details["parameters"], count = count, None
+        details["parameter_count"] = count or details.get("parameter_count") or info.parameters
         existing = self.store.get_model(name)
         rec = ModelRecord(
             name=name, source=source, digest=model_digest, files=manifest, format=fmt,
             family=details.get("family") or info.family,
-            parameters=details.get("parameters") or info.parameters,
+            parameters=details["parameter_count"],
             parameter_size=details.get("parameter_size") or info.parameter_size,
             quantization=details.get("quantization") or info.quantization,
             size=sum(f["size"] for f in manifest), context_length=info.context_length,
@@ -203,6 +223,7 @@ class Registry:
                 if not path.is_file() or path.stat().st_size != f["size"]:
                     raise RegistryError(f"blob {f['sha256'][:12]} of {f['name']} is missing", 500)
             for f in manifest:
+                os.chmod(self.blob_path(f["sha256"]), BLOB_MODE)
                 self.store.put_blob(f["sha256"], f["size"], str(self.blob_path(f["sha256"])))
             model_digest = self._link_model_dir(manifest)
             try:
@@ -212,10 +233,23 @@ class Registry:
             return self._record(name, manifest, model_digest, info, source=source, fmt=fmt,
                                 extra=extra)
 
-    async def create(self, name: object, source_path: str, progress: Progress | None = None
-                     ) -> ModelRecord:
-        """Import a GGUF file or an MLX / Hugging Face safetensors directory."""
+    async def create(self, name: object, source_path: str, progress: Progress | None = None, *,
+                     reveal_paths: bool = True) -> ModelRecord:
+        """Import a GGUF file or an MLX / Hugging Face safetensors directory.
+
+        `reveal_paths=False` (a caller who is not on this machine) turns every reason the path
+        could not be imported into one message, so the API cannot be used to probe which files
+        exist, are links, or are readable on this machine."""
         full = self.normalize(name)
+        try:
+            return await self._create(full, source_path, progress)
+        except RegistryError as e:
+            if reveal_paths or e.status not in (400, 404):
+                raise
+            raise RegistryError(f"cannot import from {str(source_path)[:200]!r}: it is not a .gguf file or "
+                                "model directory that hippod can read", 400) from None
+
+    async def _create(self, full: str, source_path: str, progress: Progress | None) -> ModelRecord:
         if not isinstance(source_path, str) or not source_path:
             raise RegistryError("'from' must be a path to a .gguf file or a model directory")
         if "\x00" in source_path:
@@ -243,10 +277,11 @@ class Registry:
         if progress:
             progress({"status": "converting gguf to mlx"})
         try:
+            # lifeline: the converter dies with us (kill -9 included) instead of writing on.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hippod.engine.gguf", str(src), str(work),
+                *lifeline.command("hippod.engine.gguf", str(src), str(work)), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, err = await proc.communicate()
+            out, err = await lifeline.communicate(proc)
             if proc.returncode != 0:
                 lines = err.decode(errors="replace").strip().splitlines()
                 raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
@@ -256,6 +291,126 @@ class Registry:
                                            progress=progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    # -- create with Modelfile data ---------------------------------------------------------
+
+    async def create_model(self, name: object, *, source: str | None, files: dict | None,
+                           quantize: tuple[int, int] | None, modelfile: dict,
+                           jinja_template: str | None, progress: Progress | None = None,
+                           reveal_paths: bool = True) -> ModelRecord:
+        """Ollama's create: a base (a path, another model, or uploaded blobs), then an optional
+        MLX quantization, then the Modelfile data. A failure leaves `name` as it was."""
+        full = self.normalize(name)
+        before = self.store.get_model(full)
+        try:
+            if files:
+                rec = await self._create_from_blobs(full, files, progress)
+            elif source is None:
+                raise RegistryError("create needs 'from' (a path or a model name) or 'files'")
+            elif source.startswith(("/", "~")):
+                rec = await self.create(full, source, progress, reveal_paths=reveal_paths)
+            else:
+                rec = self.copy(source, full)
+            if quantize:
+                rec = await self._quantize(rec, *quantize, progress)
+            if modelfile or jinja_template is not None:
+                if progress:
+                    progress({"status": "writing manifest"})
+                rec = await asyncio.to_thread(self._apply_modelfile, rec, modelfile, jinja_template)
+            return rec
+        except BaseException:
+            await asyncio.to_thread(self._restore, full, before)
+            raise
+
+    def _restore(self, name: str, before: ModelRecord | None) -> None:
+        with self._lock:
+            if before is not None:
+                self.store.put_model(before)
+            elif self.store.get_model(name) is not None:
+                self.store.delete_model(name)
+            self._collect_garbage()
+
+    async def _create_from_blobs(self, name: str, files: dict, progress: Progress | None
+                                 ) -> ModelRecord:
+        """Ollama's `files`: {file name: "sha256:<hex>"} of blobs uploaded with /api/blobs."""
+        manifest = []
+        for fname, digest in sorted(files.items()):
+            hexdigest = digest.removeprefix("sha256:")
+            path = self.blob_path(hexdigest)
+            if not path.is_file():
+                raise RegistryError(f"files: blob {digest} for {fname!r} not found "
+                                    "(upload it with POST /api/blobs/{digest} first)")
+            manifest.append({"name": fname, "sha256": hexdigest, "size": path.stat().st_size})
+        ggufs = [f for f in manifest if f["name"].lower().endswith(".gguf")]
+        if ggufs:
+            if len(manifest) != 1:
+                raise RegistryError("files: a GGUF model is one .gguf file; adapters and "
+                                    "projectors are not supported")
+            blob = ggufs[0]
+            return await self.import_gguf(self.blob_path(blob["sha256"]), name,
+                                          source=f"files:{blob['name']}", progress=progress)
+        return await asyncio.to_thread(self.ingest_manifest, name, manifest, source="files",
+                                       fmt="safetensors")
+
+    async def _quantize(self, rec: ModelRecord, bits: int, group_size: int,
+                        progress: Progress | None) -> ModelRecord:
+        if progress:
+            progress({"status": f"quantizing to MLX {bits}-bit (group size {group_size})"})
+        work = self.tmp_dir / f"quantize-{uuid.uuid4().hex}"
+        try:
+            proc = await asyncio.create_subprocess_exec(  # dies with the daemon, as the converter
+                *lifeline.command("hippod.engine.quantize", str(self.model_dir(rec)), str(work),
+                                  str(bits), str(group_size)),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            _, err = await lifeline.communicate(proc)
+            if proc.returncode != 0:
+                lines = err.decode(errors="replace").strip().splitlines()
+                message = lines[-1] if lines else "quantizer failed"
+                raise RegistryError(f"quantize: {message.removeprefix('quantize: error: ')}")
+            extra = dict(rec.details or {}, quantization=f"{bits}-bit")
+            extra.pop("gguf_quantization", None)
+            return await asyncio.to_thread(self.ingest_dir, work, rec.name, source=rec.source,
+                                           fmt="mlx", move=True, extra=extra, progress=progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _apply_modelfile(self, rec: ModelRecord, modelfile: dict, jinja_template: str | None
+                         ) -> ModelRecord:
+        """Store the Modelfile data in details; a translated TEMPLATE becomes the chat template."""
+        with self._lock:
+            details = dict(rec.details or {})
+            for key, value in modelfile.items():
+                if key == "parameters":
+                    value = {**(details.get("parameters") or {}), **value}
+                details[key] = value
+            manifest = list(rec.files)
+            if jinja_template is not None:
+                manifest = self._with_chat_template(rec, manifest, jinja_template)
+            model_digest = self._link_model_dir(manifest)
+            try:
+                info = inspect_model_dir(self.settings.models_dir / model_digest)
+            except ModelFormatError as e:
+                raise RegistryError(str(e)) from None
+            return self._record(rec.name, manifest, model_digest, info, source=rec.source,
+                                fmt=rec.format, extra=details)
+
+    def _with_chat_template(self, rec: ModelRecord, manifest: list[dict], template: str
+                            ) -> list[dict]:
+        """The manifest with tokenizer_config.json's chat_template replaced (one home for it)."""
+        config_path = self.model_dir(rec) / "tokenizer_config.json"
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except ValueError:
+            raise RegistryError(f"{rec.name}: tokenizer_config.json is not valid JSON") from None
+        config["chat_template"] = template
+        tmp = self.tmp_dir / f"tokenizer_config-{uuid.uuid4().hex}.json"
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        digest, size = self._store_blob(tmp, move=True)
+        replaced = {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}
+        kept = [f for f in manifest if f["name"] not in replaced]
+        return sorted(kept + [{"name": "tokenizer_config.json", "sha256": digest, "size": size}],
+                      key=lambda f: f["name"])
 
     def copy(self, source: object, destination: object) -> ModelRecord:
         rec = self.get(source)
@@ -360,24 +515,59 @@ class Registry:
     # -- consistency ------------------------------------------------------------------------
 
     def reconcile(self) -> list[str]:
-        """Check every model's files; mark the incomplete ones missing, relink the rest."""
-        missing = []
-        for rec in self.store.list_models():
-            ok = all(self.blob_path(f["sha256"]).is_file()
-                     and self.blob_path(f["sha256"]).stat().st_size == f["size"] for f in rec.files)
-            if ok:
-                self._link_model_dir(rec.files)
-            else:
-                missing.append(rec.name)
-            if ok == rec.missing:
-                self.store.set_missing(rec.name, not ok)
-        for stale in self.settings.blobs_dir.glob(".tmp-*"):
-            stale.unlink(missing_ok=True)
-        for stale in self.settings.models_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        """At start-up, before anything is served: check every model's files (mark incomplete
+        ones missing, relink the rest), then remove what an earlier hippod killed mid-operation
+        left: blobs and model directories no row names, temp files. Returns the missing models."""
+        with self._lock:
+            missing = []
+            for rec in self.store.list_models():
+                ok = all(self.blob_path(f["sha256"]).is_file()
+                         and self.blob_path(f["sha256"]).stat().st_size == f["size"] for f in rec.files)
+                if ok:
+                    self._link_model_dir(rec.files)
+                else:
+                    missing.append(rec.name)
+                if ok == rec.missing:
+                    self.store.set_missing(rec.name, not ok)
+            self._collect_garbage()
+            self._prune_disk()
         if missing:
             log.warning("models with missing files (re-pull or re-create them): %s", ", ".join(missing))
         return missing
+
+    def _prune_disk(self) -> None:
+        """Only safe while no operation runs (start-up): files of a create or copy in progress
+        have no row yet. Partial downloads younger than RESUME_KEEP_SECONDS stay (resume)."""
+        used = {f["sha256"] for m in self.store.list_models() for f in m.files}
+        removed = 0
+        for path in self.settings.blobs_dir.iterdir():
+            name = path.name
+            if name.startswith(".partial-") and not _older_than(path, RESUME_KEEP_SECONDS):
+                continue
+            if name.startswith("sha256-") and name[7:] in used:
+                if path.is_file() and not path.is_symlink():
+                    if stat.S_IMODE(path.stat().st_mode) & ~BLOB_MODE:
+                        os.chmod(path, BLOB_MODE)  # written by an older hippod
+                    self.store.put_blob(name[7:], path.stat().st_size, str(path))
+                continue
+            if name.startswith(("sha256-", ".tmp-", ".partial-")):
+                _remove(path)
+                if name.startswith("sha256-"):
+                    self.store.delete_blob(name[7:])
+                removed += 1
+        for path in self.settings.models_dir.glob(".tmp-*"):
+            _remove(path)
+        for path in self.tmp_dir.iterdir():
+            if path.name != "downloads":
+                _remove(path)  # conversions (gguf-*) and other work of a create that was cut off
+                removed += 1
+        downloads = self.tmp_dir / "downloads"
+        for path in downloads.iterdir() if downloads.is_dir() else ():
+            if _older_than(path, RESUME_KEEP_SECONDS):
+                _remove(path)
+                removed += 1
+        if removed:
+            log.warning("removed %d leftover file(s) of operations an earlier hippod did not finish", removed)
 
     def _collect_garbage(self) -> None:
         models = self.store.list_models()
@@ -390,3 +580,20 @@ class Registry:
         for d in self.settings.models_dir.iterdir():
             if d.is_dir() and not d.name.startswith(".") and d.name not in used_dirs:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    """Whether nothing in `path` (a file or a tree) changed for `seconds`."""
+    try:
+        newest = max([path.lstat().st_mtime, *(p.lstat().st_mtime for p in path.rglob("*"))]
+                     if path.is_dir() else [path.lstat().st_mtime])
+    except OSError:
+        return True
+    return time.time() - newest > seconds
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
