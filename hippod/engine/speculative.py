@@ -132,29 +132,25 @@ def accept_sampled(drafts: list[int], p: mx.array, q: mx.array | None, key=None)
     last), `q` is [n, V] (the draft's), or None for a deterministic draft (q is one-hot).
     Returns (accepted, next token)."""
     n = len(drafts)
-    keys = mx.random.split(key, 2 * n + 1) if key is not None else [None] * (2 * n + 1)
-    idx = mx.array(drafts, mx.int32) if n else None
+    k_accept, k_draw = mx.random.split(key) if key is not None else (None, None)
+    ok = []
     if n:
-        rows = mx.arange(n)
+        rows, idx = mx.arange(n), mx.array(drafts, mx.int32)
         p_d = p[:n][rows, idx]
         q_d = q[rows, idx] if q is not None else mx.ones((n,))
-        u = mx.random.uniform(shape=(n,), key=keys[0]) if key is not None else mx.random.uniform(shape=(n,))
-        ok = (u * q_d <= p_d).tolist()
-    else:
-        ok = []
+        u = mx.random.uniform(shape=(n,), key=k_accept)
+        ok = (u * q_d <= p_d).tolist()  # u < p/q, without dividing by a zero q
     accepted = 0
     while accepted < n and ok[accepted]:
         accepted += 1
     if accepted == n:
         dist = p[n]
     else:
-        one_hot = mx.zeros_like(p[accepted]).at[drafts[accepted]].add(1.0) if q is None else None
-        rest = mx.maximum(p[accepted] - (q[accepted] if q is not None else one_hot), 0.0)
+        q_row = q[accepted] if q is not None else mx.zeros_like(p[accepted]).at[drafts[accepted]].add(1.0)
+        rest = mx.maximum(p[accepted] - q_row, 0.0)
         total = rest.sum()
         dist = mx.where(total > 0, rest / mx.maximum(total, 1e-30), p[accepted])
-    logits = mx.log(mx.maximum(dist, 1e-38))
-    k = keys[1 + accepted]
-    token = mx.random.categorical(logits, key=k) if k is not None else mx.random.categorical(logits)
+    token = mx.random.categorical(mx.log(mx.maximum(dist, 1e-38)), key=k_draw)
     return accepted, int(token)
 
 
