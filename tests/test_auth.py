@@ -18,6 +18,7 @@ from hippod.api.app import build_app
 from hippod.config import load_settings
 from hippod.registry.registry import Registry
 from hippod.scheduler import Scheduler
+from hippod.api import ui
 from hippod.store.database import Store
 from tests.daemon import REPO_ROOT, Daemon, free_port
 
@@ -92,6 +93,10 @@ def keyed(tmp_path_factory):
 def test_every_route_wants_the_key_and_passes_with_it(keyed, tmp_path):
     routes = app_routes(tmp_path) + [("GET", "/no/such/route"), ("POST", "/api/hippo/peer/nowhere")]
     assert len(routes) > 25 and ("GET", "/metrics") in routes and ("HEAD", "/") in routes
+    # the chat page's static HTML is public (it holds no data; it asks for the key itself)
+    public = [(m, p) for m, p in routes if m in ("GET", "HEAD") and p in ui.PATHS]
+    assert public and all(call(keyed.url, m, p)[0] == 200 for m, p in public)
+    routes = [r for r in routes if r not in public]
     for method, path in routes:
         body = {} if method in ("POST", "DELETE") else None
         if (method, path) in PUBLIC:  # the chat page's static HTML: it asks for the key itself
