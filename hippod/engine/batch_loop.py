@@ -63,7 +63,6 @@ MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
 RESUME_MIN_TOKENS = 16  # a sequence left alone drafts again only with this many still to go
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
 PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
-PREFILL_BATCH = 8  # prompts prefilled together in one forward pass
 
 
 @dataclass
@@ -136,7 +135,10 @@ class BatchLoop:
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=num_parallel,
-            prefill_batch_size=min(num_parallel, PREFILL_BATCH),
+            # Every slot may prefill at once: what is admitted together is prefilled in one pass
+            # (with a cap below num_parallel, mlx_lm refills the prompt batch before moving the
+            # finished prompts on, and a burst splits into passes of 7 and 1).
+            prefill_batch_size=num_parallel,
             prefill_step_size=prefill_step_size,
         )
 
