@@ -26,10 +26,37 @@ from hippoctl.tables import (go_duration, human_bytes, human_number, human_time,
 
 
 def create(client: Client, args: argparse.Namespace) -> None:
-    body = {"model": args.model, "from": _source(args.source)}
-    if args.draft is not None:
-        body["draft"] = args.draft
+    body = {"model": args.model, **_create_fields(args)}
+    if args.quantize:
+        body["quantize"] = args.quantize
+    if args.draft is not None:  # a model's name, or a draft directory (a DFlash draft, a model)
+        body["draft"] = _source(args.draft) if args.draft and os.path.isdir(args.draft) else args.draft
     follow_progress(client.stream("/api/create", body))
+
+
+def _create_fields(args: argparse.Namespace) -> dict:
+    """From a Modelfile (-f FILE, or ./Modelfile) or a source (--from, or -f a GGUF/dir/name)."""
+    from hippoctl import modelfile
+
+    file = args.file
+    if args.source is None and file is None:
+        if not os.path.isfile("Modelfile"):
+            raise HippoError("create needs -f Modelfile, or --from a .gguf file, a model "
+                             "directory or a model name")
+        file = "Modelfile"
+    fields = {}
+    is_modelfile = file is not None and os.path.isfile(os.path.expanduser(file)) \
+        and not file.lower().endswith(".gguf")
+    if is_modelfile:
+        try:
+            fields = modelfile.parse_file(os.path.expanduser(file))
+        except modelfile.ModelfileError as e:
+            raise HippoError(f"{file}: {e}") from None
+    elif file is not None:
+        fields["from"] = _source(file)
+    if args.source is not None:  # --from overrides the Modelfile's FROM
+        fields["from"] = _source(args.source)
+    return fields
 
 
 def _source(text: str) -> str:
@@ -356,10 +383,15 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("create", create, "Create a model from a GGUF file, a model directory or another model", (
         arg("model", help="name of the new model"),
-        arg("-f", "--from", dest="source", required=True,
+        arg("-f", "--file", dest="file",
+            help="a Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE), or a "
+                 ".gguf file, a model directory or a model name (default: ./Modelfile)"),
+        arg("--from", dest="source",
             help="a .gguf file, an MLX model directory, or an existing model's name"),
-        arg("--draft", help="a smaller model of the same tokenizer that drafts tokens for this one "
-            "(speculative decoding; '' removes it)"),
+        arg("-q", "--quantize", help="quantize a float model to MLX affine weights "
+            "(q4_0, q4_1, q4_K_S, q4_K_M, q5_0, q5_1, q5_K_S, q5_K_M, q6_K, q8_0)"),
+        arg("--draft", help="what drafts tokens for this one (speculative decoding): a smaller model "
+            "of the same tokenizer, or a DFlash draft directory; '' removes it"),
     )),
     Command("show", show, "Show information for a model", (
         arg("model"), JSON,

@@ -53,8 +53,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
     def watch() -> None:
+        # os.read on the raw descriptor, not sys.stdin: a daemon thread blocked inside the
+        # buffered reader makes the interpreter abort at exit (it cannot take the reader's lock).
         try:
-            while sys.stdin.buffer.read(1 << 16):
+            while os.read(0, 1 << 16):
                 pass
         except OSError:
             pass

@@ -84,6 +84,8 @@ def _too_large(request: web.Request, limit: int) -> web.Response:
 async def _read_capped(request: web.Request, limit: int) -> tuple[web.Request, bytes | web.Response]:
     """(the request to hand on, its body) with the peer limits; an error answer instead of the
     body when a limit is hit. The clone carries the smaller size cap and caches the body."""
+    if not request.body_exists:  # a GET (blob, manifest): nothing to hold in memory
+        return request, b""
     slots: asyncio.Semaphore = request.app["peer_reads"]
     try:
         await asyncio.wait_for(slots.acquire(), PEER_SLOT_WAIT)

@@ -116,3 +116,102 @@ def inspect_model_dir(path: Path) -> ModelInfo:
         context_length=int(ctx) if ctx else None,
         kv_dtype_bytes=_DTYPE_BYTES[float_dtype],
     )
+
+
+# --------------------------------------------------------------------------- /api/show
+
+
+def chat_template(path: Path) -> str:
+    """The Jinja chat template the engine renders with ('' for a model without one)."""
+    template = ""
+    cfg = path / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            value = json.loads(cfg.read_text()).get("chat_template") or ""
+            template = value if isinstance(value, str) else json.dumps(value)
+        except ValueError:
+            pass
+    if not template and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    return template
+
+
+def capabilities(template: str) -> list[str]:
+    """Ollama's capabilities, judged from the chat template like Ollama judges its template."""
+    caps = ["completion"]
+    if template:  # a template that ignores tools gets them in the system prompt (engine/tool_calls)
+        caps.append("tools")
+    if "enable_thinking" in template or "<think>" in template or "reasoning_content" in template:
+        caps.append("thinking")
+    return caps
+
+
+# config.json key -> Ollama's model_info key (prefixed with the architecture).
+_MODEL_INFO_KEYS = {
+    "max_position_embeddings": "context_length", "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count", "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base", "vocab_size": "vocab_size",
+    "sliding_window": "attention.sliding_window",
+}
+
+
+def ollama_model_info(path: Path, rec, verbose: bool = False) -> dict:
+    """Ollama's model_info (GGUF-style keys) from config.json and the tokenizer files."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    text = cfg.get("text_config", cfg)
+    arch = rec.family or str(cfg.get("model_type") or "unknown")
+    info: dict = {"general.architecture": arch, "general.parameter_count": rec.parameters,
+                  "general.basename": rec.name.split(":")[0]}
+    if (file_type := (rec.details or {}).get("file_type")) is not None:
+        info["general.file_type"] = file_type
+    if quant := cfg.get("quantization"):
+        info["general.quantization_version"] = 2
+        info["hippo.quantization"] = {"bits": quant.get("bits"),
+                                      "group_size": quant.get("group_size")}
+    for key, name in _MODEL_INFO_KEYS.items():
+        if text.get(key) is not None:
+            info[f"{arch}.{name}"] = text[key]
+    if rec.context_length and f"{arch}.context_length" not in info:
+        info[f"{arch}.context_length"] = rec.context_length
+    tokenizer = path / "tokenizer.json"
+    if tokenizer.is_file():
+        try:
+            data = json.loads(tokenizer.read_text())
+        except ValueError:
+            data = {}
+        model = data.get("model") or {}
+        info["tokenizer.ggml.model"] = {"BPE": "gpt2" if model.get("byte_fallback") is False
+                                        else "llama"}.get(model.get("type"), model.get("type"))
+        if (pre := (rec.details or {}).get("tokenizer_pre")) is not None:
+            info["tokenizer.ggml.pre"] = pre
+        for key in ("tokens", "merges", "token_type"):  # Ollama empties the long arrays
+            info[f"tokenizer.ggml.{key}"] = []
+        if verbose:
+            vocab = model.get("vocab") or {}
+            tokens = sorted(vocab, key=vocab.get) if isinstance(vocab, dict) else \
+                [v[0] for v in vocab]
+            info["tokenizer.ggml.tokens"] = tokens
+            info["tokenizer.ggml.merges"] = [m if isinstance(m, str) else " ".join(m)
+                                             for m in model.get("merges") or []]
+            control = {t.get("content") for t in data.get("added_tokens") or []
+                       if t.get("special")}
+            info["tokenizer.ggml.token_type"] = [3 if t in control else 1 for t in tokens]
+    for name in ("bos_token_id", "eos_token_id"):
+        if isinstance(cfg.get(name), int):
+            info[f"tokenizer.ggml.{name}"] = cfg[name]
+    return info
+
+
+def tensor_list(path: Path) -> list[dict]:
+    """Ollama's verbose `tensors`: name, type and shape of every stored tensor."""
+    out = []
+    for shard in sorted(path.glob("*.safetensors")):
+        for name, t in read_safetensors_header(shard).items():
+            if name != "__metadata__":
+                out.append({"name": name, "type": t["dtype"], "shape": t["shape"]})
+    return out

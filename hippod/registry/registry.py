@@ -14,7 +14,9 @@ next pull resumes. Blobs are private to the daemon's user (0600).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -70,6 +72,29 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
             if on_bytes:
                 on_bytes(len(chunk))
     return h.hexdigest()
+
+
+async def convert_gguf(src: Path, dst: Path) -> dict:
+    """Run hippod.engine.gguf (MLX lives only in subprocesses); its summary of the model."""
+    # lifeline: the converter dies with us (kill -9 included) instead of writing on.
+    proc = await asyncio.create_subprocess_exec(
+        *lifeline.command("hippod.engine.gguf", str(src), str(dst)), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await lifeline.communicate(proc)
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+@functools.lru_cache(maxsize=1)
+def converter_fingerprint() -> str:
+    """A digest of the GGUF converter's source: cached conversions are only as good as it."""
+    engine = Path(__file__).resolve().parent.parent / "engine"
+    h = hashlib.sha256()
+    for path in sorted(engine.glob("gguf*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class Registry:
@@ -190,11 +215,16 @@ class Registry:
         """Write the model's row (keeping its creation time) and drop what no model uses now."""
         details = info.as_details()
         details.update(extra or {})
+        # details["parameters"] holds the Modelfile's PARAMETERs; the count has its own key.
+        count = details.pop("parameters", None)
+        if isinstance(count, dict):
+            details["parameters"], count = count, None
+        details["parameter_count"] = count or details.get("parameter_count") or info.parameters
         existing = self.store.get_model(name)
         rec = ModelRecord(
             name=name, source=source, digest=model_digest, files=manifest, format=fmt,
             family=details.get("family") or info.family,
-            parameters=details.get("parameters") or info.parameters,
+            parameters=details["parameter_count"],
             parameter_size=details.get("parameter_size") or info.parameter_size,
             quantization=details.get("quantization") or info.quantization,
             size=sum(f["size"] for f in manifest), context_length=info.context_length,
@@ -272,20 +302,153 @@ class Registry:
         if progress:
             progress({"status": "converting gguf to mlx"})
         try:
-            # lifeline: the converter dies with us (kill -9 included) instead of writing on.
-            proc = await asyncio.create_subprocess_exec(
-                *lifeline.command("hippod.engine.gguf", str(src), str(work)), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, err = await lifeline.communicate(proc)
-            if proc.returncode != 0:
-                lines = err.decode(errors="replace").strip().splitlines()
-                raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
-            summary = json.loads(out.decode().strip().splitlines()[-1])
+            summary = await convert_gguf(src, work)
             return await asyncio.to_thread(self.ingest_dir, work, full, source=source, fmt="gguf",
                                            move=True, extra={**summary, **(extra or {})},
                                            progress=progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    # -- create with Modelfile data ---------------------------------------------------------
+
+    async def create_model(self, name: object, *, source: str | None, files: dict | None,
+                           quantize: tuple[int, int] | None, modelfile: dict,
+                           jinja_template: str | None, progress: Progress | None = None,
+                           reveal_paths: bool = True) -> ModelRecord:
+        """Ollama's create: a base (a path, another model, or uploaded blobs), then an optional
+        MLX quantization, then the Modelfile data. A failure leaves `name` as it was."""
+        full = self.normalize(name)
+        before = self.store.get_model(full)
+        try:
+            if files:
+                rec = await self._create_from_blobs(full, files, progress)
+            elif source is None:
+                raise RegistryError("create needs 'from' (a path or a model name) or 'files'")
+            elif source.startswith(("/", "~")):
+                rec = await self.create(full, source, progress, reveal_paths=reveal_paths)
+            else:
+                rec = self.copy(source, full)
+            if quantize:
+                rec = await self._quantize(rec, *quantize, progress)
+            if modelfile or jinja_template is not None:
+                if progress:
+                    progress({"status": "writing manifest"})
+                rec = await asyncio.to_thread(self._apply_modelfile, rec, modelfile, jinja_template)
+            return rec
+        except BaseException:
+            await asyncio.to_thread(self._restore, full, before)
+            raise
+
+    def _restore(self, name: str, before: ModelRecord | None) -> None:
+        with self._lock:
+            if before is not None:
+                self.store.put_model(before)
+            elif self.store.get_model(name) is not None:
+                self.store.delete_model(name)
+            self._collect_garbage()
+
+    def has_blob(self, sha256: str) -> bool:
+        path = self.blob_path(sha256)
+        return path.is_file() and not path.is_symlink()
+
+    def adopt_upload(self, tmp: Path, sha256: str, actual: str) -> bool:
+        """Move an uploaded file (already hashed to `actual`) into the blob store as `sha256`.
+
+        It gets no store row until a model uses it (so garbage collection leaves it alone; the
+        start-up prune removes it if no create ever does, as Ollama's prune does)."""
+        try:
+            if actual != sha256:
+                raise RegistryError(f"blob digest mismatch: the body hashes to sha256:{actual}, "
+                                    f"not sha256:{sha256}")
+            if self.has_blob(sha256):
+                return False
+            os.chmod(tmp, BLOB_MODE)
+            os.replace(tmp, self.blob_path(sha256))
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def _create_from_blobs(self, name: str, files: dict, progress: Progress | None
+                                 ) -> ModelRecord:
+        """Ollama's `files`: {file name: "sha256:<hex>"} of blobs uploaded with /api/blobs."""
+        manifest = []
+        for fname, digest in sorted(files.items()):
+            hexdigest = digest.removeprefix("sha256:")
+            path = self.blob_path(hexdigest)
+            if not self.has_blob(hexdigest):
+                raise RegistryError(f"files: blob {digest} for {fname!r} not found "
+                                    "(upload it with POST /api/blobs/{digest} first)")
+            manifest.append({"name": fname, "sha256": hexdigest, "size": path.stat().st_size})
+        ggufs = [f for f in manifest if f["name"].lower().endswith(".gguf")]
+        if ggufs:
+            if len(manifest) != 1:
+                raise RegistryError("files: a GGUF model is one .gguf file; adapters and "
+                                    "projectors are not supported")
+            blob = ggufs[0]
+            return await self.import_gguf(self.blob_path(blob["sha256"]), name,
+                                          source=f"files:{blob['name']}", progress=progress)
+        return await asyncio.to_thread(self.ingest_manifest, name, manifest, source="files",
+                                       fmt="safetensors")
+
+    async def _quantize(self, rec: ModelRecord, bits: int, group_size: int,
+                        progress: Progress | None) -> ModelRecord:
+        if progress:
+            progress({"status": f"quantizing to MLX {bits}-bit (group size {group_size})"})
+        work = self.tmp_dir / f"quantize-{uuid.uuid4().hex}"
+        try:
+            proc = await asyncio.create_subprocess_exec(  # dies with the daemon, as the converter
+                *lifeline.command("hippod.engine.quantize", str(self.model_dir(rec)), str(work),
+                                  str(bits), str(group_size)),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            _, err = await lifeline.communicate(proc)
+            if proc.returncode != 0:
+                lines = err.decode(errors="replace").strip().splitlines()
+                message = lines[-1] if lines else "quantizer failed"
+                raise RegistryError(f"quantize: {message.removeprefix('quantize: error: ')}")
+            extra = dict(rec.details or {}, quantization=f"{bits}-bit")
+            extra.pop("gguf_quantization", None)
+            return await asyncio.to_thread(self.ingest_dir, work, rec.name, source=rec.source,
+                                           fmt="mlx", move=True, extra=extra, progress=progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _apply_modelfile(self, rec: ModelRecord, modelfile: dict, jinja_template: str | None
+                         ) -> ModelRecord:
+        """Store the Modelfile data in details; a translated TEMPLATE becomes the chat template."""
+        with self._lock:
+            details = dict(rec.details or {})
+            for key, value in modelfile.items():
+                if key == "parameters":
+                    value = {**(details.get("parameters") or {}), **value}
+                details[key] = value
+            manifest = list(rec.files)
+            if jinja_template is not None:
+                manifest = self._with_chat_template(rec, manifest, jinja_template)
+            model_digest = self._link_model_dir(manifest)
+            try:
+                info = inspect_model_dir(self.settings.models_dir / model_digest)
+            except ModelFormatError as e:
+                raise RegistryError(str(e)) from None
+            return self._record(rec.name, manifest, model_digest, info, source=rec.source,
+                                fmt=rec.format, extra=details)
+
+    def _with_chat_template(self, rec: ModelRecord, manifest: list[dict], template: str
+                            ) -> list[dict]:
+        """The manifest with tokenizer_config.json's chat_template replaced (one home for it)."""
+        config_path = self.model_dir(rec) / "tokenizer_config.json"
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except ValueError:
+            raise RegistryError(f"{rec.name}: tokenizer_config.json is not valid JSON") from None
+        config["chat_template"] = template
+        tmp = self.tmp_dir / f"tokenizer_config-{uuid.uuid4().hex}.json"
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        digest, size = self._store_blob(tmp, move=True)
+        replaced = {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}
+        kept = [f for f in manifest if f["name"] not in replaced]
+        return sorted(kept + [{"name": "tokenizer_config.json", "sha256": digest, "size": size}],
+                      key=lambda f: f["name"])
 
     def copy(self, source: object, destination: object) -> ModelRecord:
         rec = self.get(source)
@@ -383,9 +546,29 @@ class Registry:
             except OSError as e:
                 raise RegistryError(f"cannot write the download cache {cache}: {e.strerror or e}",
                                     507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500) from None
-            return await self.import_gguf(gguf, full, source=f"pypi:{package.requirement}",
-                                          extra={"packaged_file": package.member},
-                                          progress=progress)
+            converted, summary = await self._converted(gguf, cache, progress)
+            return await asyncio.to_thread(
+                self.ingest_dir, converted, full, source=f"pypi:{package.requirement}", fmt="gguf",
+                move=False, extra={**summary, "packaged_file": package.member}, progress=progress)
+
+    async def _converted(self, gguf: Path, cache: Path, progress: Progress) -> tuple[Path, dict]:
+        """The MLX conversion of a cached GGUF, kept beside it (converting takes long on a small
+        machine); keyed by the converter's code, so a changed converter converts again."""
+        target = cache / f"{gguf.name}.mlx-{converter_fingerprint()}"
+        summary_file = target / ".summary.json"  # dot files are not model files: never ingested
+        if not summary_file.is_file():
+            progress({"status": "converting gguf to mlx"})
+            work = cache / f".convert-{uuid.uuid4().hex}"
+            try:
+                summary = await convert_gguf(gguf, work)
+                (work / ".summary.json").write_text(json.dumps(summary))
+                with contextlib.suppress(OSError):  # another pull finished first: keep its copy
+                    os.replace(work, target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        else:
+            progress({"status": f"using the converted {gguf.name} from the cache"})
+        return target, json.loads(summary_file.read_text())
 
     # -- consistency ------------------------------------------------------------------------
 

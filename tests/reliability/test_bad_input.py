@@ -203,7 +203,7 @@ QUERIES = {  # GET routes with parameters -> (name, valid value)
     "/api/hippo/peer/manifest": [("model", MODEL)],
 }
 PLAIN_GETS = ["/", "/api/version", "/api/tags", "/api/ps", "/api/hippo/status", "/api/hippo/nodes",
-              "/api/hippo/placement", "/metrics", "/v1/models"]
+              "/api/hippo/placement", "/metrics", "/v1/models", "/api/hippo/info", "/ui", "/ui/"]
 
 
 def covered_routes(f: Fuzzed) -> set[tuple[str, str]]:
