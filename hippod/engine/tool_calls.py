@@ -94,7 +94,7 @@ def _moved_refs(schema, root: str):
 
 def forced_call_grammar(req: GenerateRequest) -> dict | None:
     forced, name = forced_tool(req)
-    return {"json_schema": call_schema(req.tools, name)} if forced else None
+    return {"json_schema": call_schema(req.tools, name), "compact": True} if forced else None
 
 
 # -- the prompt -------------------------------------------------------------------------------
