@@ -408,6 +408,14 @@ def test_a_malformed_authorization_header_is_a_401(peerd):
             answer = send_raw(peerd.port, raw)
             assert answer.status == 401, (path, value, answer.status, answer.text)
             assert "Error" not in answer.text.replace("error", "") and "Traceback" not in answer.text
+    ring = trust.Keyring(FAKE_ID, SECRET)
+    for header in (trust.H_NODE, trust.H_NONCE, trust.H_TIME, trust.H_SIGNATURE):  # the peer's own headers
+        signed = ring.sign("GET", "/api/hippo/peer/manifest?model=x", b"", node_id(peerd))
+        signed[header] = "\xff\xfe"
+        raw = request_bytes("GET", b"/api/hippo/peer/manifest?model=x", headers=signed).replace(
+            "\xff\xfe".encode(), b"\xff\xfe")  # the raw bytes, not their UTF-8 encoding
+        answer = send_raw(peerd.port, raw)
+        assert answer.status == 403, (header, answer.status, answer.text)
     assert "unhandled error" not in peerd.log()
     record("probe", malformed_authorization=401)
 
