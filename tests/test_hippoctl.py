@@ -171,7 +171,7 @@ def test_show_model_section(hippod):
     out = ok(hippod.url, "show", "smollm2")
     lines = out.splitlines()
     assert lines[0] == "  Model"
-    fields = dict(re.split(r" {2,}", line.strip(), maxsplit=1) for line in lines[1:5])
+    fields = dict(re.split(r" {2,}", line.strip(), maxsplit=1) for line in lines[1:6])
     assert fields["architecture"] == "llama"
     assert fields["parameters"] == "135M"
     assert fields["quantization"] == "Q4_1"
