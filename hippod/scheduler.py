@@ -528,12 +528,12 @@ class Scheduler:
                         if not m.pinned and m.refs == 0 and m.replacing is None and not m.unloading]
                 if not idle:
                     self._refuse(label, need, "; the models loaded here are busy or pinned"
-                                 if self.loaded else "")
+                                 if self.loaded else "", what=label)
                 await self.unload(min(idle, key=lambda m: m.last_used).name, "evicted")
 
-    def _refuse(self, name: str, need: int, why: str):
+    def _refuse(self, name: str, need: int, why: str, what: str | None = None):
         free = self.available()
-        what = name if " " in name else f"model '{name}'"
+        what = what or f"model '{name}'"
         raise NotEnoughMemory(
             f"{what} needs {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
             f"({free} bytes) of the {fmt_bytes(self.budget())} memory budget is available{why}",
@@ -627,6 +627,7 @@ class Scheduler:
             self.store.end_load(m.load_id, "node lost")
             m.load_id, m.measured = self._open_load(plan, runner, seconds)
             m.runner, m.estimate, m.load_seconds = runner, plan.estimate, seconds
+            m.num_parallel = plan.num_parallel
             if runner.ready:
                 m.context_length = runner.ready.context_length
             log.info("%s continues on %s after losing %s", m.name,

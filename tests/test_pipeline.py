@@ -566,11 +566,25 @@ def test_a_node_lost_mid_stream_the_answer_goes_on(tmp_path):
             pair.stop()
 
 
+def feature_requests() -> list[GenerateRequest]:
+    ask = [{"role": "user", "content": "Name three colors."}]
+    schema = {"type": "object", "properties": {"color": {"type": "string", "maxLength": 12}},
+              "required": ["color"], "additionalProperties": False}
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}, "required": ["city"]}}}
+    return [GenerateRequest(messages=ask, grammar={"json_schema": schema}, options={"temperature": 0, "num_predict": 24}),
+            GenerateRequest(messages=ask, options={"temperature": 0, "num_predict": 24, "stop": [","]}),
+            GenerateRequest(messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[weather],
+                            tool_choice="required", options={"temperature": 0, "num_predict": 32})]
+
+
 @SLOW
 def test_split_chat_turn_two_prefills_only_its_new_tokens_on_every_rank(tmp_path):
     """Every rank keeps the last sequence's KV for its layers: turn 2 of a chat trims them to
     the shared prefix and prefills only the new tokens, with the tokens one runner gives; an
-    unrelated request after it starts every rank afresh and is right too."""
+    unrelated request after it starts every rank afresh and is right too; structured output,
+    stop strings and a required tool call come out as on one runner."""
     history = [{"role": "system", "content": "You are a terse assistant who answers in one line. " * 4},
                {"role": "user", "content": "Name three colors."}]
 
@@ -590,15 +604,23 @@ def test_split_chat_turn_two_prefills_only_its_new_tokens_on_every_rank(tmp_path
                                     {"role": "user", "content": "And three fruits?"}]
                 tokens2, _, done2 = await _generate(runner, turn(second))
                 other = await _generate(runner, _requests(6)[0])
-                out[name] = (tokens1, done1, tokens2, done2, other[0])
+                features = [await _generate(runner, r) for r in feature_requests()]
+                out[name] = (tokens1, done1, tokens2, done2, other[0], features)
             return out
         finally:
             for r in (one, *ranks):
                 await r.kill()
 
     out = asyncio.run(main())
-    tokens1, done1, tokens2, done2, other = out["split"]
+    tokens1, done1, tokens2, done2, other, features = out["split"]
     assert (tokens1, tokens2, other) == (out["one"][0], out["one"][2], out["one"][4])
+    # Structured output, a stop string and tools behave on the split as on one runner.
+    for (tokens, text, done), (want_tokens, want_text, want_done) in zip(features, out["one"][5]):
+        assert (tokens, text, done.done_reason, done.tool_calls) == (
+            want_tokens, want_text, want_done.done_reason, want_done.tool_calls)
+    schema_text, stop_done = features[0][1], features[1][2]
+    assert isinstance(json.loads(schema_text)["color"], str), schema_text
+    assert stop_done.done_reason == "stop" and "," not in features[1][1], features[1]
     assert done1.cached_tokens == 0 and done2.cached_tokens >= done1.prompt_tokens, (done1, done2)
     assert done2.prompt_tokens - done2.cached_tokens < done2.prompt_tokens / 3
 
