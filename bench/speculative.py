@@ -222,17 +222,18 @@ def run(args) -> Bench:
 
     if "oracle" in modes:
         print(f"[{label}] oracle", flush=True)
-        for k in sorted({args.num_draft, args.block - 1}):
+        for k in sorted({*args.num_draft, args.block - 1}):
             bench.measure(label, "oracle", target, lambda: OracleProposer(oracle), k, oracle, raw_tps, 1.0)
 
     if "draft-model" in modes and args.draft_shape:
         print(f"[{label}] draft-model {args.draft_shape}", flush=True)
         draft, _ = make_llama(args.draft_shape, dtype, seed=1)
         drafter = ModelDrafter(draft)
-        for alpha in args.alphas:
-            bench.measure(label, f"draft-model {args.draft_shape}", target,
-                          lambda: DialedProposer(drafter.proposer(drafter.make_cache()), oracle, alpha),
-                          args.num_draft, oracle, raw_tps, alpha)
+        for k in args.num_draft:
+            for alpha in args.alphas:
+                bench.measure(label, f"draft-model {args.draft_shape}", target,
+                              lambda: DialedProposer(drafter.proposer(drafter.make_cache()), oracle, alpha),
+                              k, oracle, raw_tps, alpha)
         del draft, drafter
         gc.collect()
 
@@ -265,9 +266,10 @@ def run(args) -> Bench:
             name = f"{label} eps={eps:g}"
             oracle_e, raw_e, _ = bench.plain(target, name)
             drafter = ModelDrafter(self_draft(target, depth))
-            bench.measure(name, f"self-draft {depth} layers", target,
-                          lambda: drafter.proposer(drafter.make_cache()), args.num_draft, oracle_e, raw_e)
-            mlx_lm_speculative(bench, name, target, drafter.model, args.num_draft, oracle_e, raw_e)
+            for k in args.num_draft:
+                bench.measure(name, f"self-draft {depth} layers", target,
+                              lambda: drafter.proposer(drafter.make_cache()), k, oracle_e, raw_e)
+            mlx_lm_speculative(bench, name, target, drafter.model, args.num_draft[0], oracle_e, raw_e)
     return bench
 
 
@@ -304,7 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-shape", choices=sorted(SHAPES), help="the draft model's shape (draft-model mode)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--num-draft", type=int, default=4, help="tokens a draft model drafts a round")
+    ap.add_argument("--num-draft", type=lambda s: [int(x) for x in s.split(",")], default=[4],
+                    help="tokens a draft model drafts a round (a list: each is measured)")
     ap.add_argument("--block", type=int, default=16, help="DFlash block size (drafts block-1 tokens)")
     ap.add_argument("--alphas", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.8, 0.5])
     ap.add_argument("--epsilons", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.1, 0.0],

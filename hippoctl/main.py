@@ -30,7 +30,7 @@ def create(client: Client, args: argparse.Namespace) -> None:
     if args.quantize:
         body["quantize"] = args.quantize
     if args.draft is not None:  # a model's name, or a draft directory (a DFlash draft, a model)
-        body["draft"] = _source(args.draft) if args.draft and os.path.isdir(args.draft) else args.draft
+        body["draft"] = _source(args.draft) if args.draft and os.path.exists(args.draft) else args.draft
     follow_progress(client.stream("/api/create", body))
 
 

@@ -170,7 +170,7 @@ def test_a_dflash_draft_that_does_not_fit_its_target_is_refused(daemon_factory, 
     assert status == 500 and "DFlash draft" in body["error"], body
     status, body = d.request("POST", "/api/create", {"model": "other", "from": str(dirs["target"]),
                                                      "draft": str(tmp_path / "nowhere"), "stream": False})
-    assert status == 400 and "nowhere is not a directory" in body["error"], body
+    assert status == 400 and "nowhere: no such file or directory" in body["error"], body
 
 
 # -- pure functions, fast ------------------------------------------------------------------------

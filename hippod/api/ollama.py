@@ -185,11 +185,11 @@ async def create(request: web.Request) -> web.StreamResponse:
     # (a draft model, or a DFlash draft) imported as `<name>-draft`.
     draft, draft_dir = spec.draft, None
     reveal = from_this_machine(request)
-    if draft and draft.startswith(("/", "~")):
+    if draft and draft.startswith(("/", "~")):  # a draft model's directory or .gguf, or a DFlash draft
         draft_dir = draft
-        if not os.path.isdir(os.path.expanduser(draft_dir)):
-            where = f"{draft_dir} is not a directory on the daemon's machine" if reveal else \
-                f"cannot import from {draft_dir[:200]!r}: it is not a model directory hippod can read"
+        if not os.path.exists(os.path.expanduser(draft_dir)):
+            where = f"{draft_dir}: no such file or directory on the daemon's machine" if reveal else \
+                f"cannot import from {draft_dir[:200]!r}: it is not a model hippod can read"
             raise BadRequest(f"draft: {where}", param="draft")
         draft = registry.normalize(spec.name).rsplit(":", 1)[0] + "-draft"
     if draft:
