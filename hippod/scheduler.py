@@ -624,6 +624,9 @@ class Scheduler:
                 deadline = time.monotonic() + self.settings.busy_wait
                 plan = await self._place(m.record, m.asked_context, deadline, exclude=lost, keep=m)
                 runner, seconds = await self._launch(plan)
+            if m.unloading or self.loaded.get(m.name) is not m:  # unloaded meanwhile: leave nothing
+                await runner.kill()
+                raise SchedulerError(f"'{m.name}' was unloaded while its runner lost a node", 503)
             self.store.end_load(m.load_id, "node lost")
             m.load_id, m.measured = self._open_load(plan, runner, seconds)
             m.runner, m.estimate, m.load_seconds = runner, plan.estimate, seconds
