@@ -531,6 +531,10 @@ def test_whitespace_between_tokens_is_bounded(tiny):
                   '{\n' + ' ' * 17 + '"city": "Oslo", "population": 5}',
                   ' {"city": "Oslo", "population": 5}'):
         assert not _accepts(tokenizer, g, loose), loose
+    compact = {**g, "compact": True}  # a required tool call: one line, ", " and ": "
+    assert _accepts(tokenizer, compact, '{"city": "Oslo", "population": 5}')
+    for other in ('{"city":"Oslo","population":5}', '{\n  "city": "Oslo", "population": 5}'):
+        assert not _accepts(tokenizer, compact, other)
 
 
 def test_tool_parameters_with_definitions_compile_closed(tiny):

@@ -70,7 +70,8 @@ def status_and_message(exc: BaseException) -> tuple[int, str, str | None]:
 async def error_middleware(request: web.Request, handler):
     try:
         limit = request.app["settings"].max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
+        if request.content_length is not None and request.content_length > limit \
+                and not request.path.startswith("/api/blobs/"):  # model files: api/blobs.py
             # Refused up front, whether or not the route reads a body (aiohttp checks only on read).
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
         return await handler(request)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 
@@ -179,16 +180,29 @@ async def create(request: web.Request) -> web.StreamResponse:
     spec = mt.parse_create(await read_json(request))
     registry = _registry(request)
     registry.normalize(spec.name)
-    if spec.draft:  # hippo: the model that drafts for this one (speculative decoding)
-        registry.normalize(spec.draft)
+    # hippo: what drafts for this one (speculative decoding): a model's name, or a directory
+    # (a draft model, or a DFlash draft) imported as `<name>-draft`.
+    draft, draft_dir = spec.draft, None
+    reveal = from_this_machine(request)
+    if draft and draft.startswith(("/", "~")):  # a draft model's directory or .gguf, or a DFlash draft
+        draft_dir = draft
+        if not os.path.exists(os.path.expanduser(draft_dir)):
+            where = f"{draft_dir}: no such file or directory on the daemon's machine" if reveal else \
+                f"cannot import from {draft_dir[:200]!r}: it is not a model hippod can read"
+            raise BadRequest(f"draft: {where}", param="draft")
+        draft = registry.normalize(spec.name).rsplit(":", 1)[0] + "-draft"
+    if draft:
+        registry.normalize(draft)
 
     async def work(progress):
         await registry.create_model(spec.name, source=spec.source, files=spec.files,
                                     quantize=spec.quantize, modelfile=spec.modelfile,
                                     jinja_template=spec.jinja_template, progress=progress,
-                                    reveal_paths=from_this_machine(request))
-        if spec.draft is not None:
-            registry.set_draft(spec.name, spec.draft)
+                                    reveal_paths=reveal)
+        if draft_dir:
+            await registry.create(draft, draft_dir, progress, reveal_paths=reveal)
+        if draft is not None:
+            registry.set_draft(spec.name, draft)
 
     return await _progress_stream(request, spec.stream, work)
 

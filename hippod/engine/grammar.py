@@ -32,6 +32,7 @@ log = logging.getLogger("hippo.runner")
 # (llama.cpp's grammars, which Ollama uses, allow up to 20, and two newlines). Nothing before the
 # value or after it. Unbounded whitespace lets a weak model fill its whole budget with blanks.
 WHITESPACE = r"(?: |\n[ \t]{0,16})?"
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHE_SIZE = 32
 
 # Where subschemas sit that closing reaches: one subschema, a list of them, a map of names to them.
@@ -174,6 +175,8 @@ def grammar_source(grammar: dict) -> str:
 
     The one way a schema becomes a grammar, in the runner and in the daemon's request checks,
     whichever API it came from: objects closed, whitespace bounded, unsupported schemas refused.
+    With "compact": true (a required tool call, which no one reads as text) the JSON is written
+    on one line with ", " and ": " between tokens: about half the tokens of indented JSON.
     """
     if not isinstance(grammar, dict):
         raise GrammarError("grammar must be an object")
@@ -185,9 +188,10 @@ def grammar_source(grammar: dict) -> str:
         schema = {"type": "object"}
     else:
         raise GrammarError(f"unknown grammar request: {sorted(grammar)}")
+    layout = COMPACT if grammar.get("compact") else {"whitespace_pattern": WHITESPACE}
     try:
         source = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(close_objects(schema)), overrides={"whitespace_pattern": WHITESPACE})
+            json.dumps(close_objects(schema)), overrides=layout)
     except ValueError as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source)

@@ -5,6 +5,8 @@ A model family that mlx_lm knows marks its calls (`<tool_call>...</tool_call>`, 
 with a bare JSON object `{"name": ..., "arguments": {...}}`, which the fallback parser reads.
 When the client demands a call (tool_choice "required" or a named function), decoding is
 constrained to exactly such an object, so the call is valid whatever the model would have said.
+Such an answer is always a call: parsed, or at the token limit the call so far (`partial_call`),
+or if it still does not parse an error saying why (`forced_failure`), never text.
 
 Calls leave the runner as `{"name": str, "arguments": dict}` (plus "id" when the model gave one);
 each API shapes them for its clients.
@@ -88,7 +90,7 @@ def _moved_refs(schema, root: str):
 
 def forced_call_grammar(req: GenerateRequest) -> dict | None:
     forced, name = forced_tool(req)
-    return {"json_schema": call_schema(req.tools, name)} if forced else None
+    return {"json_schema": call_schema(req.tools, name), "compact": True} if forced else None
 
 
 # -- the prompt -------------------------------------------------------------------------------
