@@ -90,8 +90,10 @@ def test_format(hippod, path, base):
               "properties": {"city": {"type": "string", "maxLength": 12}}}
     for fmt in ("json", schema):
         got = _ok(hippod, path, {**base, "format": fmt, "options": {"temperature": 0, "num_predict": 24}})
-        value = json.loads(got.get("response") or got["message"]["content"])
-        assert isinstance(value, dict)
+        text = got.get("response") or got["message"]["content"]
+        assert text.lstrip().startswith("{")
+        if fmt == schema or got["done_reason"] == "stop":  # any object may outrun 24 tokens
+            assert isinstance(json.loads(text), dict)
 
 
 def test_generate_system_and_raw(hippod):
