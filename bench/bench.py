@@ -1,14 +1,19 @@
-"""hippod vs raw mlx_lm vs mlx_lm.server, same model, same run; prints a table of ratios last.
+"""hippod vs raw mlx_lm vs mlx_lm.server, same model, same run; one table of ratios at the end.
 
-    python bench/bench.py --shape tiny                 # CPU smoke run (ratios only)
-    python bench/bench.py --shape 1b-4bit --shape 8b-bf16 --tokens 256   # on a GPU
+    python bench/bench.py --quick                      # CPU: tiny model, short streams, 512-token prompt
+    python bench/bench.py --shape 1b-4bit --tokens 256 # a GPU (about 4-6 min on an H200)
 
 Each shape is a random-weight Llama with the real SmolLM2 tokenizer (weights do not change
-speed). Measured per shape:
-  decode tok/s, single stream: raw stream_generate | mlx_lm.server | hippod /api/generate
-  time to first token: same three
-  aggregate tok/s at N concurrent streams: raw BatchGenerator | mlx_lm.server | hippod
-  hot-swap A->B through hippod vs mlx_lm.load(B) in-process
+speed). Rows, each measured for raw mlx_lm (in this process) | mlx_lm.server | hippod:
+  1 stream            decode tok/s and time to first token (raw: stream_generate)
+  8 together          aggregate tok/s, mean and p99 time to first token (raw: BatchGenerator)
+  8, 100 ms apart     the same with arrivals spread out (raw: inserted at those times)
+  32 together         the same at 32 streams
+  3,000-token prompt  time to first token
+  swap A->B + 1 token hippod's hot swap (warm spare runner) against mlx_lm.load(B) + one token
+                      in-process; hippod's first load (no spare yet) beside it
+  peer copy           hippod pulling the model from a peer against raw TCP on the same veth
+                      (two network namespaces; needs root and iproute2, else the row is empty)
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
+import re
+import secrets
 import shutil
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,13 +39,21 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemon import Daemon, free_port  # noqa: E402
+
 SHAPES = {
     # name: (layers, hidden, intermediate, heads, kv_heads, quantize bits or None)
     "tiny": (4, 256, 512, 8, 4, None),
     "1b-4bit": (16, 2048, 8192, 32, 8, 4),
     "8b-bf16": (32, 4096, 14336, 32, 8, None),
 }
+BURSTS = [("8 together", 8, 0.0), ("8, 100 ms apart", 8, 0.1), ("32 together", 32, 0.0)]
+LONG_PROMPT_TOKENS = 3000
 _counter = iter(range(10**9))
+
+# A story opening: a real model continues it (an instruction given raw may end at once).
+PROMPT = ("Once upon a time, in a small village by the sea, there lived an old lighthouse "
+          "keeper who every night climbed the tower and")
 
 
 def fresh_prompt() -> str:
@@ -45,15 +61,22 @@ def fresh_prompt() -> str:
     return f"Story {next(_counter)}. " + PROMPT
 
 
-# A story opening: a real model continues it (an instruction given raw may end at once).
-PROMPT = ("Once upon a time, in a small village by the sea, there lived an old lighthouse "
-          "keeper who every night climbed the tower and")
+def long_prompt(tok) -> str:
+    """A fresh prompt of LONG_PROMPT_TOKENS tokens (in `tok`, the model's tokenizer)."""
+    text = fresh_prompt()
+    while len(tok.encode(text)) < LONG_PROMPT_TOKENS:
+        text += " " + PROMPT
+    ids = tok.encode(text)[:LONG_PROMPT_TOKENS]
+    return tok.decode(ids)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def summary(ttfts: list[float], tokens: int, seconds: float) -> dict:
+    return {"agg_tps": tokens / seconds, "ttft_s": statistics.mean(ttfts), "ttft_p99_s": p99(ttfts)}
 
 
 def make_model(shape: str, dst: Path, tokenizer_dir: Path) -> Path:
@@ -87,63 +110,99 @@ def make_model(shape: str, dst: Path, tokenizer_dir: Path) -> Path:
     return dst
 
 
-# -- raw mlx_lm -----------------------------------------------------------------------------
+# -- raw mlx_lm ---------------------------------------------------------------------------
 
 
-def bench_raw(model_dir: Path, tokens: int, concurrency: list[int], spec_layers: int = 0) -> dict:
+def raw_burst(model, tok, n: int, gap: float, tokens: int) -> dict:
+    """n streams into one BatchGenerator, stream i inserted at i*gap seconds, as raw mlx_lm
+    would serve them: aggregate tok/s and each stream's time to first token from its arrival."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=max(n, 1),
+                         prefill_batch_size=min(n, 8))
+    prompts = [tok.encode(fresh_prompt()) for _ in range(n)]
+    t0 = time.perf_counter()
+    arrive = [t0 + i * gap for i in range(n)]
+    sent: dict[int, float] = {}
+    first: dict[int, float] = {}
+    produced = finished = nxt = 0
+    while finished < n:
+        now = time.perf_counter()
+        due = [p for i, p in enumerate(prompts[nxt:], nxt) if arrive[i] <= now]
+        if due:
+            for uid, i in zip(gen.insert(due, max_tokens=[tokens] * len(due)), range(nxt, nxt + len(due))):
+                sent[uid] = arrive[i]
+            nxt += len(due)
+        if nxt == finished:  # nothing running: wait for the next arrival
+            time.sleep(max(0.0, arrive[nxt] - time.perf_counter()))
+            continue
+        _, responses = gen.next()
+        now = time.perf_counter()
+        for r in responses:
+            first.setdefault(r.uid, now)
+            produced += 1
+            finished += r.finish_reason is not None
+    seconds = time.perf_counter() - t0
+    gen.close()
+    del gen
+    mx.clear_cache()
+    return summary([first[u] - sent[u] for u in sent], produced, seconds)
+
+
+def bench_raw(model_dir: Path, tokens: int, spec_layers: int = 0) -> dict:
     import mlx.core as mx
     from mlx_lm import load, stream_generate
-    from mlx_lm.generate import BatchGenerator
 
     t0 = time.perf_counter()
     model, tok = load(str(model_dir))
-    load_s = time.perf_counter() - t0
+    mx.eval(model.parameters())
+    out = {"load_s": time.perf_counter() - t0}
     # Warm-ups run as long as the measurement: on CUDA every new cache size compiles kernels.
     for _ in stream_generate(model, tok, tok.encode(fresh_prompt()), max_tokens=tokens):
         pass
-    prompt = tok.encode(fresh_prompt())
     t0 = time.perf_counter()
-    ttft = None
-    last = None
-    for r in stream_generate(model, tok, prompt, max_tokens=tokens):
-        if ttft is None:
-            ttft = time.perf_counter() - t0
+    ttft = last = None
+    for r in stream_generate(model, tok, tok.encode(fresh_prompt()), max_tokens=tokens):
+        ttft = ttft or time.perf_counter() - t0
         last = r
-    out = {"load_s": load_s, "ttft_s": ttft, "decode_tps": last.generation_tps,
-           "prompt_tokens": len(prompt)}
-    repeat = tok.encode(fresh_prompt() * 8)
-    for _ in range(2):  # raw mlx_lm keeps no prompt cache between calls: the same work twice
+    out.update(ttft_s=ttft, decode_tps=last.generation_tps)
+    for _ in range(2):  # the first pass warms up
+        ids = tok.encode(long_prompt(tok))
         t0 = time.perf_counter()
-        next(iter(stream_generate(model, tok, repeat, max_tokens=1)))
-        out["ttft_repeat_s"] = time.perf_counter() - t0
-    for n in concurrency:
-        gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=max(n, 1),
-                             prefill_batch_size=min(n, 8))
-        for count in (16, tokens):  # the first pass warms up (compiles) this batch shape
-            t0 = time.perf_counter()
-            gen.insert([tok.encode(fresh_prompt()) for _ in range(n)], max_tokens=[count] * n)
-            produced = 0
-            while produced < n * count:
-                _, responses = gen.next()
-                produced += len(responses)
-        out[f"agg_tps_{n}"] = produced / (time.perf_counter() - t0)
-        gen.close()
-        del gen
+        next(iter(stream_generate(model, tok, ids, max_tokens=1)))
+        out["long_ttft_s"] = time.perf_counter() - t0
+    for label, n, gap in BURSTS:
+        raw_burst(model, tok, n, 0.0, 16)  # warm-up: compiles this batch size's kernels
+        out[label] = raw_burst(model, tok, n, gap, tokens)
     if spec_layers:  # speculative decoding with the target's own first layers as the draft
         from hippod.engine.drafts import self_draft
 
         draft = self_draft(model, spec_layers)
         for p in (fresh_prompt(), fresh_prompt()):  # the first pass warms up
-            drafted = accepted = 0
+            accepted = 0
             for r in stream_generate(model, tok, tok.encode(p), max_tokens=tokens,
                                      draft_model=draft, num_draft_tokens=3):
                 accepted += bool(r.from_draft)
                 last = r
         out["spec_decode_tps"] = last.generation_tps
         out["spec_acceptance"] = accepted / max(last.generation_tokens, 1)
+    out["long_prompt"] = long_prompt(tok)  # for the servers
     del model
     gc.collect()
     mx.clear_cache()
+    # What a hot swap is held against: loading B in a warm process, then its first token.
+    swaps = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model, tok = load(str(model_dir))
+        mx.eval(model.parameters())
+        next(iter(stream_generate(model, tok, tok.encode("hi"), max_tokens=1)))
+        swaps.append(time.perf_counter() - t0)
+        del model, tok
+        gc.collect()
+        mx.clear_cache()
+    out["swap_s"] = statistics.mean(swaps)
     return out
 
 
@@ -198,22 +257,170 @@ async def _stream_mlx_server(session, url, model, tokens, prompt=None) -> tuple[
     return first - t0, last - first, count
 
 
-async def bench_http(url: str, model: str, tokens: int, concurrency: list[int], kind: str) -> dict:
+async def http_burst(session, stream, url: str, model: str, n: int, gap: float, tokens: int) -> dict:
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> tuple[float, int]:
+        await asyncio.sleep(i * gap)
+        ttft, _, count = await stream(session, url, model, tokens)
+        return ttft, count
+
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    return summary([t for t, _ in results], sum(c for _, c in results), time.perf_counter() - t0)
+
+
+async def bench_http(url: str, model: str, tokens: int, kind: str, prompt_3k: str) -> dict:
     stream = _stream_hippod if kind == "hippod" else _stream_mlx_server
-    timeout = aiohttp.ClientTimeout(total=1800)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as s:
         await stream(s, url, model, tokens)  # warm-up (and load), as long as the measurement
         ttft, span, count = await stream(s, url, model, tokens)
         out = {"ttft_s": ttft, "decode_tps": (count - 1) / span if span > 0 else 0.0}
-        # A repeated prompt (a chat's next turn re-sends the history): prompt caching shows here.
-        repeat = fresh_prompt() * 8
-        await stream(s, url, model, 1, repeat)
-        out["ttft_repeat_s"] = (await stream(s, url, model, 1, repeat))[0]
-        for n in concurrency:
-            await asyncio.gather(*(stream(s, url, model, 16) for _ in range(n)))  # warm-up
+        for p in (prompt_3k.replace("Story", "Tale", 1), prompt_3k):  # the first warms up
+            out["long_ttft_s"] = (await stream(s, url, model, 1, p))[0]
+        for label, n, gap in BURSTS:
+            await http_burst(s, stream, url, model, n, 0.0, 16)  # warm-up
+            out[label] = await http_burst(s, stream, url, model, n, gap, tokens)
+    return out
+
+
+def bench_mlx_server(model_dir: Path, tokens: int, prompt_3k: str, log: Path) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    most = max(n for _, n, _ in BURSTS)
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir),
+                             "--port", str(port), "--decode-concurrency", str(most),
+                             "--prompt-concurrency", "8", "--max-tokens", str(tokens)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(url, "/v1/models", proc)
+        return asyncio.run(bench_http(url, str(model_dir), tokens, "mlx_server", prompt_3k))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _spares_ready(d: Daemon) -> int:
+    return len(re.findall(r"spare runner ready", d.log()))
+
+
+def _wait_spare(d: Daemon, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _spares_ready(d) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def bench_hippod(model_dir: Path, tokens: int, prompt_3k: str, home: Path) -> dict:
+    most = max(n for _, n, _ in BURSTS)
+    env = {"HIPPO_NUM_PARALLEL": str(most), "HIPPO_MAX_LOADED_MODELS": "1",
+           "HIPPO_MEMORY_BUDGET": os.environ.get("HIPPO_MEMORY_BUDGET", "60GB"),
+           "HIPPO_SPARE_RUNNER": "1"}
+    with Daemon(home, env=env) as d:
+        out = {"daemon_start_s": d.ready_seconds}
+
+        def one_token(model: str) -> float:
             t0 = time.perf_counter()
-            results = await asyncio.gather(*(stream(s, url, model, tokens) for _ in range(n)))
-            out[f"agg_tps_{n}"] = sum(c for _, _, c in results) / (time.perf_counter() - t0)
+            status, body = d.request("POST", "/api/generate", {
+                "model": model, "prompt": "hi", "raw": True, "stream": False,
+                "options": {"num_predict": 1}}, timeout=600)
+            if status != 200:
+                raise RuntimeError(f"hippod answered {status}: {body}")
+            return time.perf_counter() - t0
+
+        for name in ("bench-a", "bench-b"):  # the same blobs, each its own runner
+            status, body = d.request("POST", "/api/create", {"model": name, "from": str(model_dir),
+                                                             "stream": False}, timeout=600)
+            if status != 200:
+                raise RuntimeError(f"create failed: {body}")
+        out["first_load_s"] = one_token("bench-a")  # no spare exists before the first load
+        out.update(asyncio.run(bench_http(d.url, "bench-a", tokens, "hippod", prompt_3k)))
+        swaps = []
+        for i, target in enumerate(("bench-b", "bench-a")):  # A is loaded; B evicts it, and back
+            _wait_spare(d, i + 1)
+            swaps.append(one_token(target))
+        out["swap_s"] = statistics.mean(swaps)
+        out["swap_used_spare"] = _spares_ready(d) >= 2
+    return out
+
+
+def _sha256_rate(path: Path) -> float:
+    """One core's sha256 over the blob (from the page cache): a verified copy's ceiling."""
+    import hashlib
+
+    data = path.read_bytes()
+    t0 = time.perf_counter()
+    hashlib.sha256(data).hexdigest()
+    return len(data) / (time.perf_counter() - t0) / 1e6
+
+
+def _write_rate(path: Path, where: Path) -> float:
+    """Writing the blob's bytes into the receiver's blob directory in 4 MB pieces, as the copy
+    does (no fsync): the receiving disk's ceiling."""
+    data = memoryview(path.read_bytes())
+    target = where / ".bench-write"
+    t0 = time.perf_counter()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for at in range(0, len(data), 4 << 20):
+            os.pwrite(fd, data[at:at + (4 << 20)], at)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    target.unlink()
+    return len(data) / seconds / 1e6
+
+
+def bench_peer_copy(model_dir: Path, work: Path) -> dict:
+    """Two hippods in two network namespaces joined by a veth; the second pulls the model from
+    the first. Against: one TCP connection sending the largest blob over the same veth."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return {}
+    from bench.netns import in_netns, lan, raw_tcp
+
+    secret = secrets.token_hex(16)
+    out: dict = {}
+    with lan(2, subnet="10.78.0") as net:
+        nodes = []
+        for name, node in zip(("alpha", "beta"), net.nodes):
+            d = Daemon(work / f"peer-{name}", host=node.address, netns=node.ns, args=["--insecure"],
+                       env={"HIPPO_DISCOVERY": "true", "HIPPO_NODE_NAME": name,
+                            "HIPPO_CLUSTER_SECRET": secret})
+            nodes.append((d.start(timeout=60), node))
+        (a, na), (b, nb) = nodes
+        try:
+            status, body = in_netns(na.ns, a.request, "POST", "/api/create",
+                                    {"model": "bench", "from": str(model_dir), "stream": False}, 600)
+            if status != 200:
+                raise RuntimeError(f"create failed: {body}")
+
+            def sees_it() -> bool:
+                _, body = in_netns(nb.ns, b.request, "GET", "/api/hippo/nodes")
+                return any(n.get("trusted") and not n.get("stale") and "bench:latest" in n.get("models", [])
+                           for n in body.get("nodes", []))
+
+            deadline = time.monotonic() + 60
+            while not sees_it():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the peers did not find each other")
+                time.sleep(0.2)
+            t0 = time.perf_counter()
+            status, body = in_netns(nb.ns, b.request, "POST", "/api/hippo/pull",
+                                    {"model": "bench", "from": "alpha", "stream": False}, 600)
+            seconds = time.perf_counter() - t0
+            if status != 200:
+                raise RuntimeError(f"peer pull failed: {body}")
+            blobs = sorted((a.home / "blobs").glob("sha256-*"), key=lambda p: p.stat().st_size)
+            total = sum(p.stat().st_size for p in blobs)  # alpha holds this one model
+            n, raw_seconds = raw_tcp(na.ns, na.address, nb.ns, blobs[-1])
+            out = {"peer_MBps": total / seconds / 1e6, "raw_MBps": n / raw_seconds / 1e6,
+                   "peer_bytes": total}
+            out["sha256_MBps"] = _sha256_rate(blobs[-1])
+            out["disk_MBps"] = _write_rate(blobs[-1], b.home / "blobs")
+            said = re.findall(r"copied bench:latest from peer alpha: (\d+) bytes in ([\d.]+)s", b.log())
+            if said:  # the copy alone, without the pull request's own work (manifest, record)
+                out["copy_MBps"] = int(said[-1][0]) / max(float(said[-1][1]), 1e-9) / 1e6
+        finally:
+            a.stop()
+            b.stop()
     return out
 
 
@@ -230,61 +437,6 @@ def wait_http(url: str, path: str, proc: subprocess.Popen, timeout: float = 600)
         except Exception:
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not come up")
-
-
-def bench_mlx_server(model_dir: Path, tokens: int, concurrency: list[int], log: Path) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir),
-                             "--port", str(port), "--decode-concurrency", str(max(concurrency)),
-                             "--max-tokens", str(tokens)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    try:
-        wait_http(url, "/v1/models", proc)
-        return asyncio.run(bench_http(url, str(model_dir), tokens, concurrency, "mlx_server"))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def bench_hippod(model_dir: Path, tokens: int, concurrency: list[int], home: Path) -> dict:
-    import urllib.request
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HIPPO_HOME": str(home), "HIPPO_NUM_PARALLEL": str(max(concurrency)),
-           "HIPPO_MEMORY_BUDGET": os.environ.get("HIPPO_MEMORY_BUDGET", "60GB"),
-           "HIPPO_MAX_LOADED_MODELS": "1", "HIPPO_DISCOVERY": "false"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hippod.daemon", "--port", str(port)], env=env,
-                            stdout=open(home / "bench-hippod.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_http(url, "/api/version", proc)
-        except RuntimeError:
-            print((home / "bench-hippod.log").read_text()[-3000:], file=sys.stderr)
-            raise
-        start_s = time.perf_counter() - t0
-
-        def post(path, body):
-            req = urllib.request.Request(url + path, json.dumps(body).encode(), method="POST")
-            with urllib.request.urlopen(req, timeout=1800) as r:
-                return json.loads(r.read() or b"{}")
-
-        post("/api/create", {"model": "bench-a", "from": str(model_dir), "stream": False})
-        post("/api/copy", {"source": "bench-a", "destination": "bench-b"})  # same blobs, own runner
-        out = asyncio.run(bench_http(url, "bench-a", tokens, concurrency, "hippod"))
-        out["daemon_start_s"] = start_s
-        # Hot-swap: A is loaded; ask for B (max one loaded model) and time the load it needs.
-        t0 = time.perf_counter()
-        r = post("/api/generate", {"model": "bench-b", "prompt": "hi", "raw": True,
-                                   "options": {"num_predict": 1}, "stream": False})
-        out["swap_s"] = time.perf_counter() - t0
-        out["swap_load_s"] = r["load_duration"] / 1e9
-        return out
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def bench_hippod_spec(model_dir: Path, tokens: int, home: Path, layers: int) -> dict:
@@ -337,28 +489,96 @@ def ratio(a, b):
     return "-" if not a or not b else f"{a / b:.2f}"
 
 
+def rows_for(r: dict) -> list[tuple[str, str, object, object, object, str]]:
+    """(row, metric, raw, server, hippod, how hippod compares) for one shape's results."""
+    raw, srv, hip = r["raw"], r["server"], r["hippod"]
+    ms = lambda d, k: None if d.get(k) is None else d[k] * 1000  # noqa: E731
+    rows = [("1 stream", "decode tok/s", raw.get("decode_tps"), srv.get("decode_tps"),
+             hip.get("decode_tps"), "ratio"),
+            ("1 stream", "TTFT ms", ms(raw, "ttft_s"), ms(srv, "ttft_s"), ms(hip, "ttft_s"), "delta")]
+    for label, _, _ in BURSTS:
+        a, b, c = raw.get(label, {}), srv.get(label, {}), hip.get(label, {})
+        rows += [(label, "aggregate tok/s", a.get("agg_tps"), b.get("agg_tps"), c.get("agg_tps"), "ratio"),
+                 (label, "TTFT mean ms", ms(a, "ttft_s"), ms(b, "ttft_s"), ms(c, "ttft_s"), "times"),
+                 (label, "TTFT p99 ms", ms(a, "ttft_p99_s"), ms(b, "ttft_p99_s"), ms(c, "ttft_p99_s"), "times")]
+    rows += [(f"{LONG_PROMPT_TOKENS:,}-token prompt", "TTFT ms", ms(raw, "long_ttft_s"),
+              ms(srv, "long_ttft_s"), ms(hip, "long_ttft_s"), "times"),
+             ("swap A->B + 1 token", "s (raw: load in-process)", raw.get("swap_s"), None,
+              hip.get("swap_s"), "times"),
+             ("first load + 1 token", "s (hippod: no spare yet)", raw.get("swap_s"), None,
+              hip.get("first_load_s"), "times"),
+             ("new process + 1 token", "s (raw: python -c)", raw.get("cold_first_token_s"), None,
+              hip.get("swap_s"), "times")]
+    if r.get("peer"):
+        peer = r["peer"]
+        rows += [("peer copy", "MB/s (raw: one TCP stream)", peer["raw_MBps"], None,
+                  peer["peer_MBps"], "ratio"),
+                 ("peer copy, copy alone", "MB/s (daemon's log)", peer["raw_MBps"], None,
+                  peer.get("copy_MBps"), "ratio"),
+                 ("sha256, one core", "MB/s (verify ceiling)", peer["raw_MBps"], None,
+                  peer.get("sha256_MBps"), "ratio"),
+                 ("write to blob dir", "MB/s (disk ceiling)", peer["raw_MBps"], None,
+                  peer.get("disk_MBps"), "ratio")]
+    if raw.get("spec_decode_tps"):
+        rows.append(("speculative", "decode tok/s", raw["spec_decode_tps"], None,
+                     hip.get("spec_decode_tps"), "ratio"))
+    return rows
+
+
+def compare(how: str, raw, hip) -> str:
+    if not raw or not hip:
+        return "-"
+    if how == "delta":
+        return f"{hip - raw:+.1f} ms"
+    return f"{hip / raw:.2f}" + ("x" if how == "times" else "")
+
+
+def print_table(results: dict, device: str, tokens: int) -> None:
+    print(f"\nhippo benchmark — device {device}, {tokens} tokens per stream, "
+          f"{time.strftime('%Y-%m-%d')} (ratio: higher is better; x: lower is better)")
+    cols = ("shape", "row", "metric", "raw mlx_lm", "mlx_lm.server", "hippod", "hippod vs raw",
+            "hippod vs server")
+    lines = []
+    for shape, r in results.items():
+        for row, metric, a, b, c, how in rows_for(r):
+            digits = 2 if "s (" in metric else 1
+            lines.append((shape, row, metric, fmt(a, digits), fmt(b, digits), fmt(c, digits),
+                          compare(how, a, c), compare(how, b, c) if how != "delta" or b else "-"))
+    widths = [max(len(x) for x in col) for col in zip(cols, *lines)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines:
+        print("| " + " | ".join(v.ljust(w) if i < 3 else v.rjust(w)
+                                for i, (v, w) in enumerate(zip(line, widths))) + " |")
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    global LONG_PROMPT_TOKENS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", action="append", choices=sorted(SHAPES))
-    ap.add_argument("--model-dir", type=Path, help="benchmark this MLX model directory instead "
-                    "(e.g. bench.models.smollm2_mlx_dir())")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU-sized: the tiny shape, 32 tokens per stream (unless given)")
+    ap.add_argument("--model-dir", type=Path, help="benchmark this MLX model directory instead")
     ap.add_argument("--smollm2", action="store_true", help="benchmark the real SmolLM2-135M (CPU-sized)")
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--concurrency", default="8,32")
+    ap.add_argument("--tokens", type=int)
+    ap.add_argument("--long-prompt", type=int, help=f"tokens of the long prompt (default "
+                    f"{LONG_PROMPT_TOKENS}, 512 with --quick)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hippo-bench")
     ap.add_argument("--tokenizer", type=Path, help="dir with tokenizer.json (default: converted SmolLM2)")
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--skip-peer", action="store_true", help="leave out the peer-copy row")
     ap.add_argument("--spec-layers", type=int, default=0,
                     help="also measure speculative decoding drafted by the first N layers")
     args = ap.parse_args()
+    tokens = args.tokens or (32 if args.quick else 128)
+    LONG_PROMPT_TOKENS = args.long_prompt or (512 if args.quick else LONG_PROMPT_TOKENS)
     shapes = args.shape or ([] if args.model_dir or args.smollm2 else ["tiny"])
     if args.smollm2:
         from bench.models import smollm2_mlx_dir
         args.model_dir = smollm2_mlx_dir()
     if args.model_dir:
         shapes.append(str(args.model_dir))
-    conc = [1] + [int(c) for c in args.concurrency.split(",") if c]
     if args.tokenizer is None and any(s in SHAPES for s in shapes):
         from bench.models import smollm2_mlx_dir
         args.tokenizer = smollm2_mlx_dir()
@@ -367,72 +587,45 @@ def main() -> int:
 
     device = str(mx.default_device())
     results = {}
+    started = time.perf_counter()
     for shape in shapes:
         model_dir = Path(shape) if shape not in SHAPES else make_model(shape, args.work / shape, args.tokenizer)
         shape = model_dir.name[:8] if shape not in SHAPES else shape
-        print(f"[{shape}] raw mlx_lm ...", flush=True)
-        raw = bench_raw(model_dir, args.tokens, conc, args.spec_layers)
-        t0 = time.perf_counter()
-        import mlx_lm
-
-        m, _ = mlx_lm.load(str(model_dir))
-        mx.eval(m.parameters())
-        raw["load_again_s"] = time.perf_counter() - t0
+        step = lambda what: print(f"[{shape} {time.perf_counter() - started:6.1f}s] {what}", flush=True)  # noqa: E731
+        step("raw mlx_lm ...")
+        raw = bench_raw(model_dir, tokens, args.spec_layers)
+        prompt_3k = raw.pop("long_prompt")
         raw["cold_first_token_s"] = fresh_process_first_token(model_dir)
-        del m
-        gc.collect()
-        mx.clear_cache()
-        print(f"[{shape}] raw: {json.dumps(raw)}", flush=True)
+        step(f"raw: {json.dumps(raw)}")
         server = {}
         if not args.skip_server:
-            print(f"[{shape}] mlx_lm.server ...", flush=True)
-            server = bench_mlx_server(model_dir, args.tokens, conc, args.work / f"{shape}-server.log")
-            print(f"[{shape}] server: {json.dumps(server)}", flush=True)
+            step("mlx_lm.server ...")
+            server = bench_mlx_server(model_dir, tokens, prompt_3k, args.work / f"{shape}-server.log")
+            step(f"server: {json.dumps(server)}")
         home = Path(tempfile.mkdtemp(prefix="hippo-bench-home-"))
-        print(f"[{shape}] hippod ...", flush=True)
-        hip = bench_hippod(model_dir, args.tokens, conc, home)
+        step("hippod ...")
+        hip = bench_hippod(model_dir, tokens, prompt_3k, home)
         if args.spec_layers:
             spec_home = Path(tempfile.mkdtemp(prefix="hippo-bench-spec-"))
-            hip.update(bench_hippod_spec(model_dir, args.tokens, spec_home, args.spec_layers))
+            hip.update(bench_hippod_spec(model_dir, tokens, spec_home, args.spec_layers))
             shutil.rmtree(spec_home, ignore_errors=True)
-        print(f"[{shape}] hippod: {json.dumps(hip)}", flush=True)
+        step(f"hippod: {json.dumps(hip)}")
         shutil.rmtree(home, ignore_errors=True)
-        results[shape] = {"raw": raw, "server": server, "hippod": hip}
+        peer = {}
+        if not args.skip_peer:
+            step("peer copy ...")
+            peer_work = Path(tempfile.mkdtemp(prefix="hippo-bench-peer-"))
+            try:
+                peer = bench_peer_copy(model_dir, peer_work)
+            except Exception as e:  # the other rows stand without it
+                step(f"peer copy failed: {e}")
+            shutil.rmtree(peer_work, ignore_errors=True)
+            step(f"peer: {json.dumps(peer)}")
+        results[shape] = {"raw": raw, "server": server, "hippod": hip, "peer": peer}
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "tokens": args.tokens, "results": results}, indent=1))
-
-    print(f"\nhippo benchmark — device {device}, {args.tokens} tokens per stream, "
-          f"{time.strftime('%Y-%m-%d')}")
-    head = f"| {'shape':8} | {'metric':24} | {'raw mlx_lm':>10} | {'mlx_lm.server':>13} | {'hippod':>8} | {'hippod/raw':>10} | {'hippod/server':>13} |"
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for shape, r in results.items():
-        raw, srv, hip = r["raw"], r["server"], r["hippod"]
-        rows = [("decode tok/s (1 stream)", "decode_tps", True), ("TTFT ms", "ttft_s", False),
-                ("TTFT ms, repeated prompt", "ttft_repeat_s", False)]
-        rows += [(f"aggregate tok/s @{n}", f"agg_tps_{n}", True) for n in conc]
-        for label, key, higher in rows:
-            a, b, c = raw.get(key), srv.get(key), hip.get(key)
-            if key.startswith("ttft"):
-                a, b, c = [None if v is None else v * 1000 for v in (a, b, c)]
-                print(f"| {shape:8} | {label:24} | {fmt(a):>10} | {fmt(b):>13} | {fmt(c):>8} | "
-                      f"{f'{c - a:+.1f} ms' if a and c else '-':>10} | {ratio(b, c) if b else '-':>13} |")
-            else:
-                print(f"| {shape:8} | {label:24} | {fmt(a):>10} | {fmt(b):>13} | {fmt(c):>8} | "
-                      f"{ratio(c, a):>10} | {ratio(c, b):>13} |")
-        if raw.get("spec_decode_tps"):
-            print(f"| {shape:8} | {'speculative tok/s':24} | {fmt(raw['spec_decode_tps']):>10} | {'-':>13} | "
-                  f"{fmt(hip.get('spec_decode_tps')):>8} | {ratio(hip.get('spec_decode_tps'), raw['spec_decode_tps']):>10} | {'-':>13} |")
-            print(f"| {shape:8} | {'speculative speedup':24} | {ratio(raw['spec_decode_tps'], raw['decode_tps']):>10} | {'-':>13} | "
-                  f"{ratio(hip.get('spec_decode_tps'), hip.get('decode_tps')):>8} | {'-':>10} | {'-':>13} |")
-            print(f"| {shape:8} | {'draft acceptance':24} | {raw['spec_acceptance']:>10.2f} | {'-':>13} | "
-                  f"{hip.get('spec_acceptance', 0):>8.2f} | {'-':>10} | {'-':>13} |")
-        print(f"| {shape:8} | {'hot-swap s (load B)':24} | {fmt(raw.get('load_again_s'), 2):>10} | {'-':>13} | "
-              f"{fmt(hip.get('swap_s'), 2):>8} | {ratio(hip.get('swap_s'), raw.get('load_again_s')):>10} | {'-':>13} |")
-        print(f"| {shape:8} | {'new process: load+1 tok s':24} | {fmt(raw.get('cold_first_token_s'), 2):>10} | {'-':>13} | "
-              f"{fmt(hip.get('swap_s'), 2):>8} | {ratio(hip.get('swap_s'), raw.get('cold_first_token_s')):>10} | {'-':>13} |")
-        print(f"| {shape:8} | {'daemon start ms':24} | {'-':>10} | {'-':>13} | "
-              f"{fmt(hip.get('daemon_start_s', 0) * 1000, 0):>8} | {'-':>10} | {'-':>13} |")
+        args.json.write_text(json.dumps({"device": device, "tokens": tokens, "results": results}, indent=1))
+    print_table(results, device, tokens)
+    print(f"\n(whole run: {time.perf_counter() - started:.0f} s)")
     return 0
 
 

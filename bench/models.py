@@ -137,3 +137,54 @@ def make_tiny_llama(
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, dst / name)
     return dst
+
+
+def write_random_dflash(dst: Path, target_config: dict, *, num_layers: int = 1, block_size: int = 4,
+                        target_layer_ids: list[int] | None = None, mask_token_id: int = 0,
+                        seed: int = 0, dtype: str = "float16") -> Path:
+    """Write a random-weight DFlash draft in the z-lab format (config.json with dflash_config;
+    safetensors named fc, hidden_norm, norm, layers.N.*) for a target of `target_config`."""
+    import mlx.core as mx
+
+    hidden = int(target_config["hidden_size"])
+    heads = int(target_config["num_attention_heads"])
+    kv = int(target_config.get("num_key_value_heads") or heads)
+    head_dim = int(target_config.get("head_dim") or hidden // heads)
+    inter = int(target_config["intermediate_size"])
+    n_target = int(target_config["num_hidden_layers"])
+    ids = target_layer_ids or sorted({max(0, n_target // 4), n_target // 2, max(0, n_target - 2)})
+    config = {
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": hidden,
+        "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": head_dim, "intermediate_size": inter, "rms_norm_eps": 1e-6,
+        "rope_theta": float(target_config.get("rope_theta", 10000.0)), "attention_bias": False,
+        "block_size": block_size, "num_target_layers": n_target,
+        "vocab_size": int(target_config["vocab_size"]), "torch_dtype": dtype,
+        "dflash_config": {"mask_token_id": mask_token_id, "target_layer_ids": ids},
+        "layer_types": ["full_attention"] * num_layers,
+    }
+    shapes = {"fc.weight": (hidden, hidden * len(ids)), "hidden_norm.weight": (hidden,),
+              "norm.weight": (hidden,)}
+    for i in range(num_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+        })
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    weights = {}
+    for key, (name, shape) in zip(keys, shapes.items()):
+        value = mx.ones(shape) if name.endswith("norm.weight") else \
+            mx.random.normal(shape, key=key) * shape[-1] ** -0.5
+        weights[name] = value.astype(getattr(mx, dtype))
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst

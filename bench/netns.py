@@ -158,3 +158,45 @@ def shaped(ns: str, ifname: str, rate: str) -> Iterator[None]:
     finally:
         subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", ifname, "root"],
                        capture_output=True)
+
+
+def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path) -> tuple[int, float]:
+    """Send a file over one TCP connection from `sender_ns` (listening on `address`) to
+    `receiver_ns` (sendfile -> recv, no disk, no hash): the link's own speed, for comparison.
+    Returns (bytes, seconds at the receiver)."""
+    import socket
+
+    with socket.socket() as probe:  # a free port; inside a fresh namespace every port is
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ready = threading.Event()
+
+    def serve():
+        with socket.socket() as srv:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((address, port))
+            srv.listen(1)
+            srv.settimeout(30)
+            ready.set()
+            conn, _ = srv.accept()
+            with conn, open(path, "rb") as f:
+                conn.sendfile(f)
+
+    sender, sent = start_in_netns(sender_ns, serve)
+    if not ready.wait(10):
+        raise RuntimeError("the raw TCP sender did not start")
+
+    def receive():
+        buf = bytearray(1 << 20)
+        n = 0
+        with socket.create_connection((address, port), timeout=30) as s:
+            start = time.perf_counter()
+            while got := s.recv_into(buf):
+                n += got
+            return n, time.perf_counter() - start
+
+    n, seconds = in_netns(receiver_ns, receive)
+    sender.join(30)
+    if "error" in sent:
+        raise sent["error"]
+    return n, seconds

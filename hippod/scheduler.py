@@ -488,11 +488,12 @@ class Scheduler:
         while True:
             others = [m for m in self.loaded.values() if m is not keep]  # `keep`: being replaced
             too_many = len(others) >= self.settings.max_loaded_models
-            short = guard != "off" and need > self.available()
+            # A ready spare becomes this load's runner: its memory is part of what `need` counts.
+            short = guard != "off" and need > self.available() + self.spares.ready_bytes
             if not too_many and not short:
                 return
-            if short and await self.spares.discard():  # the spare goes before any model
-                continue
+            if short and self.spares.starting and await self.spares.discard():
+                continue  # a spare still starting goes before any model
             evictable = [m for m in others if not m.pinned]
             idle = [m for m in evictable if m.refs == 0]
             if short and not too_many and guard == "warn" and not idle:
@@ -527,12 +528,12 @@ class Scheduler:
                         if not m.pinned and m.refs == 0 and m.replacing is None and not m.unloading]
                 if not idle:
                     self._refuse(label, need, "; the models loaded here are busy or pinned"
-                                 if self.loaded else "")
+                                 if self.loaded else "", what=label)
                 await self.unload(min(idle, key=lambda m: m.last_used).name, "evicted")
 
-    def _refuse(self, name: str, need: int, why: str):
+    def _refuse(self, name: str, need: int, why: str, what: str | None = None):
         free = self.available()
-        what = name if " " in name else f"model '{name}'"
+        what = what or f"model '{name}'"
         raise NotEnoughMemory(
             f"{what} needs {fmt_bytes(need)} ({need} bytes) but only {fmt_bytes(free)} "
             f"({free} bytes) of the {fmt_bytes(self.budget())} memory budget is available{why}",
@@ -623,9 +624,13 @@ class Scheduler:
                 deadline = time.monotonic() + self.settings.busy_wait
                 plan = await self._place(m.record, m.asked_context, deadline, exclude=lost, keep=m)
                 runner, seconds = await self._launch(plan)
+            if m.unloading or self.loaded.get(m.name) is not m:  # unloaded meanwhile: leave nothing
+                await runner.kill()
+                raise SchedulerError(f"'{m.name}' was unloaded while its runner lost a node", 503)
             self.store.end_load(m.load_id, "node lost")
             m.load_id, m.measured = self._open_load(plan, runner, seconds)
             m.runner, m.estimate, m.load_seconds = runner, plan.estimate, seconds
+            m.num_parallel = plan.num_parallel
             if runner.ready:
                 m.context_length = runner.ready.context_length
             log.info("%s continues on %s after losing %s", m.name,

@@ -13,10 +13,12 @@ import ollama
 import openai
 import pytest
 
+from hippod.api import ui
 from hippod.api.app import build_app
 from hippod.config import load_settings
 from hippod.registry.registry import Registry
 from hippod.scheduler import Scheduler
+from hippod.api import ui
 from hippod.store.database import Store
 from tests.daemon import REPO_ROOT, Daemon, free_port
 
@@ -59,6 +61,9 @@ def call(url: str, method: str, path: str, body=None, *, key: str | None = None,
         return status, raw.decode(errors="replace"), hdrs
 
 
+PUBLIC = {(m, p) for m in ("GET", "HEAD") for p in ui.PATHS}
+
+
 def app_routes(tmp_path) -> list[tuple[str, str]]:
     """Every (method, path) the real app serves, path parameters filled in."""
     settings = load_settings({"home": str(tmp_path / "routes-home")}, environ={})
@@ -71,6 +76,7 @@ def app_routes(tmp_path) -> list[tuple[str, str]]:
         for route in app.router.routes():
             path = route.resource.canonical
             path = path.replace("{model}", "nosuch").replace("sha256-{sha256}", "sha256-" + "0" * 64)
+            path = path.replace("{digest}", "sha256-" + "0" * 64)
             assert "{" not in path, path
             out.append((route.method, path))
         return sorted(set(out))
@@ -87,8 +93,16 @@ def keyed(tmp_path_factory):
 def test_every_route_wants_the_key_and_passes_with_it(keyed, tmp_path):
     routes = app_routes(tmp_path) + [("GET", "/no/such/route"), ("POST", "/api/hippo/peer/nowhere")]
     assert len(routes) > 25 and ("GET", "/metrics") in routes and ("HEAD", "/") in routes
+    # the chat page's static HTML is public (it holds no data; it asks for the key itself)
+    public = [(m, p) for m, p in routes if m in ("GET", "HEAD") and p in ui.PATHS]
+    assert public and all(call(keyed.url, m, p)[0] == 200 for m, p in public)
+    routes = [r for r in routes if r not in public]
     for method, path in routes:
         body = {} if method in ("POST", "DELETE") else None
+        if (method, path) in PUBLIC:  # the chat page's static HTML: it asks for the key itself
+            status, answer, _ = call(keyed.url, method, path, body)
+            assert status == 200 and (method == "HEAD" or "hippo" in answer), (method, path, status)
+            continue
         for key, why in ((None, "missing"), ("wrong-key", "wrong")):
             status, answer, headers = call(keyed.url, method, path, body, key=key)
             assert status == 401, (method, path, key, status, answer)

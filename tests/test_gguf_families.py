@@ -177,3 +177,33 @@ def test_q4_k_m_computes_what_the_gguf_holds(q4_k_m):
     expected, logits = reference(ids), converted(ids)
     assert mx.abs(expected - logits).max().item() < 0.05 * mx.abs(expected).max().item()
     assert expected.argmax(-1).tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_block_types_are_repacked_exactly(qtype):
+    from gguf import GGMLQuantizationType, quants
+
+    from hippod.engine.gguf_tensors import EXACT_BITS, convert_tensor
+
+    t = getattr(GGMLQuantizationType, qtype)
+    values = np.random.default_rng(1).normal(size=(8, 64)).astype(np.float32)
+    blocks = quants.quantize(values, t)
+    arrays, bits = convert_tensor(t, blocks, values.shape, quantizable=True)
+    assert bits == EXACT_BITS[t]
+    got = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group_size=32,
+                        bits=bits)
+    want = mx.array(quants.dequantize(blocks, t))
+    assert mx.abs(got - want).max().item() <= 2e-3 * mx.abs(want).max().item()
+    # Not quantizable (a norm, say): dequantized to float16 instead.
+    arrays, bits = convert_tensor(t, blocks, values.shape, quantizable=False)
+    assert bits is None and arrays["weight"].dtype == mx.float16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_bits_is_mlx_packing(bits):
+    from hippod.engine.gguf_tensors import pack_bits
+
+    q = np.random.default_rng(bits).integers(0, 2**bits, size=(4, 64)).astype(np.uint8)
+    ones, zeros = mx.ones((4, 2), dtype=mx.float16), mx.zeros((4, 2), dtype=mx.float16)
+    out = mx.dequantize(mx.array(pack_bits(q, bits)), ones, zeros, group_size=32, bits=bits)
+    assert np.array_equal(np.array(out).astype(np.uint8), q)

@@ -97,3 +97,16 @@ def test_untranslatable_constructs_are_named(go, named):
     with pytest.raises(TemplateError) as e:
         to_jinja(go)
     assert named in str(e.value)
+
+
+def test_a_jinja_template_is_kept_as_it_is_and_checked():
+    jinja = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert to_jinja(jinja) == jinja
+    assert render(jinja, CHAT[1:2]) == "<user>hi\n<assistant>"
+    with pytest.raises(TemplateError) as e:
+        to_jinja("{% for m in messages %}{{ m.content }}")
+    assert "Jinja syntax error" in str(e.value)
+    # Go templates that mention messages are still Go.
+    assert to_jinja("{{ range .Messages }}{{ .Content }}{{ end }}") != \
+        "{{ range .Messages }}{{ .Content }}{{ end }}"

@@ -118,6 +118,32 @@ def test_model_parts_of_smollm2_and_the_files_a_rank_needs():
     assert len(files_for_layers(files, None, 1, 2, False, True)) == 4  # no index: every file
 
 
+def test_split_records_are_checked_in_one_place():
+    from hippod.protocol import (LayerRange, SplitPrepare, SplitRecordError, SplitRef, SplitStart,
+                                 decode_split, split_body)
+
+    good = {"split": "a1b2c3", "model": "smol:latest", "digest": "ab" * 32, "layers": [15, 30],
+            "rank": 1, "world": 2, "bytes": 5 * MB}
+    record = decode_split(SplitPrepare, good)
+    assert record.layers == LayerRange(15, 30) and str(record.layers) == "15-29" and 20 in record.layers
+    assert split_body(record) == good and LayerRange.parse(record.layers.arg()) == record.layers
+    bad = [({"layers": [3, 3]}, "layers"), ({"layers": [1, 2, 3]}, "layers"), ({"layers": [True, 2]}, "layers"),
+           ({"rank": 2}, "rank"), ({"rank": "1"}, "rank"), ({"bytes": 1e400}, "bytes"), ({"split": "../up"}, "split"),
+           ({"digest": "not-hex"}, "digest"), ({"model": None}, "model"), ({"context_length": 0}, "context_length")]
+    for change, param in bad:
+        with pytest.raises(SplitRecordError) as e:
+            decode_split(SplitPrepare, {**good, **change})
+        assert e.value.param == param, (change, e.value)
+    assert decode_split(SplitStart, {"split": "x", "hosts": [["10.0.0.1:5000"], ["[fe80::1]:6000"]]}).hosts
+    for hosts in ([], [["10.0.0.1"]], [["a b:1"]], [[1]], "10.0.0.1:5"):
+        with pytest.raises(SplitRecordError, match="hosts"):
+            decode_split(SplitStart, {"split": "x", "hosts": hosts})
+    with pytest.raises(SplitRecordError, match="object"):
+        decode_split(SplitRef, ["x"])
+    with pytest.raises(ValueError, match="bad layer range"):
+        LayerRange.parse("7")
+
+
 # -- runners over loopback --------------------------------------------------------------------
 
 
@@ -566,11 +592,25 @@ def test_a_node_lost_mid_stream_the_answer_goes_on(tmp_path):
             pair.stop()
 
 
+def feature_requests() -> list[GenerateRequest]:
+    ask = [{"role": "user", "content": "Name three colors."}]
+    schema = {"type": "object", "properties": {"color": {"type": "string", "maxLength": 12}},
+              "required": ["color"], "additionalProperties": False}
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}, "required": ["city"]}}}
+    return [GenerateRequest(messages=ask, grammar={"json_schema": schema}, options={"temperature": 0, "num_predict": 24}),
+            GenerateRequest(messages=ask, options={"temperature": 0, "num_predict": 24, "stop": [","]}),
+            GenerateRequest(messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[weather],
+                            tool_choice="required", options={"temperature": 0, "num_predict": 32})]
+
+
 @SLOW
 def test_split_chat_turn_two_prefills_only_its_new_tokens_on_every_rank(tmp_path):
     """Every rank keeps the last sequence's KV for its layers: turn 2 of a chat trims them to
     the shared prefix and prefills only the new tokens, with the tokens one runner gives; an
-    unrelated request after it starts every rank afresh and is right too."""
+    unrelated request after it starts every rank afresh and is right too; structured output,
+    stop strings and a required tool call come out as on one runner."""
     history = [{"role": "system", "content": "You are a terse assistant who answers in one line. " * 4},
                {"role": "user", "content": "Name three colors."}]
 
@@ -590,15 +630,23 @@ def test_split_chat_turn_two_prefills_only_its_new_tokens_on_every_rank(tmp_path
                                     {"role": "user", "content": "And three fruits?"}]
                 tokens2, _, done2 = await _generate(runner, turn(second))
                 other = await _generate(runner, _requests(6)[0])
-                out[name] = (tokens1, done1, tokens2, done2, other[0])
+                features = [await _generate(runner, r) for r in feature_requests()]
+                out[name] = (tokens1, done1, tokens2, done2, other[0], features)
             return out
         finally:
             for r in (one, *ranks):
                 await r.kill()
 
     out = asyncio.run(main())
-    tokens1, done1, tokens2, done2, other = out["split"]
+    tokens1, done1, tokens2, done2, other, features = out["split"]
     assert (tokens1, tokens2, other) == (out["one"][0], out["one"][2], out["one"][4])
+    # Structured output, a stop string and tools behave on the split as on one runner.
+    for (tokens, text, done), (want_tokens, want_text, want_done) in zip(features, out["one"][5]):
+        assert (tokens, text, done.done_reason, done.tool_calls) == (
+            want_tokens, want_text, want_done.done_reason, want_done.tool_calls)
+    schema_text, stop_done = features[0][1], features[1][2]
+    assert isinstance(json.loads(schema_text)["color"], str), schema_text
+    assert stop_done.done_reason == "stop" and "," not in features[1][1], features[1]
     assert done1.cached_tokens == 0 and done2.cached_tokens >= done1.prompt_tokens, (done1, done2)
     assert done2.prompt_tokens - done2.cached_tokens < done2.prompt_tokens / 3
 

@@ -29,7 +29,7 @@ def keyed(tmp_path_factory, smol_gguf, tiny_model_dir):
     """A daemon with an API key, SmolLM2 pulled, and a hub stand-in holding a tiny model."""
     with start_hub({"acme/tiny-ui": tiny_model_dir}) as hub:
         env = {"HIPPO_CACHE_DIR": str(cache_dir()), "HF_ENDPOINT": hub.endpoint,
-               "HF_HUB_DISABLE_TELEMETRY": "1"}
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HIPPO_ALLOWED_HOSTS": "hippo.lan"}
         with KeyedDaemon(tmp_path_factory.mktemp("ui-home"), key=KEY, env=env) as d:
             status, body = d.request("POST", "/api/pull", {"model": "smollm2", "stream": False},
                                      timeout=300)[:2]
@@ -47,6 +47,20 @@ def test_the_page_is_served_without_the_key_and_nothing_else_is(keyed):
     assert call(keyed.url, "POST", "/ui", {})[0] == 401
     status, html, _ = call(keyed.url, "GET", "/", key=KEY, headers={"Accept": "text/html"})
     assert status == 200 and 'href="/ui"' in html  # the status page links to the chat
+
+
+def test_the_page_works_under_any_name_the_daemon_answers_to(keyed):
+    """Opened from another Mac as http://hippo.lan:11434/ui, the page's own calls carry that
+    Origin: same-origin, so allowed; another site's Origin still is not."""
+    host = f"hippo.lan:{keyed.port}"
+    own = {"Host": host, "Origin": f"http://{host}"}
+    status, body, _ = call(keyed.url, "POST", "/api/show", {"model": "smollm2"}, key=KEY, headers=own)
+    assert status == 200, body
+    for origin in ("http://evil.example", f"http://hippo.lan:{keyed.port + 1}", f"https://{host}"):
+        status, body, _ = call(keyed.url, "POST", "/api/show", {"model": "smollm2"}, key=KEY,
+                               headers={"Host": host, "Origin": origin})
+        assert status == 403 and "not allowed" in str(body), (origin, body)
+    assert call(keyed.url, "GET", "/ui", headers={"Host": "evil.example"})[0] == 403  # rebinding
 
 
 # The last answer once it is finished: its text and its stats line ("stopped" after Stop).

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from hippod import audit  # operations (issue 8)
-from hippod.api import admin, info, ollama, openai, ui
+from hippod.api import admin, blobs, info, ollama, openai, responses, ui
 from hippod.api import cluster as cluster_routes, peer  # cluster (issue 5)
 from hippod.api import splits as split_routes  # pipeline split (issue 6)
 from hippod.api import auth, metrics  # operations (issue 8)
@@ -41,10 +41,12 @@ def build_app(settings: Settings, store: Store, registry: Registry, scheduler: S
     app["started_at"] = datetime.now(timezone.utc)
     app.on_response_prepare.append(auth.add_cors_headers)
     app.add_routes(ollama.routes)
+    app.add_routes(blobs.routes)  # Ollama's blob upload, for create with `files`
     app.add_routes(admin.routes)
     app.add_routes(info.routes)  # GET /api/hippo/info
     app.add_routes(ui.routes)  # GET /ui, the chat page
     app.add_routes(openai.routes)
+    app.add_routes(responses.routes)
     app.add_routes(peer.routes)  # cluster (issue 5)
     app.add_routes(cluster_routes.routes)  # cluster (issue 5)
     app.add_routes(split_routes.routes)  # pipeline split (issue 6)

@@ -58,7 +58,7 @@ async def cors_middleware(request: web.Request, handler):
     origin = request.headers.get("Origin")
     if not origin:  # not a browser's cross-origin call: nothing to do
         return await handler(request)
-    if not origin_allowed(origin, request.app["settings"].origins):
+    if not (same_origin(request, origin) or origin_allowed(origin, request.app["settings"].origins)):
         return error_response(request, 403, f"origin {origin} is not allowed (set HIPPO_ORIGINS)")
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return web.Response(status=204, headers={
@@ -66,6 +66,13 @@ async def cors_middleware(request: web.Request, handler):
             "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers")
             or ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
     return await handler(request)
+
+
+def same_origin(request: web.Request, origin: str) -> bool:
+    """A page hippod served itself (the chat page at /ui, opened by a name host_middleware
+    allowed): its Origin is this request's own scheme and Host."""
+    host = request.headers.get("Host", "")
+    return bool(host) and origin.lower() == f"{request.scheme}://{host}".lower()
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -43,13 +43,14 @@ async def probe_mlx(python: str) -> dict:
 
 
 async def mlx_facts(app: web.Application) -> dict:
-    for m in app["scheduler"].loaded.values():
-        device = getattr(getattr(m.runner, "ready", None), "device", None)
-        if device:
-            return {**(app.get("mlx_probe") or {}), "device": device, "from": f"runner of {m.name}"}
+    """The probe's answer (asked once), with the device a loaded runner reports, if any."""
     if "mlx_probe" not in app:
         settings = app["settings"]
         app["mlx_probe"] = await probe_mlx(settings.runner_python or sys.executable)
+    for m in app["scheduler"].loaded.values():
+        device = getattr(getattr(m.runner, "ready", None), "device", None)
+        if device:
+            return {**app["mlx_probe"], "device": device, "from": f"runner of {m.name}"}
     return {**app["mlx_probe"], "from": "probe"}
 
 

@@ -117,6 +117,10 @@ class Metrics:
                                   ["route"], buckets=DURATION_BUCKETS, registry=r)
         self.prompt_tokens = Counter("hippo_prompt_tokens", "tokens read (prompt)", ["model"], registry=r)
         self.completion_tokens = Counter("hippo_completion_tokens", "tokens generated", ["model"], registry=r)
+        self.drafted = Counter("hippo_speculative_drafted_tokens", "tokens a draft proposed (speculative decoding)",
+                               ["model"], registry=r)
+        self.accepted = Counter("hippo_speculative_accepted_tokens", "drafted tokens the target kept",
+                                ["model"], registry=r)
         self.ttft = Histogram("hippo_time_to_first_token_seconds",
                               "request arrival to the model's first token (includes loading)",
                               ["model"], buckets=TTFT_BUCKETS, registry=r)
@@ -139,6 +143,9 @@ class Metrics:
             self.completion_tokens.labels(model).inc(trace.completion_tokens)
             if trace.eval_seconds > 0:
                 self.per_token.labels(model).observe(trace.eval_seconds / trace.completion_tokens)
+        if trace.drafted_tokens:
+            self.drafted.labels(model).inc(trace.drafted_tokens)
+            self.accepted.labels(model).inc(trace.accepted_tokens)
         if trace.ttft_seconds is not None and trace.completion_tokens:
             self.ttft.labels(model).observe(trace.ttft_seconds)
         if trace.load_seconds > 0:

@@ -8,7 +8,8 @@ from typing import Any
 
 from hippod.api.errors import BadRequest
 from hippod.api.fields import get
-from hippod.api.ollama_types import IGNORED_OPTIONS, details as record_details, iso, parse_options
+from hippod.api.ollama_types import details as record_details, iso
+from hippod.api.request import IGNORED_OPTIONS, parse_options
 from hippod.registry.gotemplate import TemplateError, to_jinja
 from hippod.registry.modelfile import (QUANTIZE_LEVELS, parameters_text, quantize_level,
                                        render_modelfile)
@@ -16,7 +17,8 @@ from hippod.store.records import ModelRecord
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 CREATE_FIELDS = {"model", "name", "from", "files", "adapters", "template", "system", "parameters",
-                 "messages", "license", "quantize", "stream", "draft", "modelfile", "path"}
+                 "messages", "license", "quantize", "stream", "draft", "modelfile", "path",
+                 "renderer", "parser"}
 
 
 @dataclass
@@ -40,6 +42,11 @@ def parse_create(body: dict) -> CreateBody:
             raise BadRequest(f"create: {legacy!r} is Ollama's removed form; send 'from', "
                              "'parameters', 'template', 'system', 'messages' and 'license' "
                              "(hippoctl create -f Modelfile does)", param=legacy)
+    for named in ("renderer", "parser"):  # Ollama's built-in Go renderers and output parsers
+        if body.get(named):
+            raise BadRequest(f"create: {named!r} is not supported by hippo (it renders with the "
+                             "model's chat template and parses with mlx_lm's parsers)",
+                             param=named)
     if body.get("adapters"):
         raise BadRequest("create: 'adapters' (LoRA) are not supported by hippo", param="adapters")
     name = get(body, "model", str) or get(body, "name", str, required=True)

@@ -178,7 +178,8 @@ class Keyring:
             raise TrustError("peer request is not signed") from None
         if to != self.node_id:
             raise TrustError("peer request was signed for another node")
-        if not (0 < len(nonce) <= 64 and 0 < len(sig) <= 128 and 0 < len(sender) <= 64):
+        if not (0 < len(nonce) <= 64 and 0 < len(sig) <= 128 and 0 < len(sender) <= 64 and len(stamp) <= 32
+                and all(v.isascii() and v.isprintable() for v in (sender, stamp, nonce, sig))):
             raise TrustError("peer request has malformed signature headers")
         now = time.time() if now is None else now
         try:

@@ -3,7 +3,7 @@
 mlx_lm's BatchGenerator costs about twice the per-token time of generate_step for a single
 sequence (measured on an H100: 257 vs 579 tok/s for a 1B 4-bit model), and one user typing to a
 Mac is the common case. So a request that arrives alone runs on generate_step (or
-speculative_generate_step when the model has a draft); the moment a second request arrives,
+hippod.engine.speculative when the model has a draft); the moment a second request arrives,
 the running one moves into the BatchGenerator with its KV cache, and both continue batched.
 
 Admission: whatever is queued when the loop picks up work starts together. A request that finds
@@ -30,13 +30,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, generate_step, speculative_generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
+from hippod.engine import thinking
 from hippod.engine.embeddings import embed_texts
 from hippod.engine.grammar import make_grammar_processor
+from hippod.engine.logprobs import TokenTexts, token_entry
 from hippod.engine.prompts import PromptError, render_prompt
-from hippod.engine.sampling import make_request_processors, make_request_sampler
+from hippod.engine.sampling import (make_logits_shape, make_request_processors, make_request_sampler,
+                                   request_key)
+from hippod.engine.speculative import Decoding, DraftPolicy, Stats, speculative_stream, trim_to
 from hippod.engine.stops import StopMatcher
 from hippod.engine.tool_calls import (
     ToolCallBuffer,
@@ -58,9 +62,9 @@ from hippod.protocol import (
 
 log = logging.getLogger("hippo.runner")
 MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
+RESUME_MIN_TOKENS = 16  # a sequence left alone drafts again only with this many still to go
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
 PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
-PREFILL_BATCH = 8  # prompts prefilled together in one forward pass
 
 
 @dataclass
@@ -99,28 +103,35 @@ class _Active:
     solo: object = None  # the generate_step iterator while decoding alone
     cache: list | None = None  # the solo KV cache
     speculative: bool = False
+    spec: Stats | None = None  # drafted/accepted of a speculative solo stream
     first_token_at: float | None = None
     completion_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
     grammar: object = None  # the GrammarProcessor (also in processors) of a constrained request
     tools: ToolCallBuffer | None = None  # set when the answer may hold tool calls
+    top_logprobs: int | None = None  # None: no logprobs; else alternatives per token
+    pending_logprobs: list = field(default_factory=list)  # entries not yet sent with an event
+    thinking: object = None  # the ThinkingSplitter of a reasoning model's answer
     unsent: list[int] = field(default_factory=list)  # ids decoded since the last text sent
 
 
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
-                 info: Callable[[int], object], draft_model=None, num_draft: int = 3,
+                 info: Callable[[int], object], drafter=None, num_draft: int = 3,
                  prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
         self.context_length = context_length
         self.info = info
-        self.draft_model = draft_model
-        self.num_draft = num_draft
+        # A drafter (drafts.ModelDrafter, dflash.DFlashDraft) speculates for solo requests.
+        self.drafter = drafter
+        self.num_draft = getattr(drafter, "block_size", num_draft + 1) - 1 if drafter else 0
         self.num_layers = len(make_prompt_cache(model))
         self.eos = set(tokenizer.eos_token_ids)
+        self.token_texts = TokenTexts(tokenizer)
+        self.think_markers = thinking.markers(tokenizer)
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.waiting: deque[Job] = deque()
         self.batched: dict[int, _Active] = {}
@@ -131,7 +142,10 @@ class BatchLoop:
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=num_parallel,
-            prefill_batch_size=min(num_parallel, PREFILL_BATCH),
+            # Every slot may prefill at once: what is admitted together is prefilled in one pass
+            # (with a cap below num_parallel, mlx_lm refills the prompt batch before moving the
+            # finished prompts on, and a burst splits into passes of 7 and 1).
+            prefill_batch_size=num_parallel,
             prefill_step_size=prefill_step_size,
         )
 
@@ -251,7 +265,8 @@ class BatchLoop:
     def _prepare(self, job: Job) -> _Active | None:
         req: GenerateRequest = job.request
         opts = req.options
-        tokens = render_prompt(self.tokenizer, prepare_request(self.tokenizer, req))
+        tokens = render_prompt(self.tokenizer, prepare_request(self.tokenizer, req),
+                               thinking.template_kwargs(self.tokenizer, req.think))
         if not tokens:
             raise PromptError("the prompt is empty after applying the chat template")
         num_ctx = min(int(opts.get("num_ctx") or self.context_length), self.context_length)
@@ -266,9 +281,7 @@ class BatchLoop:
         if max_tokens - len(resume) <= 0:
             job.emit(DoneEvent("length", len(tokens), len(resume), 0.0, 0.0))
             return None
-        stop = opts.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
+        stop = opts.get("stop") or []  # checked and normalised by the API (api/request.py)
         processors = make_request_processors(opts)
         tool_grammar = forced_call_grammar(req) if uses_tools(req) else None
         if tool_grammar:
@@ -279,10 +292,11 @@ class BatchLoop:
             processors.append(grammar)
         tools = (ToolCallBuffer(self.tokenizer, req.tools, forced=tool_grammar is not None)
                  if uses_tools(req) else None)
-        active = _Active(job, self.tokenizer.detokenizer, StopMatcher(list(stop)), list(tokens),
+        active = _Active(job, self.tokenizer.detokenizer, StopMatcher(stop), list(tokens),
                          prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                          sampler=make_request_sampler(opts), processors=processors,
-                         started=time.perf_counter(), grammar=grammar, tools=tools)
+                         started=time.perf_counter(), grammar=grammar, tools=tools,
+                         top_logprobs=req.logprobs, thinking=self._splitter(tokens, req))
         self._replay(active, resume)
         return active
 
@@ -295,10 +309,20 @@ class BatchLoop:
             a.completion_tokens += 1
             a.detokenizer.add_token(token)
             text, _ = a.stops.feed(a.detokenizer.last_segment)
+            if a.thinking is not None:
+                text, _ = a.thinking.feed(text)
             if a.tools is not None:
                 a.tools.feed(text)
             if a.grammar is not None:
                 a.grammar.advance(token)
+
+    def _splitter(self, tokens: list[int], req: GenerateRequest) -> thinking.ThinkingSplitter | None:
+        """Thinking is split from the answer for chat requests to a reasoning model (a raw
+        completion gets the model's text as it is)."""
+        if self.think_markers is None or req.raw or req.grammar:
+            return None
+        inside = thinking.starts_inside(self.tokenizer, tokens, self.think_markers)
+        return thinking.ThinkingSplitter(self.think_markers, inside)
 
     def _cached(self, namespace: str, tokens: list[int]) -> tuple[list | None, list[int]]:
         """The longest cached prefix's KV (a copy) and the tokens still to process (never none)."""
@@ -311,7 +335,12 @@ class BatchLoop:
         return cache, rest
 
     def _remember(self, namespace: str, tokens: list[int], cache: list) -> None:
-        held = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
+        """Keep a finished sequence's KV under the tokens it holds. The caches of one entry
+        (target and draft) are trimmed to one length first: a speculative round may have left
+        them a token apart, or past the tokens the request kept."""
+        if not cache or not all(hasattr(c, "offset") for c in cache):
+            return
+        held = trim_to(cache, len(tokens))
         if held > 0:
             self.prompt_cache.insert_cache(namespace, list(tokens[:held]), cache)
 
@@ -319,20 +348,17 @@ class BatchLoop:
 
     def _start_solo(self, a: _Active) -> None:
         # Drafts are checked and rolled back: a grammar's matcher cannot follow that.
-        a.speculative = self.draft_model is not None and a.grammar is None
+        a.speculative = self.drafter is not None and a.grammar is None
         namespace = SPEC if a.speculative else MAIN
         cache, rest = self._cached(namespace, a.tokens)
         if cache is None:
             cache = make_prompt_cache(self.model)
             if a.speculative:
-                cache += make_prompt_cache(self.draft_model)
+                cache += self.drafter.make_cache()
         a.cached_tokens = min(a.prompt_tokens, len(a.tokens) - len(rest))
         a.cache = cache
         if a.speculative:
-            a.solo = speculative_generate_step(
-                mx.array(rest), self.model, self.draft_model, num_draft_tokens=self.num_draft,
-                max_tokens=a.max_tokens - a.completion_tokens, sampler=a.sampler, prompt_cache=cache,
-                logits_processors=_seeing(a.tokens[:len(a.tokens) - len(rest)], a))
+            a.solo = self._speculate(a)
         else:
             a.solo = generate_step(mx.array(rest), self.model, max_tokens=a.max_tokens - a.completion_tokens,
                                    sampler=a.sampler, prompt_cache=cache,
@@ -347,34 +373,64 @@ class BatchLoop:
             self._finish(a, "length", time.perf_counter())
             return
         token = int(item[0])
-        if a.speculative:
-            # Each verification round proposes num_draft tokens and ends on a target token.
-            if item[2]:
-                a.accepted += 1
-            elif a.completion_tokens > 0:
-                a.drafted += self.num_draft
         a.tokens.append(token)
         reason = None
         if token in self.eos:
             reason = "stop"
         elif a.completion_tokens + 1 >= a.max_tokens:
             reason = "length"
-        if self._deliver(a, token, reason):
+        if self._deliver(a, token, reason, item[1]):
             return
+
+    def _speculate(self, a: _Active, proposer=None):
+        """The solo speculative stream of `a`: its draft state, its sampling, its policy."""
+        target, draft = a.cache[: self.num_layers], a.cache[self.num_layers:]
+        opts = a.job.request.options
+        policy = DraftPolicy(self.num_draft)
+        a.spec = Stats()
+        stream = speculative_stream(
+            self.model, proposer or self.drafter.proposer(draft), target, a.tokens,
+            max_tokens=a.max_tokens - a.completion_tokens,
+            num_draft=policy, decoding=Decoding(make_logits_shape(opts), a.processors, request_key(opts)),
+            stats=a.spec, on_round=policy.record)
+        return stream
+
+    def _speculate_again(self) -> None:
+        """Speculation is decided per step: it runs while a sequence decodes alone, since the
+        batch path has no draft. When a batch is down to its last sequence, that one leaves the
+        BatchGenerator and drafts again, once its draft model has read the context. A DFlash
+        draft would need the target's hidden states of the whole context, so it stays."""
+        if (self.drafter is None or getattr(self.drafter, "kind", "") != "model" or self.solo is not None
+                or self.waiting or len(self.batched) != 1):
+            return
+        uid, a = next(iter(self.batched.items()))
+        if a.grammar is not None or a.max_tokens - a.completion_tokens < RESUME_MIN_TOKENS:
+            return
+        (cache, _), = self.generator.remove([uid], return_prompt_caches=True).values()
+        del self.batched[uid]
+        trim_to(cache, len(a.tokens) - 1)
+        draft = self.drafter.make_cache()
+        proposer = self.drafter.proposer(draft)
+        proposer.prefill(a.tokens[:cache[0].offset], None)
+        a.uid, a.cache, a.speculative = None, list(cache) + draft, True
+        a.solo = self._speculate(a, proposer)
+        self.solo = a
+
+    def _count_speculation(self, a: _Active) -> None:
+        a.drafted += a.spec.drafted
+        a.accepted += a.spec.accepted
+        a.spec = Stats()
 
     def _move_solo_to_batch(self) -> None:
         """A second request arrived: continue the solo sequence inside the BatchGenerator."""
         a, self.solo = self.solo, None
         a.solo.close()
         cache = a.cache[: self.num_layers]
-        if a.speculative:
-            self._remember(SPEC, a.tokens, a.cache)
         # The cache must hold every token but the last, which the batch feeds in next.
-        held = cache[0].offset
-        target = len(a.tokens) - 1
-        if held > target:
-            trim_prompt_cache(cache, held - target)
-            held = target
+        held = trim_to(a.cache if a.speculative else cache, len(a.tokens) - 1)
+        if a.speculative:
+            self._count_speculation(a)
+            self._remember(SPEC, a.tokens, a.cache)
         remaining = a.max_tokens - a.completion_tokens
         if a.grammar is not None:  # the batch shows it the last token, already consumed, again
             a.grammar.expect_repeat()
@@ -421,16 +477,17 @@ class BatchLoop:
                 del self.batched[r.uid]
                 if r.prompt_cache is not None:
                     self._remember(MAIN, r.all_tokens or a.tokens, r.prompt_cache)
-            if self._deliver(a, int(r.token), reason) and reason is None:
+            if self._deliver(a, int(r.token), reason, r.logprobs) and reason is None:
                 # A stop string ended it while the generator still runs it: take it out.
                 caches = self.generator.remove([r.uid], return_prompt_caches=True)
                 self.batched.pop(r.uid, None)
                 for cache, tokens in caches.values():
                     self._remember(MAIN, tokens, cache)
+        self._speculate_again()
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _deliver(self, a: _Active, token: int, reason: str | None) -> bool:
+    def _deliver(self, a: _Active, token: int, reason: str | None, logprobs=None) -> bool:
         """Emit a token's text; returns True when the request finished."""
         now = time.perf_counter()
         if a.first_token_at is None:
@@ -441,12 +498,20 @@ class BatchLoop:
         else:
             a.completion_tokens += 1
             det.add_token(token)
+            if a.top_logprobs is not None and logprobs is not None:
+                a.pending_logprobs.append(token_entry(self.token_texts, logprobs, token, a.top_logprobs))
             if reason is not None:
                 det.finalize()
         text, hit_stop = a.stops.feed(det.last_segment)
         if reason is not None and not hit_stop:
             text += a.stops.flush()
         ending = hit_stop or reason is not None
+        thought = ""
+        if a.thinking is not None:  # the answer goes on to the tool-call buffer, thinking does not
+            text, thought = a.thinking.feed(text)
+            if ending:
+                rest, more = a.thinking.flush()
+                text, thought = text + rest, thought + more
         calls = None
         if a.tools is not None:  # tool-call markup is parsed at the end, never streamed
             text = a.tools.feed(text)
@@ -454,10 +519,11 @@ class BatchLoop:
                 rest, calls = a.tools.finish()
                 text += rest
         counted = not (reason == "stop" and token in self.eos)
-        if text:
+        if text or thought or (ending and a.pending_logprobs):
             ids = a.unsent + [token] if counted else a.unsent
-            a.job.emit(TokenEvent(text, token, ids if ids != [token] else None))
-            a.unsent = []
+            a.job.emit(TokenEvent(text, token, thinking=thought, logprobs=a.pending_logprobs or None,
+                                  ids=ids if ids != [token] else None))
+            a.unsent, a.pending_logprobs = [], []
         elif counted:
             a.unsent.append(token)
         if ending:  # parsed calls are a complete answer, even on the budget's last token
@@ -469,6 +535,8 @@ class BatchLoop:
         first = a.first_token_at or now
         if self.solo is a:
             self.solo = None
+            if a.speculative:
+                self._count_speculation(a)
             self._remember(SPEC if a.speculative else MAIN, a.tokens, a.cache)
         partial = None
         unparsed = a.tools.unparsed if a.tools is not None else None

@@ -132,6 +132,8 @@ def summary(meta: dict, parameters: int, config: dict) -> dict:
         "quantization": quantization_name(meta, config),
         "context_length": config["max_position_embeddings"],
         "architecture": meta["general.architecture"],
+        "file_type": meta.get("general.file_type"),
+        "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
     }
 
 

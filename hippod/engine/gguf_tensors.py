@@ -48,6 +48,11 @@ def group_scale_bias(qtype: QT, blocks: np.ndarray) -> tuple[np.ndarray, np.ndar
 def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     """Integers (rows, cols) in [0, 2^bits) -> MLX's packing: a little-endian bit stream, uint32."""
     rows, cols = q.shape
+    if bits == 8:
+        return np.ascontiguousarray(q, dtype=np.uint8).view("<u4")
+    if bits == 4:
+        pairs = q.reshape(rows, cols // 2, 2).astype(np.uint8)
+        return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).view("<u4")
     stream = ((q[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8)
     packed = np.packbits(stream.reshape(rows, cols * bits // 8, 8), axis=-1, bitorder="little")
     return np.ascontiguousarray(packed.reshape(rows, -1)).view("<u4")

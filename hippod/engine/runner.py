@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from hippod.registry.modelinfo import config_context_length
 from hippod.protocol import (
     DoneEvent,
     EmbedResult,
@@ -48,11 +49,7 @@ def _model_context_length(model_dir: Path) -> int | None:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    cfg = cfg.get("text_config", cfg)
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "context_length"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    return None
+    return config_context_length(cfg) if isinstance(cfg, dict) else None
 
 
 class Runner:
@@ -85,22 +82,21 @@ class Runner:
             from mlx_lm import load
 
             from hippod.engine.batch_loop import BatchLoop
+            from hippod.engine.drafts import load_drafter
 
             t0 = time.perf_counter()
+            from hippod.engine.dflash import is_dflash_dir
+
+            if is_dflash_dir(self.model_dir):
+                raise ValueError("this is a DFlash draft, which only drafts for its target "
+                                 "(create TARGET --draft with it); it cannot run alone")
             model, tokenizer = load(str(self.model_dir))
             mx.eval(model.parameters())
-            draft_model = None
-            if self.draft is not None:
-                draft_model, _ = load(str(self.draft))
-                mx.eval(draft_model.parameters())
-            elif self.self_draft_layers > 0:
-                from hippod.engine.drafts import self_draft
-
-                draft_model = self_draft(model, self.self_draft_layers)
+            drafter = load_drafter(model, self.draft, self.self_draft_layers)
             self.load_seconds = time.perf_counter() - t0
             self.batch = BatchLoop(model, tokenizer, num_parallel=self.num_parallel,
                                    context_length=self.context_length, info=self.info,
-                                   draft_model=draft_model, num_draft=self.num_draft,
+                                   drafter=drafter, num_draft=self.num_draft,
                                    prompt_cache_bytes=self.prompt_cache_bytes)
         except BaseException as e:  # reported to the daemon, which shows it to the user
             self.load_error = e

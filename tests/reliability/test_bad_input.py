@@ -209,6 +209,8 @@ PLAIN_GETS = ["/", "/api/version", "/api/tags", "/api/ps", "/api/hippo/status", 
 def covered_routes(f: Fuzzed) -> set[tuple[str, str]]:
     out = set(templates(f)) | {("GET", p) for p in PLAIN_GETS + list(QUERIES)}
     out |= {("GET", "/v1/models/{model}"), ("GET", "/api/hippo/peer/blobs/sha256-{sha256}")}
+    # raw uploads, not JSON: bad digests and bodies are covered by tests/test_create_modelfile.py
+    out |= {("POST", "/api/blobs/sha256-{sha256}"), ("HEAD", "/api/blobs/sha256-{sha256}")}
     out |= {("HEAD", p) for m, p in out if m == "GET"}
     return out
 

@@ -27,7 +27,7 @@ from tests.daemon import REPO_ROOT, free_port
 from tests.modelfiles import make_tiny_llama
 from tests.reliability.conftest import FULL, record
 from tests.reliability.wire import send
-from tests.test_auth import KEY, KeyedDaemon, app_routes
+from tests.test_auth import KEY, PUBLIC, KeyedDaemon, app_routes
 
 
 def _non_loopback_ipv4() -> list[str]:
@@ -81,7 +81,8 @@ def keyed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def routes(tmp_path_factory):
-    return app_routes(tmp_path_factory.mktemp("routes")) + [("GET", "/no/such"), ("POST", "/api/hippo/peer/x")]
+    served = [r for r in app_routes(tmp_path_factory.mktemp("routes")) if r not in PUBLIC]
+    return served + [("GET", "/no/such"), ("POST", "/api/hippo/peer/x")]
 
 
 @settings(max_examples=400 if FULL else 80, deadline=None, database=None, derandomize=not FULL,

@@ -1,0 +1,365 @@
+"""Speculative decoding: a drafter proposes tokens, the target checks them all in one forward.
+
+One loop serves every kind of draft: a small model of the same tokenizer, the target's own
+first layers, a DFlash block drafter fed the target's hidden states, and the benchmark's oracle.
+The target verifies every drafted token, so output is lossless: greedy output is the plain
+greedy output, and sampled output follows the target's distribution (rejection sampling,
+Leviathan et al. 2023). Caches are rolled back before any token of a round is handed out, so
+a consumer may stop at any token and find the target's cache holding the tokens it has seen
+(plus at most the rest of that round, which `trim_to` removes).
+
+A proposer is a small stateful object over its own KV caches:
+  - `taps`: the target layers whose outputs it reads (DFlash), else ();
+  - `prefill(tokens, features)`: take in context the target has processed;
+  - `propose(pending, n, history, decoding)`: up to n draft tokens after `pending` (the last
+    token of `history`, which the target has not processed yet), drawn with `decoding.draw`
+    and left lazy (an mx.array: the target's verify is queued behind them without a wait),
+    and the probabilities they were drawn from (None when greedy, or deterministic drafts);
+  - `commit(drafts, accepted, features)`: the target kept `accepted` of the drafts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import mlx.core as mx
+from mlx_lm.models.cache import trim_prompt_cache
+
+PREFILL_STEP = 512
+PHASES = ("draft", "verify", "accept", "trim")
+
+
+class Proposer(Protocol):
+    taps: tuple[int, ...]
+
+    def prefill(self, tokens: list[int], features: mx.array | None) -> None: ...
+
+    def propose(self, pending: int, n: int, history: list[int], decoding: "Decoding"
+                ) -> tuple[mx.array, mx.array | None]: ...
+
+    def commit(self, drafts: list[int], accepted: int, features: mx.array | None) -> None: ...
+
+
+@dataclass
+class Stats:
+    """What a speculative stream did; `seconds` per phase is filled when profiling."""
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+# -- the target's forward, with its hidden states tapped ---------------------------------------
+
+
+def decoder_of(model):
+    """The module that holds the layer list (a text model, or the language part of a VLM)."""
+    for path in (("model",), ("language_model", "model")):
+        obj = model
+        for name in path:
+            obj = getattr(obj, name, None)
+        if obj is not None and isinstance(getattr(obj, "layers", None), list):
+            return path, obj
+    raise ValueError("this model family has no layer list to draft from")
+
+
+class _Tap:
+    """Stands in for one layer during a forward and keeps its output."""
+
+    def __init__(self, layer, store: dict, index: int):
+        self._layer, self._store, self._index = layer, store, index
+
+    def __call__(self, *args, **kwargs):
+        out = self._layer(*args, **kwargs)
+        self._store[self._index] = out
+        return out
+
+    def __getattr__(self, name):  # families read flags off their layers (use_sliding, ...)
+        return getattr(self._layer, name)
+
+
+def forward(model, tokens: mx.array, cache: list, taps: tuple[int, ...] = ()):
+    """The target's logits for `tokens` ([L]) and, when taps are asked, the concatenated
+    outputs of those layers ([1, L, H * len(taps)]). Tapping swaps the layer list for one
+    call, so it works with any family that iterates its layers."""
+    if not taps:
+        return model(tokens[None], cache=cache), None
+    _, decoder = decoder_of(model)
+    layers, store = decoder.layers, {}
+    tapped = list(layers)
+    for i in taps:
+        tapped[i] = _Tap(layers[i], store, i)
+    decoder.layers = tapped
+    try:
+        logits = model(tokens[None], cache=cache)
+    finally:
+        decoder.layers = layers
+    return logits, mx.concatenate([store[i] for i in taps], axis=-1)
+
+
+def prefill(model, proposer: Proposer, cache: list, tokens: list[int]) -> None:
+    """Bring the target's and the proposer's caches over `tokens`, in chunks."""
+    for start in range(0, len(tokens), PREFILL_STEP):
+        chunk = tokens[start:start + PREFILL_STEP]
+        _, features = forward(model, mx.array(chunk, mx.uint32), cache, proposer.taps)
+        if features is not None:
+            mx.eval(features)
+        else:
+            mx.eval([c.state for c in cache])
+        proposer.prefill(chunk, features)
+        mx.clear_cache()
+
+
+# -- acceptance --------------------------------------------------------------------------------
+
+
+def accept_greedy(drafts: list[int], targets: list[int]) -> int:
+    """How many drafts agree with the target's own choices, from the first on."""
+    n = 0
+    while n < len(drafts) and drafts[n] == targets[n]:
+        n += 1
+    return n
+
+
+def accept_sampled(drafts: list[int], p: mx.array, q: mx.array | None, key=None) -> tuple[int, int]:
+    """Rejection sampling: keep draft i with probability min(1, p_i(d)/q_i(d)); at the first
+    rejection draw from norm(max(p_i - q_i, 0)), after the last acceptance from p_n. The kept
+    tokens and the drawn one are distributed as the target's own samples would be.
+
+    `p` is [n+1, V] (the target's probabilities at each drafted position and one past the
+    last), `q` is [n, V] (the draft's), or None for a deterministic draft (q is one-hot).
+    Returns (accepted, next token)."""
+    n = len(drafts)
+    k_accept, k_draw = mx.random.split(key) if key is not None else (None, None)
+    ok = []
+    if n:
+        rows, idx = mx.arange(n), mx.array(drafts, mx.int32)
+        p_d = p[:n][rows, idx]
+        q_d = q[rows, idx] if q is not None else mx.ones((n,))
+        u = mx.random.uniform(shape=(n,), key=k_accept)
+        ok = (u * q_d <= p_d).tolist()  # u < p/q, without dividing by a zero q
+    accepted = 0
+    while accepted < n and ok[accepted]:
+        accepted += 1
+    if accepted == n:
+        dist = p[n]
+    else:
+        q_row = q[accepted] if q is not None else mx.zeros_like(p[accepted]).at[drafts[accepted]].add(1.0)
+        rest = mx.maximum(p[accepted] - q_row, 0.0)
+        total = rest.sum()
+        dist = mx.where(total > 0, rest / mx.maximum(total, 1e-30), p[accepted])
+    token = mx.random.categorical(mx.log(mx.maximum(dist, 1e-38)), key=k_draw)
+    return accepted, int(token)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Decoding:
+    """How a request picks tokens: `shape` turns log-probabilities into the logits it samples
+    from (temperature, top-p/k, min-p), or None for greedy; `processors` are mlx_lm logits
+    processors (repetition penalties); `key` a PRNG key for a seeded request. Draft and target
+    go through the same one, which rejection sampling needs."""
+    shape: Callable[[mx.array], mx.array] | None = None
+    processors: list = field(default_factory=list)
+    key: object = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.shape is None
+
+    def next_key(self):
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def _shaped(self, rows: mx.array) -> mx.array:
+        return self.shape(rows - mx.logsumexp(rows, axis=-1, keepdims=True))
+
+    def process(self, history: mx.array, rows: mx.array) -> mx.array:
+        """Row i of `rows` ([n, V]) is the next-token logits after history[:len - n + 1 + i]:
+        processors see the tokens before each row, as mlx_lm's generate_step shows them."""
+        if not self.processors:
+            return rows
+        out = []
+        for i in range(rows.shape[0]):
+            row = rows[i:i + 1]
+            hist = history[:history.shape[0] - rows.shape[0] + 1 + i]
+            for proc in self.processors:
+                row = proc(hist, row)
+            out.append(row)
+        return mx.concatenate(out, axis=0)
+
+    def target(self, history: list[int], drafts: mx.array | None, rows: mx.array) -> mx.array:
+        """The target's choices (greedy) or probabilities (sampled) at each verified row."""
+        if self.processors:
+            rows = self.process(_joined(history, drafts), rows)
+        if self.greedy:
+            return mx.argmax(rows, axis=-1)
+        return mx.softmax(self._shaped(rows), axis=-1)
+
+    def draw(self, history: list[int], drafted: mx.array | None, rows: mx.array
+             ) -> tuple[mx.array, mx.array | None]:
+        """Draft tokens ([n], left lazy) from `rows` ([n, V]; row i follows history, then the
+        tokens `drafted` before this call, then those drawn before it) and, when sampling, the
+        probabilities they were drawn from."""
+        if not self.processors:
+            return self._draw_rows(rows)
+        tokens, probs = [], []
+        for i in range(rows.shape[0]):
+            seen = _joined(history, mx.concatenate([x for x in (drafted, *tokens) if x is not None])
+                           if drafted is not None or tokens else None)
+            drawn, p = self._draw_rows(self.process(seen, rows[i:i + 1]))
+            tokens.append(drawn)
+            probs.append(p)
+        return mx.concatenate(tokens), None if self.greedy else mx.concatenate(probs, axis=0)
+
+    def _draw_rows(self, rows: mx.array) -> tuple[mx.array, mx.array | None]:
+        if self.greedy:
+            return mx.argmax(rows, axis=-1).astype(mx.uint32), None
+        shaped = self._shaped(rows)
+        key = self.next_key()
+        drawn = mx.random.categorical(shaped, key=key) if key is not None else mx.random.categorical(shaped)
+        return drawn.astype(mx.uint32), mx.softmax(shaped, axis=-1)
+
+
+def _joined(history: list[int], drafts: mx.array | None) -> mx.array:
+    head = mx.array(history, mx.uint32)
+    return head if drafts is None else mx.concatenate([head, drafts.astype(mx.uint32)])
+
+
+def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int], *,
+                       max_tokens: int, num_draft: Callable[[], int] | int, decoding: Decoding,
+                       stats: Stats | None = None, profile: bool = False,
+                       on_round: Callable[[int, int, float], None] | None = None
+                       ) -> Iterator[tuple[int, bool]]:
+    """Yield (token, drafted) pairs. `tokens` is the whole sequence so far; `cache` (the
+    target's) and the proposer's caches hold the KV of its first cache[0].offset tokens, and at
+    least the last token is still to process. `num_draft` may be a callable asked each round
+    (0: a plain step), which is how a policy turns drafting off when it does not pay."""
+    stats = stats if stats is not None else Stats()
+    history = list(tokens)
+    held = cache[0].offset
+    if held >= len(history):
+        raise ValueError("the cache must leave at least one token to process")
+    prefill(model, proposer, cache, history[held:-1])
+    pending = history[-1]
+    produced = 0
+    clock = time.perf_counter
+
+    def lap(phase: str, t0: float) -> float:
+        if profile:
+            t1 = clock()
+            stats.seconds[phase] += t1 - t0
+            return t1
+        return t0
+
+    while produced < max_tokens:
+        t_round = t0 = clock()
+        want = num_draft() if callable(num_draft) else num_draft
+        n = max(0, min(want, max_tokens - produced - 1))
+        drafts, q = proposer.propose(pending, n, history, decoding) if n else (None, None)
+        if profile and drafts is not None:
+            mx.eval(drafts)
+        t0 = lap("draft", t0)
+        head = mx.array([pending], mx.uint32)
+        inputs = head if drafts is None else mx.concatenate([head, drafts.astype(mx.uint32)])
+        logits, features = forward(model, inputs, cache, proposer.taps)
+        choice = decoding.target(history, drafts, logits[0])
+        mx.eval(choice, *(x for x in (drafts, features) if x is not None))
+        t0 = lap("verify", t0)
+        drafts = drafts.tolist() if drafts is not None else []
+        n = len(drafts)
+        if decoding.greedy:
+            targets = choice.tolist()
+            accepted = accept_greedy(drafts, targets)
+            bonus = targets[accepted]
+        else:
+            accepted, bonus = accept_sampled(drafts, choice, q, decoding.next_key())
+        t0 = lap("accept", t0)
+        trim_prompt_cache(cache, n - accepted)
+        proposer.commit(drafts, accepted, features[:, :accepted + 1] if features is not None else None)
+        lap("trim", t0)
+        stats.rounds += 1
+        stats.drafted += n
+        stats.accepted += accepted
+        if on_round is not None:
+            on_round(n, accepted, clock() - t_round)
+        kept = drafts[:accepted] + [bonus]
+        history += kept
+        pending = bonus
+        for i, token in enumerate(kept):
+            produced += 1
+            yield token, i < accepted
+            if produced >= max_tokens:
+                return
+
+
+def trim_to(caches: list, length: int) -> int:
+    """Trim every cache in the list to at most `length` tokens (they may differ by a round's
+    leftovers); returns the common length they now hold."""
+    held = min([length] + [c.offset for c in caches])
+    for c in caches:
+        if c.offset > held:
+            c.trim(c.offset - held)
+    return held
+
+
+class DraftPolicy:
+    """How many tokens to draft each round, by measurement: drafting stays on while its tokens
+    per second beat plain decoding's, measured on the same stream (a plain round is a round
+    that drafts nothing). Off, it probes again now and then, since acceptance changes with the
+    text. Output never depends on it; only speed does."""
+
+    def __init__(self, num_draft: int, *, warmup: int = 3, probe_every: int = 48, margin: float = 1.0):
+        self.num_draft = num_draft
+        self.warmup, self.probe_every, self.margin = warmup, probe_every, margin
+        self.plain_rate: float | None = None  # tokens per second, plain rounds
+        self.draft_rate: float | None = None  # tokens per second, drafting rounds
+        self.drafting = True
+        self.trial = 0  # drafting rounds since drafting was (re)tried
+        self.rounds_off = 0
+        self.round = 0
+
+    def __call__(self) -> int:
+        self.round += 1
+        if self.round == 2 or self.round % 64 == 0:  # a plain round to measure against (not the first: warm-up)
+            return 0
+        if not self.drafting:
+            self.rounds_off += 1
+            if self.rounds_off < self.probe_every:
+                return 0
+            self.drafting, self.trial, self.draft_rate = True, 0, None
+        return self.num_draft
+
+    @staticmethod
+    def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
+        return new if old is None else (1 - weight) * old + weight * new
+
+    def record(self, drafted: int, accepted: int, seconds: float) -> None:
+        rate = (accepted + 1) / max(seconds, 1e-9)
+        if drafted == 0:
+            if self.round > 1:
+                self.plain_rate = self._ema(self.plain_rate, rate)
+            return
+        self.trial += 1
+        if self.trial > 1:  # the first drafting round carries the draft's warm-up
+            self.draft_rate = self._ema(self.draft_rate, rate)
+        if (self.trial > self.warmup and self.plain_rate is not None and self.draft_rate is not None
+                and self.draft_rate < self.margin * self.plain_rate):
+            self.drafting, self.rounds_off = False, 0
+
+    @property
+    def on(self) -> bool:
+        return self.drafting
+
+
+def decoding_for(options: dict) -> Decoding:
+    """The Decoding of a request's Ollama-style options (the same ones its sampler follows)."""
+    from hippod.engine.sampling import make_logits_shape, make_request_processors, request_key
+
+    return Decoding(make_logits_shape(options), make_request_processors(options), request_key(options))

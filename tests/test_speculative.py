@@ -1,0 +1,307 @@
+"""Speculative decoding is lossless in every mode, through a real hippod and real runners.
+
+The target is a tiny random llama whose layers after the second are damped toward identity, so
+its own first two layers (the self-draft), a copy of them saved as a separate draft model, and
+a random DFlash draft agree with it often, rarely, and never: every path of the accept/reject
+code runs, and greedy output must equal plain decoding token for token. The rejection sampler
+is checked against the exact distribution on a toy vocabulary.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import time
+
+import mlx.core as mx
+import pytest
+
+from tests.modelfiles import make_tiny_llama, write_random_dflash
+
+pytestmark = pytest.mark.slow
+
+GREEDY = {"temperature": 0, "num_predict": 16}
+PROMPTS = ("the quick brown fox", "one two three four five")
+
+
+def _damped_copy(src, dst, start: int, epsilon: float):
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from hippod.engine.drafts import damp_layers
+
+    model, _ = load(str(src))
+    damp_layers(model, start, epsilon)
+    shutil.copytree(src, dst)
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("speculative")
+    raw = make_tiny_llama(base / "raw", num_layers=4, seed=11)
+    target = _damped_copy(raw, base / "target", 2, 0.15)
+    # The target's first two layers as a model of their own: a draft that often agrees.
+    cfg = json.loads((target / "config.json").read_text())
+    draft = _truncated(target, base / "draft", cfg, 2)
+    dflash = write_random_dflash(base / "dflash", cfg, num_layers=1, block_size=5, mask_token_id=3)
+    return {"target": target, "draft": draft, "dflash": dflash, "config": cfg}
+
+
+def _truncated(src, dst, cfg, layers: int):
+    shutil.copytree(src, dst)
+    weights = mx.load(str(src / "model.safetensors"))
+    keep = {k: v for k, v in weights.items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    mx.save_safetensors(str(dst / "model.safetensors"), keep, metadata={"format": "mlx"})
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+    return dst
+
+
+def _create(d, name, path, **extra):
+    status, body = d.request("POST", "/api/create", {"model": name, "from": str(path),
+                                                     "stream": False, **extra})
+    assert status == 200, body
+
+
+def _generate(d, model, prompt, **options):
+    status, body = d.request("POST", "/api/generate", {
+        "model": model, "prompt": prompt, "raw": True, "stream": False,
+        "options": {**GREEDY, **options}})
+    assert status == 200, body
+    return body
+
+
+def _chat(d, model, messages):
+    status, body = d.request("POST", "/api/chat", {"model": model, "messages": messages,
+                                                   "stream": False, "options": GREEDY})
+    assert status == 200, body
+    return body
+
+
+def test_greedy_output_is_plain_output_for_draft_model_and_dflash(daemon_factory, dirs):
+    d = daemon_factory("spec", env={"HIPPO_NUM_DRAFT": "4"})
+    _create(d, "plain", dirs["target"])
+    _create(d, "draft-model", dirs["draft"])
+    _create(d, "drafted", dirs["target"], draft="draft-model")
+    _create(d, "flash", dirs["target"], draft=str(dirs["dflash"]))  # a DFlash directory
+    expected = [_generate(d, "plain", p)["response"] for p in PROMPTS]
+    for model in ("drafted", "flash"):
+        got = [_generate(d, model, p) for p in PROMPTS]
+        assert [g["response"] for g in got] == expected, model
+        assert all(g["draft_count"] > 0 for g in got), (model, got)
+        assert all(0 <= g["draft_accepted_count"] <= g["draft_count"] for g in got)
+    drafted = [_generate(d, "drafted", p) for p in PROMPTS]
+    assert sum(g["draft_accepted_count"] for g in drafted) > 0  # the accept path ran too
+
+    # A second turn reuses the first turn's KV (target's and draft's) from the prompt cache.
+    for model in ("plain", "drafted", "flash"):
+        first = [{"role": "user", "content": "Count with me."}]
+        answer = _chat(d, model, first)["message"]["content"]
+        second = _chat(d, model, first + [{"role": "assistant", "content": answer},
+                                          {"role": "user", "content": "Again."}])
+        if model == "plain":
+            plain_turns = (answer, second["message"]["content"])
+        else:
+            assert (answer, second["message"]["content"]) == plain_turns, model
+            assert second["prompt_eval_count"] > 0
+
+    # A repetition penalty is applied at every drafted position just as in plain decoding.
+    penalised = _generate(d, "plain", PROMPTS[0], repeat_penalty=1.5)["response"]
+    assert _generate(d, "drafted", PROMPTS[0], repeat_penalty=1.5)["response"] == penalised
+    assert _generate(d, "flash", PROMPTS[0], repeat_penalty=1.5)["response"] == penalised
+
+    # Sampled decoding speculates too (its distribution is the target's: see the unit test).
+    sampled = _generate(d, "drafted", PROMPTS[0], temperature=0.8, seed=3)
+    assert sampled["eval_count"] == 16 and sampled["draft_count"] > 0
+
+    # Two at once: the long one drafts alone, joins the batch (no drafting there), and drafts
+    # again once the short one is done; its answer is still the plain one.
+    long_alone = _generate(d, "plain", PROMPTS[1], num_predict=64)["response"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_generate, d, "drafted", PROMPTS[1], num_predict=64)
+        time.sleep(0.1)
+        short = pool.submit(_generate, d, "drafted", PROMPTS[0], num_predict=3)
+        assert long.result()["response"] == long_alone
+        assert short.result()["eval_count"] == 3
+
+    # /metrics counts what was drafted and kept, per model.
+    status, text = d.request("GET", "/metrics")
+    assert status == 200
+    drafted = _sample(text, 'hippo_speculative_drafted_tokens_total{model="drafted:latest"}')
+    accepted = _sample(text, 'hippo_speculative_accepted_tokens_total{model="drafted:latest"}')
+    assert drafted > 0 and 0 < accepted <= drafted, (drafted, accepted)
+    assert _sample(text, 'hippo_speculative_drafted_tokens_total{model="flash:latest"}') > 0
+    assert 'hippo_speculative_drafted_tokens_total{model="plain:latest"}' not in text
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in /metrics")
+
+
+def test_greedy_output_is_plain_output_for_self_draft(daemon_factory, dirs):
+    plain = daemon_factory("plain")
+    _create(plain, "target", dirs["target"])
+    expected = [_generate(plain, "target", p)["response"] for p in PROMPTS]
+    plain.stop()
+    s = daemon_factory("self", env={"HIPPO_SELF_DRAFT_LAYERS": "2"})
+    _create(s, "target", dirs["target"])
+    got = [_generate(s, "target", p) for p in PROMPTS]
+    assert [g["response"] for g in got] == expected
+    assert sum(g["draft_accepted_count"] for g in got) > 0
+
+
+def test_a_dflash_draft_that_does_not_fit_its_target_is_refused(daemon_factory, dirs, tmp_path):
+    bad = write_random_dflash(tmp_path / "bad", {**dirs["config"], "num_hidden_layers": 9},
+                              block_size=4, target_layer_ids=[1, 8])
+    d = daemon_factory("bad")
+    _create(d, "flash", dirs["target"], draft=str(bad))
+    status, body = d.request("POST", "/api/generate", {"model": "flash", "prompt": "hi",
+                                                       "stream": False})
+    assert status == 500 and "9 target layers" in body["error"], body
+    status, body = d.request("POST", "/api/generate", {"model": "flash-draft", "prompt": "hi",
+                                                       "stream": False})
+    assert status == 500 and "DFlash draft" in body["error"], body
+    status, body = d.request("POST", "/api/create", {"model": "other", "from": str(dirs["target"]),
+                                                     "draft": str(tmp_path / "nowhere"), "stream": False})
+    assert status == 400 and "nowhere: no such file or directory" in body["error"], body
+
+
+# -- pure functions, fast ------------------------------------------------------------------------
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """Draft from q, accept/reject against p: the first token out is distributed as p."""
+    from hippod.engine.speculative import accept_sampled
+
+    p = mx.array([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    q = mx.array([[0.1, 0.1, 0.1, 0.7]])
+    counts = [0, 0, 0, 0]
+    accepted_total = 0
+    key = mx.random.key(7)
+    trials = 4000
+    for _ in range(trials):
+        key, k1, k2 = mx.random.split(key, 3)
+        draft = int(mx.random.categorical(mx.log(q[0]), key=k1))
+        accepted, token = accept_sampled([draft], p, q, k2)
+        first = draft if accepted else token
+        counts[first] += 1
+        accepted_total += accepted
+    freq = [c / trials for c in counts]
+    for f, want in zip(freq, p[0].tolist()):
+        assert abs(f - want) < 0.03, (freq, p[0].tolist())
+    # Acceptance is sum(min(p, q)) = 0.1 + 0.1 + 0.1 + 0.05 = 0.35.
+    assert abs(accepted_total / trials - 0.35) < 0.03
+
+
+def test_a_deterministic_draft_is_accepted_with_the_target_probability():
+    from hippod.engine.speculative import accept_sampled
+
+    p = mx.array([[0.6, 0.4], [0.5, 0.5]])
+    key = mx.random.key(1)
+    firsts = []
+    for _ in range(2000):
+        key, sub = mx.random.split(key)
+        accepted, token = accept_sampled([0], p, None, sub)
+        firsts.append(0 if accepted else token)
+    assert abs(firsts.count(0) / 2000 - 0.6) < 0.04
+    assert abs(firsts.count(1) / 2000 - 0.4) < 0.04
+
+
+def test_greedy_acceptance_is_the_agreeing_prefix():
+    from hippod.engine.speculative import accept_greedy
+
+    assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == 2
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 1]) == 3
+    assert accept_greedy([4], [5, 1]) == 0
+    assert accept_greedy([], [5]) == 0
+
+
+def test_the_policy_stops_drafting_when_it_does_not_pay():
+    from hippod.engine.speculative import DraftPolicy
+
+    policy = DraftPolicy(4, probe_every=10)
+    asked = []
+    for _ in range(40):
+        n = policy()
+        asked.append(n)
+        # Plain rounds take 10 ms a token; drafting rounds 40 ms and keep nothing.
+        policy.record(n, 0, 0.040 if n else 0.010)
+    assert asked[1] == 0 and asked[2] == 4
+    assert asked[5:14] == [0] * 9  # off after four losing rounds, until the probe_every-th
+    assert asked[14] == 4  # then it tries again
+    assert sum(1 for n in asked if n) <= 14
+
+    paying = DraftPolicy(4)
+    for _ in range(40):
+        n = paying()
+        paying.record(n, 3 if n else 0, 0.020 if n else 0.010)  # 4 tokens in 20 ms: 2x
+    assert paying.on
+
+
+def test_the_catalog_names_dflash_drafts_for_qwen3_and_llama():
+    from hippod.registry.catalog import resolve
+
+    assert resolve("qwen3-4b", "latest").dflash == "z-lab/Qwen3-4B-DFlash-b16"
+    assert resolve("qwen3-8b", "8bit").dflash == "z-lab/Qwen3-8B-DFlash-b16"  # variants inherit it
+    assert resolve("llama-3.1-8b", "latest").dflash == "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat"
+    assert resolve("qwen3-0.6b", "latest").dflash is None
+
+
+def test_dflash_context_follows_the_target_when_drafts_are_kept(dirs, tmp_path):
+    """In-process: DFlash drafts replaced by the target's own continuation (so they are kept)
+    still give plain output, and the draft's context rows stay one per token the target holds."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from hippod.engine.dflash import DFlashError, load_dflash
+    from hippod.engine.speculative import Decoding, Stats, speculative_stream
+
+    model, tok = load(str(dirs["target"]))
+    prompt = tok.encode("alpha beta gamma delta")
+    plain = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=20)]
+    draft = load_dflash(dirs["dflash"], model)
+
+    class Kept:
+        def __init__(self, inner):
+            self.inner, self.taps = inner, inner.taps
+
+        def prefill(self, tokens, features):
+            self.inner.prefill(tokens, features)
+
+        def propose(self, pending, n, history, decoding):
+            guess, _ = self.inner.propose(pending, n, history, decoding)
+            at = len(history) - len(prompt)
+            right = (plain[at:at + guess.shape[0]] + [0] * n)[:guess.shape[0]]
+            if at % 3 == 2:  # now and then a wrong guess
+                right[-1] = (right[-1] + 1) % 49152
+            return mx.array(right, mx.uint32), None
+
+        def commit(self, drafts, accepted, features):
+            self.inner.commit(drafts, accepted, features)
+
+    target_cache, draft_cache = make_prompt_cache(model), draft.make_cache()
+    stats = Stats()
+    out = [t for t, _ in speculative_stream(model, Kept(draft.proposer(draft_cache)), target_cache, prompt,
+                                            max_tokens=20, num_draft=4, decoding=Decoding(), stats=stats)]
+    assert out == plain
+    assert stats.accepted > 10
+    assert draft_cache[0].offset == target_cache[0].offset
+
+    # A checkpoint may carry the target's embeddings (ignored); one that lacks a weight is refused.
+    weights = mx.load(str(dirs["dflash"] / "model.safetensors"))
+    broken = shutil.copytree(dirs["dflash"], tmp_path / "broken")
+    extra = {**weights, "embed_tokens.weight": mx.zeros((4, 4))}
+    mx.save_safetensors(str(broken / "model.safetensors"), extra)
+    load_dflash(broken, model)
+    weights.pop("layers.0.mlp.up_proj.weight")
+    mx.save_safetensors(str(broken / "model.safetensors"), weights)
+    with pytest.raises(DFlashError, match="lacks 1 weights"):
+        load_dflash(broken, model)
