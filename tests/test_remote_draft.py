@@ -156,3 +156,72 @@ def test_a_connection_without_the_session_key_is_refused(dirs, tmp_path):
             assert bad.returncode == 2 and "wildcard" in json.loads(bad.stdout)["error"]
         finally:
             server.kill()
+
+
+def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypatch):
+    """The whole path: `hippoctl run --draft-on beta` pins the draft to beta; alpha's next load
+    opens a signed draft session there; output is plain greedy output; /api/ps on both sides
+    shows where each part runs; a dead draft server only costs the drafts."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    from hippoctl import main as ctl
+    from hippoctl.client import HippoError
+    from tests import test_cluster as tc
+    from tests.netns import in_netns, lan
+    from tests.test_pipeline import Pair
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with lan(2) as net:
+        pair = Pair(net, tmp_path, {"HIPPO_NUM_CTX": "1024"}, {"HIPPO_NUM_CTX": "1024"})
+        a, b = pair.a, pair.b
+        try:
+            a.start()
+            b.start()
+            tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "both trust each other")
+            for node in (a, b):
+                assert node.call("POST", "/api/create", {"model": "drf", "from": str(dirs["draft"]), "stream": False})[0] == 200
+            for name, extra in (("plain", {}), ("tgt", {"draft": "drf"})):
+                assert a.call("POST", "/api/create", {"model": name, "from": str(dirs["target"]), "stream": False,
+                                                      **extra})[0] == 200
+
+            def gen(model, prompt):
+                status, body = a.call("POST", "/api/generate", {
+                    "model": model, "prompt": prompt, "raw": True, "stream": False,
+                    "options": {"temperature": 0, "num_predict": 16}})
+                assert status == 200, body
+                return body
+
+            expected = [gen("plain", p)["response"] for p in PROMPTS]
+            run = dict(temperature=0.0, seed=None, num_predict=8, keep_alive=None, verbose=False, nodes=None)
+            with pytest.raises(HippoError, match="no trusted peer named 'gamma'"):
+                a.cli(ctl.run, model="tgt", prompt=["hi"], draft_on="gamma", **run)
+            with pytest.raises(HippoError, match="has no draft"):
+                a.cli(ctl.run, model="plain", prompt=["hi"], draft_on="beta", **run)
+            a.cli(ctl.run, model="tgt", prompt=["hi"], draft_on="beta", **run)
+            got = [gen("tgt", p) for p in PROMPTS]
+            assert [g["response"] for g in got] == expected
+            assert all(g["draft_count"] > 0 for g in got) and sum(g["draft_accepted_count"] for g in got) > 0
+            mine = [m for m in a.call("GET", "/api/ps")[1]["models"] if m["name"] == "tgt:latest"]
+            assert mine[0]["hippo"]["draft"]["node"] == "beta"
+            assert mine[0]["hippo"]["draft"]["address"].startswith(b.net.address + ":")
+            hosted = b.call("GET", "/api/ps")[1]["hippo"]["drafts"]
+            assert [(h["model"], h["running"]) for h in hosted] == [("drf:latest", True)]
+
+            # The peer's draft server dies: the answers stay the same, only without drafts.
+            os.kill(hosted[0]["pid"], signal.SIGKILL)
+            assert [gen("tgt", p)["response"] for p in PROMPTS] == expected
+
+            # Peer routes are signed like every peer route: an unsigned open is refused unread.
+            req = urllib.request.Request(b.daemon.url + "/api/hippo/peer/draft/open",
+                                         data=b'{"model": "drf"}', method="POST")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                in_netns(a.net.ns, urllib.request.urlopen, req, timeout=10)
+            assert refused.value.code == 403
+
+            # Unpinned: the next load drafts here again, and the peer's session is closed.
+            a.cli(ctl.run, model="tgt", prompt=["hi"], draft_on="off", **run)
+            tc.wait_until(lambda: "hippo" not in b.call("GET", "/api/ps")[1], 15, "the peer's draft session closed")
+        finally:
+            pair.stop()

@@ -58,9 +58,11 @@ def _model_context_length(model_dir: Path) -> int | None:
 class Runner:
     def __init__(self, model_dir: Path, num_parallel: int, context_length: int, *,
                  draft: Path | None = None, self_draft_layers: int = 0, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30, shard=None, remote_draft: str | None = None):
+                 prompt_cache_bytes: int = 2 * 2**30, shard=None, remote_draft: str | None = None,
+                 remote_draft_key_file: Path | None = None):
         self.model_dir = model_dir
         self.remote_draft = remote_draft  # HOST:PORT of a draft server on a peer
+        self.remote_draft_key_file = remote_draft_key_file
         self.shard = shard  # pipeline split (issue 6): this runner is rank 0 of a split model
         self.draft = draft
         self.self_draft_layers = self_draft_layers
@@ -115,7 +117,11 @@ class Runner:
         from hippod.engine.remote_draft import KEY_ENV, RemoteDrafter
 
         host, _, port = self.remote_draft.rpartition(":")
-        return RemoteDrafter(model, host.strip("[]"), int(port), bytes.fromhex(os.environ.pop(KEY_ENV, "")))
+        key = os.environ.pop(KEY_ENV, "")
+        if self.remote_draft_key_file is not None:  # from the daemon: read once, then gone
+            key = self.remote_draft_key_file.read_text().strip()
+            self.remote_draft_key_file.unlink(missing_ok=True)
+        return RemoteDrafter(model, host.strip("[]"), int(port), bytes.fromhex(key))
 
     def _serve(self, why: str, code: int) -> None:
         """Run the loop; should it ever end, end the process. Without its generation thread a
@@ -294,7 +300,8 @@ def main(argv: list[str] | None = None, start=None) -> int:
                     help="draft with the target's own first N layers (0: off)")
     ap.add_argument("--num-draft", type=int, default=3)
     ap.add_argument("--remote-draft", metavar="HOST:PORT",
-                    help="draft on a peer's draft server (its key in HIPPO_DRAFT_KEY)")
+                    help="draft on a peer's draft server (its key in HIPPO_DRAFT_KEY or the key file)")
+    ap.add_argument("--remote-draft-key-file", type=Path, help="a file holding the session key (deleted once read)")
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 * 2**30)
     # pipeline split (issue 6): the ring is described by MLX_HOSTFILE
     ap.add_argument("--layers", help="run only layers START:END of a model split across nodes")
@@ -314,7 +321,8 @@ def main(argv: list[str] | None = None, start=None) -> int:
         args.num_parallel = 1
     runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
                     self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
-                    prompt_cache_bytes=args.prompt_cache_bytes, shard=shard, remote_draft=args.remote_draft)
+                    prompt_cache_bytes=args.prompt_cache_bytes, shard=shard, remote_draft=args.remote_draft,
+                    remote_draft_key_file=args.remote_draft_key_file)
     start = start or (lambda work: threading.Thread(target=work, name="generate", daemon=True).start())
     start(runner.generation_thread)
     runner.loop_ready.wait()
