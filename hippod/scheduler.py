@@ -490,11 +490,12 @@ class Scheduler:
         while True:
             others = [m for m in self.loaded.values() if m is not keep]  # `keep`: being replaced
             too_many = len(others) >= self.settings.max_loaded_models
-            short = guard != "off" and need > self.available()
+            # A ready spare becomes this load's runner: its memory is part of what `need` counts.
+            short = guard != "off" and need > self.available() + self.spares.ready_bytes
             if not too_many and not short:
                 return
-            if short and await self.spares.discard():  # the spare goes before any model
-                continue
+            if short and self.spares.starting and await self.spares.discard():
+                continue  # a spare still starting goes before any model
             evictable = [m for m in others if not m.pinned]
             idle = [m for m in evictable if m.refs == 0]
             if short and not too_many and guard == "warn" and not idle:
@@ -625,6 +626,9 @@ class Scheduler:
                 deadline = time.monotonic() + self.settings.busy_wait
                 plan = await self._place(m.record, m.asked_context, deadline, exclude=lost, keep=m)
                 runner, seconds = await self._launch(plan)
+            if m.unloading or self.loaded.get(m.name) is not m:  # unloaded meanwhile: leave nothing
+                await runner.kill()
+                raise SchedulerError(f"'{m.name}' was unloaded while its runner lost a node", 503)
             self.store.end_load(m.load_id, "node lost")
             m.load_id, m.measured = self._open_load(plan, runner, seconds)
             m.runner, m.estimate, m.load_seconds = runner, plan.estimate, seconds

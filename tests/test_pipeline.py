@@ -118,6 +118,32 @@ def test_model_parts_of_smollm2_and_the_files_a_rank_needs():
     assert len(files_for_layers(files, None, 1, 2, False, True)) == 4  # no index: every file
 
 
+def test_split_records_are_checked_in_one_place():
+    from hippod.protocol import (LayerRange, SplitPrepare, SplitRecordError, SplitRef, SplitStart,
+                                 decode_split, split_body)
+
+    good = {"split": "a1b2c3", "model": "smol:latest", "digest": "ab" * 32, "layers": [15, 30],
+            "rank": 1, "world": 2, "bytes": 5 * MB}
+    record = decode_split(SplitPrepare, good)
+    assert record.layers == LayerRange(15, 30) and str(record.layers) == "15-29" and 20 in record.layers
+    assert split_body(record) == good and LayerRange.parse(record.layers.arg()) == record.layers
+    bad = [({"layers": [3, 3]}, "layers"), ({"layers": [1, 2, 3]}, "layers"), ({"layers": [True, 2]}, "layers"),
+           ({"rank": 2}, "rank"), ({"rank": "1"}, "rank"), ({"bytes": 1e400}, "bytes"), ({"split": "../up"}, "split"),
+           ({"digest": "not-hex"}, "digest"), ({"model": None}, "model"), ({"context_length": 0}, "context_length")]
+    for change, param in bad:
+        with pytest.raises(SplitRecordError) as e:
+            decode_split(SplitPrepare, {**good, **change})
+        assert e.value.param == param, (change, e.value)
+    assert decode_split(SplitStart, {"split": "x", "hosts": [["10.0.0.1:5000"], ["[fe80::1]:6000"]]}).hosts
+    for hosts in ([], [["10.0.0.1"]], [["a b:1"]], [[1]], "10.0.0.1:5"):
+        with pytest.raises(SplitRecordError, match="hosts"):
+            decode_split(SplitStart, {"split": "x", "hosts": hosts})
+    with pytest.raises(SplitRecordError, match="object"):
+        decode_split(SplitRef, ["x"])
+    with pytest.raises(ValueError, match="bad layer range"):
+        LayerRange.parse("7")
+
+
 # -- runners over loopback --------------------------------------------------------------------
 
 
