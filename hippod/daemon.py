@@ -130,6 +130,7 @@ async def serve(settings: Settings, started: float) -> None:
     drafts = app["remote_drafts"] = RemoteDrafts(settings, scheduler, registry, cluster, splits)
     scheduler.factory = drafts.factory(scheduler.factory)
     scheduler.hosts.append(drafts.hosted_bytes)
+    scheduler.drafts = drafts
     # After drain() and the runners' stop, handlers left (a pull, say) get this long, then are cancelled.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()

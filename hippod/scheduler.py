@@ -191,6 +191,7 @@ class Scheduler:
         self.factory: RunnerFactory = factory or self.start_local
         self.placer = placer
         self.hosts: list[Callable[[], int]] = []  # bytes of other things run for peers (drafts)
+        self.drafts = None  # where models' drafts run (cluster.remote_drafts), when clustered
         self.spares = SparePool(settings.run_dir, settings.logs_dir / "runners.log",
                                 python=settings.runner_python, enabled=settings.spare_runner)
 

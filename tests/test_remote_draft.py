@@ -223,5 +223,19 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
             # Unpinned: the next load drafts here again, and the peer's session is closed.
             a.cli(ctl.run, model="tgt", prompt=["hi"], draft_on="off", **run)
             tc.wait_until(lambda: "hippo" not in b.call("GET", "/api/ps")[1], 15, "the peer's draft session closed")
+
+            # The same as a request option (or a Modelfile parameter): `draft_on`.
+            status, body = a.call("POST", "/api/generate", {"model": "tgt", "prompt": PROMPTS[0], "raw": True,
+                                                            "stream": False, "options": {"draft_on": 7}})
+            assert status == 400 and "draft_on" in body["error"]
+            status, body = a.call("POST", "/api/generate", {
+                "model": "tgt", "prompt": PROMPTS[0], "raw": True, "stream": False,
+                "options": {"draft_on": "beta", "temperature": 0, "num_predict": 16}})
+            assert status == 200 and body["response"] == expected[0] and body["draft_count"] > 0
+            mine = [m for m in a.call("GET", "/api/ps")[1]["models"] if m["name"] == "tgt:latest"]
+            assert mine[0]["hippo"]["draft"]["node"] == "beta"
+            status, body = a.call("POST", "/api/generate", {"model": "plain", "prompt": "x", "stream": False,
+                                                            "options": {"draft_on": "beta"}})
+            assert status == 400 and "has no draft" in body["error"]
         finally:
             pair.stop()

@@ -76,19 +76,8 @@ async def set_draft_on(request: web.Request) -> web.Response:
     body = await _body(request)
     name = get(body, "model", str, required=True)
     node = get(body, "node", str)
-    drafts = _drafts(request)
     try:
-        rec, _ = drafts.draft_of(name)
+        name, node = await _drafts(request).follow(name, node)
     except DraftHostError as e:
-        raise BadRequest(str(e), status=e.status, param="model") from None
-    if node:
-        peer = request.app["cluster"].peers.find(node)
-        if peer is None or not peer.trusted:
-            raise BadRequest(f"no trusted peer named '{node}' (see `hippoctl nodes`)", status=404, param="node")
-        node = peer.name
-    drafts.placements.set(rec.name, [node] if node else None)
-    scheduler = request.app["scheduler"]
-    loaded = scheduler.loaded.get(rec.name)
-    if loaded is not None and (getattr(loaded.runner, "draft_placement", None) or {}).get("node") != node:
-        await scheduler.stop(rec.name)
-    return web.json_response({"model": rec.name, "draft_on": node or None})
+        raise BadRequest(str(e), status=e.status, param="node" if e.status == 404 else "model") from None
+    return web.json_response({"model": name, "draft_on": node})

@@ -100,6 +100,27 @@ class RemoteDrafts:
             raise DraftHostError(f"the draft '{draft.name}' of '{rec.name}' has missing files", 400)
         return rec, draft
 
+    async def follow(self, model: str, node: str | None) -> tuple[str, str | None]:
+        """Run `model`'s draft on `node` (None, '' or 'off': here) from its next load; a loaded
+        model drafting elsewhere is unloaded (once idle) so the next request follows.
+        (the model's name, the peer's name or None); DraftHostError when that cannot be."""
+        if node in ("", "off"):
+            node = None
+        if node is None and not self.placements.get(self.registry.get(model).name):
+            return self.registry.get(model).name, None  # drafting here already: nothing to check
+        rec, _ = self.draft_of(model)
+        if node:
+            peer = self.cluster.peers.find(node)
+            if peer is None or not peer.trusted:
+                raise DraftHostError(f"no trusted peer named '{node}' (see `hippoctl nodes`)", 404)
+            node = peer.name
+        if (self.placements.get(rec.name) or [None])[0] != node:
+            self.placements.set(rec.name, [node] if node else None)
+        loaded = self.scheduler.loaded.get(rec.name)
+        if loaded is not None and (getattr(loaded.runner, "draft_placement", None) or {}).get("node") != node:
+            await self.scheduler.stop(rec.name)
+        return rec.name, node
+
     def factory(self, inner: RunnerFactory) -> RunnerFactory:
         """The scheduler's factory: a model pinned to draft on a peer gets a runner drafting there."""
         async def start(plan: Plan, on_lost: OnLost) -> Runner:
