@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 import mlx.core as mx
 
@@ -43,6 +44,7 @@ MAC_BYTES = 32
 MAX_DRAFT = 32  # drafts asked per round
 MAX_FRAME = 4 * (1 << 20)  # bytes of one frame (a context of ~1M token ids)
 AUTH_TIMEOUT = 3.0  # seconds a connection has to answer the challenge
+MAX_PENDING = 8  # connections greeted and not yet proven, at once
 IDLE_TIMEOUT = 120.0  # seconds a session may sit silent (drafting paused by the policy)
 ROUND_TIMEOUT = 1.0  # seconds the target waits for one round's drafts before going on alone
 _HEAD = struct.Struct("<IIII")  # accepted, n, pending, number of new tokens
@@ -237,19 +239,59 @@ class DraftServer:
         self.listener.listen(8)
         self.port = self.listener.getsockname()[1]
         self.conn: socket.socket | None = None
+        self.pending: dict[socket.socket, tuple[bytes, bytearray, float]] = {}  # greeted, not yet proven
         self.session: DraftSession | None = None
         self.refused = 0
         self.stopped = threading.Event()
 
-    def _authenticate(self, conn: socket.socket) -> bool:
-        conn.settimeout(AUTH_TIMEOUT)
+    def _greet(self) -> None:
+        """A new connection gets its challenge; its answer is awaited without blocking the
+        session being served (a slow or silent stranger costs nothing but a slot)."""
+        conn, _ = self.listener.accept()
+        if len(self.pending) >= MAX_PENDING:
+            conn.close()
+            self.refused += 1
+            return
         challenge = secrets.token_bytes(CHALLENGE_BYTES)
         try:
-            conn.sendall(challenge)
-            answer = _recv_exact(conn, MAC_BYTES)
+            conn.setblocking(False)
+            conn.send(challenge)  # 32 bytes into an empty send buffer
         except OSError:
-            return False
-        return hmac.compare_digest(answer, proof(self.key, challenge))
+            conn.close()
+            return
+        self.pending[conn] = (challenge, bytearray(), time.monotonic() + AUTH_TIMEOUT)
+
+    def _hear(self, conn: socket.socket) -> None:
+        """More of a pending connection's answer; once complete, it becomes the session or is closed."""
+        challenge, answer, deadline = self.pending[conn]
+        try:
+            chunk = conn.recv(MAC_BYTES - len(answer))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        answer += chunk
+        if chunk and len(answer) < MAC_BYTES:
+            return
+        del self.pending[conn]
+        if len(answer) < MAC_BYTES or not hmac.compare_digest(bytes(answer), proof(self.key, challenge)):
+            self.refused += 1
+            conn.close()
+            return
+        self._drop()
+        conn.setblocking(True)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(AUTH_TIMEOUT)  # the rest of a frame once its start came
+        self.conn = conn
+        self.session = DraftSession(self.model, self.context_length, self.vocab)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for conn, (_, _, deadline) in list(self.pending.items()):
+            if now > deadline:
+                del self.pending[conn]
+                self.refused += 1
+                conn.close()
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -258,29 +300,25 @@ class DraftServer:
         mx.clear_cache()
 
     def serve_forever(self) -> None:
+        idle_since = time.monotonic()
         while not self.stopped.is_set():
-            watched = [self.listener] + ([self.conn] if self.conn is not None else [])
-            ready, _, _ = select.select(watched, [], [], 0.5 if self.conn is None else IDLE_TIMEOUT)
-            if not ready and self.conn is not None:
-                self._drop()  # a session silent for too long
+            watched = [self.listener, *self.pending] + ([self.conn] if self.conn is not None else [])
+            ready, _, _ = select.select(watched, [], [], 0.5)
+            self._expire()
             if self.listener in ready:
-                conn, _ = self.listener.accept()
-                if not self._authenticate(conn):
-                    self.refused += 1
-                    conn.close()
-                else:
-                    self._drop()
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    conn.settimeout(AUTH_TIMEOUT)  # the rest of a frame once its start came
-                    self.conn = conn
-                    self.session = DraftSession(self.model, self.context_length, self.vocab)
-                continue
+                self._greet()
+            for conn in ready:
+                if conn in self.pending:
+                    self._hear(conn)
             if self.conn is not None and self.conn in ready:
+                idle_since = time.monotonic()
                 try:
                     send_frame(self.conn, _pack(self.session.round(recv_frame(self.conn))))
                 except (OSError, ProtocolError, struct.error) as e:
                     log.info("draft session ended: %s", e)
                     self._drop()
+            elif self.conn is not None and time.monotonic() - idle_since > IDLE_TIMEOUT:
+                self._drop()  # a session silent for too long
 
 
 def main(argv: list[str] | None = None) -> int:
