@@ -352,6 +352,23 @@ def _sha256_rate(path: Path) -> float:
     return len(data) / (time.perf_counter() - t0) / 1e6
 
 
+def _write_rate(path: Path, where: Path) -> float:
+    """Writing the blob's bytes into the receiver's blob directory in 4 MB pieces, as the copy
+    does (no fsync): the receiving disk's ceiling."""
+    data = memoryview(path.read_bytes())
+    target = where / ".bench-write"
+    t0 = time.perf_counter()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for at in range(0, len(data), 4 << 20):
+            os.pwrite(fd, data[at:at + (4 << 20)], at)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    target.unlink()
+    return len(data) / seconds / 1e6
+
+
 def bench_peer_copy(model_dir: Path, work: Path) -> dict:
     """Two hippods in two network namespaces joined by a veth; the second pulls the model from
     the first. Against: one TCP connection sending the largest blob over the same veth."""
@@ -397,6 +414,7 @@ def bench_peer_copy(model_dir: Path, work: Path) -> dict:
             out = {"peer_MBps": total / seconds / 1e6, "raw_MBps": n / raw_seconds / 1e6,
                    "peer_bytes": total}
             out["sha256_MBps"] = _sha256_rate(blobs[-1])
+            out["disk_MBps"] = _write_rate(blobs[-1], b.home / "blobs")
             said = re.findall(r"copied bench:latest from peer alpha: (\d+) bytes in ([\d.]+)s", b.log())
             if said:  # the copy alone, without the pull request's own work (manifest, record)
                 out["copy_MBps"] = int(said[-1][0]) / max(float(said[-1][1]), 1e-9) / 1e6
@@ -498,7 +516,9 @@ def rows_for(r: dict) -> list[tuple[str, str, object, object, object, str]]:
                  ("peer copy, copy alone", "MB/s (daemon's log)", peer["raw_MBps"], None,
                   peer.get("copy_MBps"), "ratio"),
                  ("sha256, one core", "MB/s (verify ceiling)", peer["raw_MBps"], None,
-                  peer.get("sha256_MBps"), "ratio")]
+                  peer.get("sha256_MBps"), "ratio"),
+                 ("write to blob dir", "MB/s (disk ceiling)", peer["raw_MBps"], None,
+                  peer.get("disk_MBps"), "ratio")]
     if raw.get("spec_decode_tps"):
         rows.append(("speculative", "decode tok/s", raw["spec_decode_tps"], None,
                      hip.get("spec_decode_tps"), "ratio"))

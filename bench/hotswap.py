@@ -4,7 +4,8 @@
     python bench/hotswap.py --rounds 5
 
 For each pair a real hippod gets a memory budget that holds one of the two models, so asking for
-B while A is loaded makes the scheduler evict A and start a runner for B. Timed per swap:
+B while A is loaded makes the scheduler evict A and start a runner for B: once with the warm
+spare runner (B goes into a process started ahead, MLX imported), once without. Timed per swap:
   swap     the load-only request for B (empty prompt), from send to answer
   runner   the runner's start as the loads table records it (spawn, imports, mlx_lm.load, ready)
   evict    the rest: stopping A's runner, bookkeeping, HTTP
@@ -40,10 +41,11 @@ def estimate(model_dir: Path) -> int:
     return info.weights_bytes + kv_cache_bytes(info.as_details(), ctx, NUM_PARALLEL) + RUNNER_OVERHEAD
 
 
-def through_hippod(a: Path, b: Path, rounds: int, home: Path) -> list[dict]:
+def through_hippod(a: Path, b: Path, rounds: int, home: Path, spare: bool) -> list[dict]:
+    """Swaps with the warm spare runner on (each swap waits until the spare is ready) or off."""
     budget = int(max(estimate(a), estimate(b)) * 1.5)
     env = {"HIPPO_MEMORY_BUDGET": str(budget), "HIPPO_NUM_CTX": str(NUM_CTX),
-           "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL)}
+           "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL), "HIPPO_SPARE_RUNNER": "1" if spare else "0"}
     swaps = []
     with Daemon(home, env=env) as d:
         for name, path in (("a", a), ("b", b)):
@@ -53,7 +55,10 @@ def through_hippod(a: Path, b: Path, rounds: int, home: Path) -> list[dict]:
         status, body = d.request("POST", "/api/generate", {"model": "a", "prompt": ""})
         assert status == 200, body
         target = "b"
-        for _ in range(rounds):
+        for i in range(rounds):
+            deadline = time.monotonic() + 120
+            while spare and d.log().count("spare runner ready") <= i and time.monotonic() < deadline:
+                time.sleep(0.1)
             t0 = time.perf_counter()
             status, body = d.request("POST", "/api/generate", {"model": target, "prompt": ""},
                                      timeout=600)
@@ -113,18 +118,20 @@ def main() -> int:
         }
         rows = []
         for label, (a, b) in pairs.items():
-            swaps = through_hippod(a, b, args.rounds, tmp / f"home-{len(rows)}")
-            rows.append((label, swaps, in_process(b, args.rounds), cold_process(b, args.rounds)))
+            warm_swaps = through_hippod(a, b, args.rounds, tmp / f"home-{len(rows)}", spare=True)
+            swaps = through_hippod(a, b, args.rounds, tmp / f"home-{len(rows)}-cold", spare=False)
+            rows.append((label, warm_swaps, swaps, in_process(b, args.rounds),
+                         cold_process(b, args.rounds)))
     print(f"\nhot-swap A -> B, median of {args.rounds} (Python {sys.version.split()[0]}, "
           f"{sys.platform})\n")
-    print("| model | swap via hippod | runner start | evict + rest | mlx_lm.load(B) in-process "
-          "| fresh python + mlx_lm.load(B) | swap / in-process |")
-    print("|---|---|---|---|---|---|---|")
-    for label, swaps, warm, cold in rows:
-        swap = med(s["swap"] for s in swaps)
-        print(f"| {label} | {swap:.2f} s | {med(s['runner'] for s in swaps):.2f} s | "
+    print("| model | swap, warm spare | swap, no spare | runner start (no spare) | evict + rest "
+          "| mlx_lm.load(B) in-process | fresh python + mlx_lm.load(B) | spare swap / in-process |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, warm_swaps, swaps, warm, cold in rows:
+        fast, swap = med(s["swap"] for s in warm_swaps), med(s["swap"] for s in swaps)
+        print(f"| {label} | {fast:.2f} s | {swap:.2f} s | {med(s['runner'] for s in swaps):.2f} s | "
               f"{med(s['evict'] for s in swaps):.2f} s | {med(warm):.3f} s | {med(cold):.2f} s | "
-              f"{swap / med(warm):.0f}x |")
+              f"{fast / med(warm):.1f}x |")
     return 0
 
 

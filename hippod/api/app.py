@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from hippod import audit  # operations (issue 8)
-from hippod.api import admin, blobs, info, ollama, openai, ui
+from hippod.api import admin, blobs, info, ollama, openai, responses, ui
 from hippod.api import cluster as cluster_routes, peer  # cluster (issue 5)
 from hippod.api import splits as split_routes  # pipeline split (issue 6)
 from hippod.api import auth, metrics  # operations (issue 8)
@@ -46,6 +46,7 @@ def build_app(settings: Settings, store: Store, registry: Registry, scheduler: S
     app.add_routes(info.routes)  # GET /api/hippo/info
     app.add_routes(ui.routes)  # GET /ui, the chat page
     app.add_routes(openai.routes)
+    app.add_routes(responses.routes)
     app.add_routes(peer.routes)  # cluster (issue 5)
     app.add_routes(cluster_routes.routes)  # cluster (issue 5)
     app.add_routes(split_routes.routes)  # pipeline split (issue 6)

@@ -36,18 +36,21 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
                  503: "server_busy", 507: "insufficient_memory"}
 
 
+def openai_error(status: int, message: str, param: str | None = None) -> dict:
+    """The OpenAI error object, the same whether it is an answer or an event inside a stream."""
+    code = None if status < 500 else str(status)
+    if status == 404 and "model" in message:
+        code = "model_not_found"
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
 INTERNAL_ERROR = "internal error (details are in hippod's log)"
 
 
 def error_response(request: web.Request, status: int, message: str, param: str | None = None
                    ) -> web.Response:
-    if request.path.startswith("/v1/"):
-        body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
-                          "param": param, "code": None if status < 500 else str(status)}}
-        if status == 404 and "model" in message:
-            body["error"]["code"] = "model_not_found"
-    else:
-        body = {"error": message}
+    body = openai_error(status, message, param) if request.path.startswith("/v1/") else {"error": message}
     return web.json_response(body, status=status)
 
 

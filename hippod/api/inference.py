@@ -11,6 +11,7 @@ import time
 from typing import AsyncIterator
 
 from hippod import audit
+from hippod.api import defaults
 from hippod.protocol import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, TokenEvent
 from hippod.scheduler import Lease, Scheduler
 
@@ -36,6 +37,9 @@ class Generation:
 
     async def start(self) -> "Generation":
         try:
+            registry = self.scheduler.registry
+            rec = registry.get(self.model)
+            self.request = defaults.apply(self.request, rec, registry.model_dir(rec))
             num_ctx = self.request.options.get("num_ctx")
             self.lease = await self._stack.enter_async_context(
                 self.scheduler.lease(self.model, keep_alive=self.keep_alive, num_ctx=num_ctx))

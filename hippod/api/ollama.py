@@ -13,12 +13,11 @@ from aiohttp import web
 from hippod import __version__
 from hippod.api import ollama_model_types as mt
 from hippod.api import ollama_types as t
-from hippod.api import status_page, tooling
+from hippod.api import status_page
 from hippod.api.auth import from_this_machine
 from hippod.api.errors import BadRequest, read_json, status_and_message
 from hippod.api.fields import get
 from hippod.api.inference import Generation, embed
-from hippod.protocol import GenerateRequest
 from hippod.registry import modelinfo
 from hippod.registry.registry import Registry
 from hippod.scheduler import Scheduler, parse_keep_alive
@@ -212,23 +211,26 @@ async def _unload_only(request, name: str, keep_alive, kind: str) -> web.Respons
     """Empty prompt/messages: load the model (or unload it with keep_alive 0), Ollama-style."""
     scheduler = _scheduler(request)
     rec = _registry(request).get(name)
-    base = {"model": rec.name, "created_at": t.now_iso(), "done": True}
-    base.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
     try:
         unload = keep_alive is not None and parse_keep_alive(keep_alive) == 0
     except ValueError as e:
         raise BadRequest(str(e), param="keep_alive") from None
     if unload:
         await scheduler.stop(rec.name)  # a busy model unloads when its requests end
-        return web.json_response({**base, "done_reason": "unload"})
+        return web.json_response(t.load_answer(kind, rec.name, "unload"))
     async with scheduler.lease(rec.name, keep_alive=keep_alive):
         pass
-    return web.json_response({**base, "done_reason": "load"})
+    return web.json_response(t.load_answer(kind, rec.name, "load"))
 
 
-async def _run(request: web.Request, gen: Generation, stream: bool, chunk) -> web.StreamResponse:
-    """Drive a started Generation; `chunk(text)` and `chunk(None, final)` shape each line."""
-    text_parts: list[str] = []
+def _line(obj: dict) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+async def _run(request: web.Request, gen: Generation, stream: bool, kind: str) -> web.StreamResponse:
+    """Drive a started Generation into NDJSON lines, or one answer when not streaming."""
+    name = gen.model_name
+    text, thinking, logprobs = [], [], []
     resp = None
     try:
         if stream:
@@ -237,94 +239,63 @@ async def _run(request: web.Request, gen: Generation, stream: bool, chunk) -> we
         try:
             async for ev in gen:
                 if stream:
-                    await resp.write((json.dumps(chunk(ev.text)) + "\n").encode())
-                else:
-                    text_parts.append(ev.text)
-                    if request.transport is None or request.transport.is_closing():
-                        return web.Response(status=499)
+                    await resp.write(_line(t.chunk(kind, name, ev.text, ev.thinking, ev.logprobs)))
+                    continue
+                text.append(ev.text)
+                thinking.append(ev.thinking)
+                logprobs.extend(ev.logprobs or ())
+                if request.transport is None or request.transport.is_closing():
+                    return web.Response(status=499)
         except ConnectionError:  # the client went away: closing the generation cancels the job
             raise
         except Exception as exc:
             if not stream:
                 raise
-            status, message, _ = status_and_message(exc)
-            await resp.write((json.dumps({"error": message}) + "\n").encode())
+            await resp.write(_line(t.error(status_and_message(exc)[1])))
             await resp.write_eof()
             return resp
         d = gen.done
         timings = t.Timings(gen.total_seconds, gen.load_seconds, d.prompt_tokens, d.prompt_seconds,
                             d.completion_tokens, d.eval_seconds)
-        final = chunk(None if stream else "".join(text_parts))
-        final.update(done=True, done_reason=d.done_reason, **timings.as_ns())
-        if d.drafted:  # speculative decoding (hippo's addition to Ollama's final chunk)
-            final.update(draft_count=d.drafted, draft_accepted_count=d.accepted)
-        if d.tool_calls and "message" in final:
-            final["message"]["tool_calls"] = tooling.ollama_tool_calls(d.tool_calls)
+        final = t.final_chunk(kind, name, d, timings, text="".join(text), thinking="".join(thinking),
+                              logprobs=logprobs or None)
         if not stream:
+            if gen.request.logprobs is not None:
+                final.setdefault("logprobs", [])
             return web.json_response(final)
-        await resp.write((json.dumps(final) + "\n").encode())
+        await resp.write(_line(final))
         await resp.write_eof()
         return resp
     finally:
         await gen.close()
 
 
+async def _generation(request: web.Request, call: t.Call, kind: str) -> web.StreamResponse:
+    if call.empty:
+        return await _unload_only(request, call.model, call.keep_alive, kind)
+    gen = await Generation(_scheduler(request), call.model, call.request, call.keep_alive).start()
+    return await _run(request, gen, call.stream, kind)
+
+
 @routes.post("/api/generate")
 async def generate(request: web.Request) -> web.StreamResponse:
-    body = t.parse_generate(await read_json(request))
-    if not body.prompt and not body.system:
-        return await _unload_only(request, body.model, body.keep_alive, "generate")
-    req = GenerateRequest(prompt=body.prompt, system=body.system, raw=body.raw, options=body.options,
-                          grammar=body.format)
-    gen = await Generation(_scheduler(request), body.model, req, body.keep_alive).start()
-    name = gen.model_name
-
-    def chunk(text, *_):
-        return {"model": name, "created_at": t.now_iso(), "response": text or "", "done": False}
-
-    return await _run(request, gen, body.stream, chunk)
+    return await _generation(request, t.parse_generate(await read_json(request)), "generate")
 
 
 @routes.post("/api/chat")
 async def chat(request: web.Request) -> web.StreamResponse:
-    body = t.parse_chat(await read_json(request))
-    if not body.messages:
-        return await _unload_only(request, body.model, body.keep_alive, "chat")
-    req = GenerateRequest(messages=body.messages, tools=body.tools, options=body.options,
-                          grammar=body.format)
-    gen = await Generation(_scheduler(request), body.model, req, body.keep_alive).start()
-    name = gen.model_name
-
-    def chunk(text, *_):
-        return {"model": name, "created_at": t.now_iso(),
-                "message": {"role": "assistant", "content": text or ""}, "done": False}
-
-    return await _run(request, gen, body.stream, chunk)
-
-
-def _embed_inputs(raw, field_name: str) -> list[str]:
-    inputs = [raw] if isinstance(raw, str) else raw
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
-        raise BadRequest(f"{field_name} must be a string or a non-empty list of strings", param=field_name)
-    if len(inputs) > 2048:
-        raise BadRequest(f"{field_name} holds more than 2048 inputs", param=field_name)
-    return inputs
+    return await _generation(request, t.parse_chat(await read_json(request)), "chat")
 
 
 @routes.post("/api/embed")
 async def embed_route(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    model = get(body, "model", str, required=True)
-    inputs = _embed_inputs(body.get("input"), "input")
-    options = t.parse_options(body.get("options"))
+    model, inputs, truncate, options, keep_alive = t.parse_embed(await read_json(request))
     t0 = time.perf_counter()
-    result, lease = await embed(_scheduler(request), model, inputs,
-                                truncate=get(body, "truncate", bool, True),
-                                keep_alive=body.get("keep_alive"), num_ctx=options.get("num_ctx"))
-    return web.json_response({
-        "model": lease.loaded.name, "embeddings": result.embeddings,
-        "total_duration": int((time.perf_counter() - t0) * 1e9),
-        "load_duration": int(lease.load_seconds * 1e9), "prompt_eval_count": result.prompt_tokens})
+    result, lease = await embed(_scheduler(request), model, inputs, truncate=truncate,
+                                keep_alive=keep_alive, num_ctx=options.get("num_ctx"))
+    return web.json_response(t.embed_answer(lease.loaded.name, result.embeddings,
+                                            time.perf_counter() - t0, lease.load_seconds,
+                                            result.prompt_tokens))
 
 
 @routes.post("/api/embeddings")

@@ -8,7 +8,8 @@ from typing import Any
 
 from hippod.api.errors import BadRequest
 from hippod.api.fields import get
-from hippod.api.ollama_types import IGNORED_OPTIONS, details as record_details, iso, parse_options
+from hippod.api.ollama_types import details as record_details, iso
+from hippod.api.request import IGNORED_OPTIONS, parse_options
 from hippod.registry.gotemplate import TemplateError, to_jinja
 from hippod.registry.modelfile import (QUANTIZE_LEVELS, parameters_text, quantize_level,
                                        render_modelfile)

@@ -2,60 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from hippod.api import request as common
 from hippod.api import tooling
 from hippod.api.errors import BadRequest
-from hippod.api.fields import get, number_in
+from hippod.api.fields import get
+from hippod.protocol import GenerateRequest
 from hippod.store.records import ModelRecord
-
-# option -> (type, min, max)
-OPTIONS: dict[str, tuple[Any, float | None, float | None]] = {
-    "temperature": (float, 0, 100), "top_p": (float, 0, 1), "top_k": (int, 0, None),
-    "min_p": (float, 0, 1), "seed": (int, None, None), "num_predict": (int, -2, None),
-    "num_ctx": (int, 1, 2**24), "repeat_penalty": (float, 0, 100), "repeat_last_n": (int, -1, None),
-    "presence_penalty": (float, -100, 100), "frequency_penalty": (float, -100, 100),
-}
-# llama.cpp hardware knobs with no meaning on MLX: accepted and ignored, as they change no output.
-IGNORED_OPTIONS = {"num_gpu", "main_gpu", "num_thread", "num_batch", "use_mmap", "use_mlock", "numa",
-                   "low_vram", "f16_kv", "vocab_only", "num_keep", "penalize_newline"}
-# Sampling methods hippo does not implement: a non-default value is refused, never ignored.
-REFUSED_OPTIONS = {"mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "tfs_z": 1.0,
-                   "typical_p": 1.0}
-
-
-def parse_options(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise BadRequest("options must be an object", param="options")
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        label = f"options.{key}"
-        if key in IGNORED_OPTIONS or value is None:
-            continue
-        if key in REFUSED_OPTIONS:
-            if value != REFUSED_OPTIONS[key]:
-                raise BadRequest(f"option {key} is not supported by hippo", param=label)
-            continue
-        if key == "stop":
-            stops = [value] if isinstance(value, str) else value
-            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-                raise BadRequest("options.stop must be a string or a list of strings", param=label)
-            if len(stops) > 16:
-                raise BadRequest("options.stop allows at most 16 stop strings", param=label)
-            out["stop"] = [s for s in stops if s]
-            continue
-        if key not in OPTIONS:
-            raise BadRequest(f"unknown option {key!r}", param=label)
-        typ, lo, hi = OPTIONS[key]
-        v = get(raw, key, typ, prefix="options.")
-        out[key] = number_in(v, label, lo, hi)
-    return out
-
 
 def parse_format(raw: Any) -> dict | None:
     """Ollama's `format`: "json" or a JSON schema object -> the runner's grammar request."""
@@ -70,21 +26,30 @@ def parse_format(raw: Any) -> dict | None:
 
 
 @dataclass
-class GenerateBody:
+class Call:
+    """One /api/generate or /api/chat request, translated: the runner's request plus delivery."""
+
     model: str
-    prompt: str
-    system: str | None
-    raw: bool
     stream: bool
     keep_alive: Any
-    options: dict
-    format: dict | None
-    images: list | None
-    suffix: str | None
-    think: Any = None
+    request: GenerateRequest
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to generate from: Ollama loads (or, with keep_alive 0, unloads) the model."""
+        r = self.request
+        return not r.messages and not r.prompt and not r.system
 
 
-def parse_generate(body: dict) -> GenerateBody:
+def _logprobs(body: dict) -> int | None:
+    """`logprobs: true` with `top_logprobs: N` -> how many alternatives per token (None: off).
+    A positive top_logprobs alone implies logprobs, as a client asking for them means it."""
+    on = get(body, "logprobs", bool, False)
+    top = common.parse_top_logprobs(body.get("top_logprobs"))
+    return top if on or top else None
+
+
+def parse_generate(body: dict) -> Call:
     images = get(body, "images", list)
     if images:
         raise BadRequest("images are not supported: hippo serves text models only", param="images")
@@ -97,19 +62,17 @@ def parse_generate(body: dict) -> GenerateBody:
     if get(body, "context", list):
         raise BadRequest("context (the deprecated token context) is not supported; use /api/chat",
                          param="context")
-    return GenerateBody(
-        model=get(body, "model", str, required=True),
-        prompt=get(body, "prompt", str, ""),
-        system=get(body, "system", str),
-        raw=get(body, "raw", bool, False),
-        stream=get(body, "stream", bool, True),
-        keep_alive=body.get("keep_alive"),
-        options=parse_options(body.get("options")),
-        format=parse_format(body.get("format")),
-        images=None,
-        suffix=None,
-        think=body.get("think"),
-    )
+    for name in ("width", "height", "steps"):  # Ollama's experimental image generation
+        if body.get(name) is not None:
+            raise BadRequest(f"{name}: image generation is not supported: hippo serves text models only",
+                             param=name)
+    request = GenerateRequest(
+        prompt=get(body, "prompt", str, ""), system=get(body, "system", str),
+        raw=get(body, "raw", bool, False), options=common.parse_options(body.get("options")),
+        grammar=parse_format(body.get("format")), logprobs=_logprobs(body),
+        think=common.parse_think(body.get("think")))
+    return Call(get(body, "model", str, required=True), get(body, "stream", bool, True),
+                body.get("keep_alive"), request)
 
 
 _ROLES = ("system", "user", "assistant", "tool")
@@ -133,68 +96,32 @@ def parse_messages(raw: Any) -> list[dict]:
         msg: dict[str, Any] = {"role": role, "content": content}
         calls = get(m, "tool_calls", list, prefix=f"{label}.")
         if calls:
-            msg["tool_calls"] = [_parse_tool_call(c, f"{label}.tool_calls[{j}]") for j, c in enumerate(calls)]
+            msg["tool_calls"] = [common.history_tool_call(c, f"{label}.tool_calls[{j}]")
+                                 for j, c in enumerate(calls)]
+        thinking = get(m, "thinking", str, prefix=f"{label}.")
+        if thinking:  # the name HF chat templates (Qwen3, DeepSeek-R1) read earlier thinking by
+            msg["reasoning_content"] = thinking
         for extra in ("tool_name", "name", "tool_call_id"):
-            if isinstance(m.get(extra), str):
+            if get(m, extra, str, prefix=f"{label}."):
                 msg[extra] = m[extra]
         out.append(msg)
     return out
 
 
-def _parse_tool_call(c: Any, label: str) -> dict:
-    fn = c.get("function") if isinstance(c, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise BadRequest(f"{label} must be {{'function': {{'name': ..., 'arguments': {{...}}}}}}", param=label)
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            raise BadRequest(f"{label}.function.arguments is not valid JSON", param=label) from None
-    if not isinstance(args, dict):
-        raise BadRequest(f"{label}.function.arguments must be an object", param=label)
-    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+def parse_chat(body: dict) -> Call:
+    request = GenerateRequest(
+        messages=parse_messages(body.get("messages", [])), tools=common.parse_tools(body.get("tools")),
+        options=common.parse_options(body.get("options")), grammar=parse_format(body.get("format")),
+        logprobs=_logprobs(body), think=common.parse_think(body.get("think")))
+    return Call(get(body, "model", str, required=True), get(body, "stream", bool, True),
+                body.get("keep_alive"), request)
 
 
-def parse_tools(raw: Any) -> list[dict] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, list):
-        raise BadRequest("tools must be a list", param="tools")
-    for i, t in enumerate(raw):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
-                             param=f"tools[{i}]")
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object",
-                             param=f"tools[{i}]")
-    return raw or None
-
-
-@dataclass
-class ChatBody:
-    model: str
-    messages: list[dict]
-    tools: list[dict] | None
-    stream: bool
-    keep_alive: Any
-    options: dict
-    format: dict | None
-
-
-def parse_chat(body: dict) -> ChatBody:
-    return ChatBody(
-        model=get(body, "model", str, required=True),
-        messages=parse_messages(body.get("messages", [])),
-        tools=parse_tools(body.get("tools")),
-        stream=get(body, "stream", bool, True),
-        keep_alive=body.get("keep_alive"),
-        options=parse_options(body.get("options")),
-        format=parse_format(body.get("format")),
-    )
-
+def parse_embed(body: dict) -> tuple[str, list[str], bool, dict, Any]:
+    """/api/embed: (model, inputs, truncate, options, keep_alive)."""
+    return (get(body, "model", str, required=True), common.parse_embed_inputs(body.get("input")),
+            get(body, "truncate", bool, True), common.parse_options(body.get("options")),
+            body.get("keep_alive"))
 
 # -- responses --------------------------------------------------------------------------------
 
@@ -237,3 +164,50 @@ class Timings:
         return {"total_duration": ns(self.total), "load_duration": ns(self.load),
                 "prompt_eval_count": self.prompt_tokens, "prompt_eval_duration": ns(self.prompt_seconds),
                 "eval_count": self.eval_tokens, "eval_duration": ns(self.eval_seconds), **self.extra}
+
+
+def error(message: str) -> dict:
+    """Ollama's one error shape, for answers and for a line inside a broken-off stream."""
+    return {"error": message}
+
+
+def chunk(kind: str, model: str, text: str, thinking: str = "", logprobs: list | None = None) -> dict:
+    """One streamed line of /api/chat (`kind` "chat") or /api/generate."""
+    out: dict[str, Any] = {"model": model, "created_at": now_iso()}
+    if kind == "chat":
+        message = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
+        out["message"] = message
+    else:
+        out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
+    out["done"] = False
+    if logprobs:
+        out["logprobs"] = logprobs
+    return out
+
+
+def final_chunk(kind: str, model: str, done, timings: Timings, *, text: str = "", thinking: str = "",
+                logprobs: list | None = None) -> dict:
+    """The closing line (or the whole answer when not streaming): done_reason, timings, tool calls."""
+    out = chunk(kind, model, text, thinking, logprobs)
+    out.update(done=True, done_reason=done.done_reason, **timings.as_ns())
+    if done.drafted:  # speculative decoding (hippo's addition to Ollama's final chunk)
+        out.update(draft_count=done.drafted, draft_accepted_count=done.accepted)
+    if done.tool_calls and kind == "chat":
+        out["message"]["tool_calls"] = tooling.ollama_tool_calls(done.tool_calls)
+    return out
+
+
+def load_answer(kind: str, model: str, reason: str) -> dict:
+    """The answer to an empty request, which only loads or unloads the model."""
+    out: dict[str, Any] = {"model": model, "created_at": now_iso(), "done": True, "done_reason": reason}
+    out.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
+    return out
+
+
+def embed_answer(model: str, embeddings: list, total: float, load: float, prompt_tokens: int) -> dict:
+    return {"model": model, "embeddings": embeddings, "total_duration": int(total * 1e9),
+            "load_duration": int(load * 1e9), "prompt_eval_count": prompt_tokens}

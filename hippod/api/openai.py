@@ -14,9 +14,9 @@ from typing import Callable
 from aiohttp import web
 
 from hippod.api import openai_types as t
-from hippod.api.errors import BadRequest, read_json, status_and_message
+from hippod.api.errors import BadRequest, openai_error, read_json, status_and_message
 from hippod.api.inference import Generation, embed
-from hippod.protocol import GenerateRequest
+from hippod.protocol import TokenEvent
 from hippod.registry.registry import ModelNotFound, Registry, RegistryError
 from hippod.scheduler import Scheduler
 
@@ -49,50 +49,54 @@ async def _send(resp: web.StreamResponse, obj: dict) -> None:
     await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
 
-async def _respond(request: web.Request, gen: Generation, env: t.Envelope, stream: bool,
-                   include_usage: bool, *, whole: Callable[[str, str, dict], dict],
-                   opening: dict | None, piece: Callable[[str], dict],
-                   closing: Callable[[str], dict | list[dict]]) -> web.StreamResponse:
+def _usage(gen: Generation) -> dict:
+    d = gen.done
+    return t.usage(d.prompt_tokens, d.completion_tokens, d.cached_tokens, d.drafted, d.accepted)
+
+
+async def _respond(request: web.Request, gen: Generation, call: t.Call, *,
+                   whole: Callable[[str, str, list | None, str], dict], opening: dict | None,
+                   piece: Callable[[TokenEvent], dict], closing: Callable[[str], list[dict]],
+                   usage_chunk: Callable[[dict], dict]) -> web.StreamResponse:
     """Drive a started Generation into one JSON answer or an SSE stream; always close it.
 
+    `whole(text, thinking, logprobs, finish_reason)` shapes the answer, `piece(event)` a chunk.
     Closing the Generation closes the runner connection, which cancels the job: a client that
     disconnects stops costing compute at the next token.
     """
     try:
         async with contextlib.aclosing(gen.__aiter__()) as events:
             first = await anext(events, None)  # runner errors still become a clean status here
-            if not stream:
-                parts = [first.text] if first else []
+            if not call.stream:
+                got = [first] if first else []
                 async for ev in events:
-                    parts.append(ev.text)
+                    got.append(ev)
                     if _client_gone(request):
                         return web.Response(status=499)
-                d = gen.done
-                return web.json_response(whole("".join(parts), t.finish_reason(d.done_reason),
-                                               t.usage(d.prompt_tokens, d.completion_tokens,
-                                                       d.cached_tokens, d.drafted, d.accepted)))
+                logprobs = ([e for ev in got for e in ev.logprobs or ()]
+                            if call.request.logprobs is not None else None)
+                return web.json_response(whole("".join(ev.text for ev in got),
+                                               "".join(ev.thinking for ev in got), logprobs,
+                                               t.finish_reason(gen.done.done_reason)))
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
             if opening is not None:
                 await _send(resp, opening)
             try:
                 if first is not None:
-                    await _send(resp, piece(first.text))
+                    await _send(resp, piece(first))
                 async for ev in events:
-                    await _send(resp, piece(ev.text))
+                    await _send(resp, piece(ev))
             except ConnectionError:  # the client went away: the finally below cancels the job
                 raise
             except Exception as exc:
-                await _send(resp, t.error_body(*status_and_message(exc)))
+                await _send(resp, openai_error(*status_and_message(exc)))
                 await resp.write_eof()
                 return resp
-            d = gen.done
-            end = closing(t.finish_reason(d.done_reason))
-            for chunk in end if isinstance(end, list) else [end]:
+            for chunk in closing(t.finish_reason(gen.done.done_reason)):
                 await _send(resp, chunk)
-            if include_usage:
-                await _send(resp, t.usage_chunk(env, t.usage(d.prompt_tokens, d.completion_tokens,
-                                                             d.cached_tokens, d.drafted, d.accepted)))
+            if call.include_usage:
+                await _send(resp, usage_chunk(_usage(gen)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
@@ -107,42 +111,52 @@ def _envelope(gen: Generation, prefix: str, obj: str) -> t.Envelope:
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = t.parse_chat(await read_json(request))
-    _check_model_name(request, body.model)
-    req = GenerateRequest(messages=body.messages, tools=body.tools, tool_choice=body.tool_choice,
-                          options=body.options, grammar=body.grammar)
-    gen = await Generation(_scheduler(request), body.model, req, body.keep_alive).start()
-    env = _envelope(gen, "chatcmpl", "chat.completion.chunk" if body.stream else "chat.completion")
-    usage_on = body.include_usage
+    call = t.parse_chat(await read_json(request))
+    _check_model_name(request, call.model)
+    gen = await Generation(_scheduler(request), call.model, call.request, call.keep_alive).start()
+    env = _envelope(gen, "chatcmpl", "chat.completion.chunk" if call.stream else "chat.completion")
+    usage_on = call.include_usage
 
-    def piece(text: str) -> dict:
-        return t.chat_chunk(env, {"content": text}, with_usage=usage_on)
+    def piece(ev: TokenEvent) -> dict:
+        return t.chat_chunk(env, t.chat_delta(ev.text, ev.thinking), with_usage=usage_on,
+                            logprobs=ev.logprobs if call.request.logprobs is not None else None)
 
     def calls() -> list[dict] | None:  # parsed calls, or a required call the limit cut short
         return gen.done.tool_calls or gen.done.partial_tool_calls
 
     return await _respond(
-        request, gen, env, body.stream, body.include_usage,
-        whole=lambda text, reason, usage: t.chat_completion(env, text, reason, usage, calls()),
+        request, gen, call,
+        whole=lambda text, thinking, logprobs, reason: t.chat_completion(
+            env, text, reason, _usage(gen), calls(), thinking, logprobs),
         opening=t.chat_chunk(env, {"role": "assistant", "content": ""}, with_usage=usage_on),
         piece=piece,
-        closing=lambda reason: t.chat_closing_chunks(env, reason, calls(), usage_on))
+        closing=lambda reason: t.chat_closing_chunks(env, reason, calls(), usage_on),
+        usage_chunk=lambda u: t.usage_chunk(env, u))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = t.parse_completion(await read_json(request))
-    _check_model_name(request, body.model)
-    req = GenerateRequest(prompt=body.prompt, raw=True, options=body.options)
-    gen = await Generation(_scheduler(request), body.model, req, body.keep_alive).start()
+    call = t.parse_completion(await read_json(request))
+    _check_model_name(request, call.model)
+    gen = await Generation(_scheduler(request), call.model, call.request, call.keep_alive).start()
     env = _envelope(gen, "cmpl", "text_completion")
-    usage_on = body.include_usage
+    usage_on = call.include_usage
+    sent = [0]  # characters streamed so far: the text_offset of the next logprob entry
+
+    def piece(ev: TokenEvent) -> dict:
+        chunk = t.completion_chunk(env, ev.text, with_usage=usage_on, offset=sent[0],
+                                   logprobs=ev.logprobs if call.request.logprobs is not None else None)
+        sent[0] += len(ev.text)
+        return chunk
+
     return await _respond(
-        request, gen, env, body.stream, body.include_usage,
-        whole=lambda text, reason, usage: t.text_completion(env, text, reason, usage),
+        request, gen, call,
+        whole=lambda text, _thinking, logprobs, reason: t.text_completion(
+            env, text, reason, _usage(gen), logprobs),
         opening=None,
-        piece=lambda text: t.completion_chunk(env, text, with_usage=usage_on),
-        closing=lambda reason: t.completion_chunk(env, "", reason, with_usage=usage_on))
+        piece=piece,
+        closing=lambda reason: [t.completion_chunk(env, "", reason, with_usage=usage_on)],
+        usage_chunk=lambda u: t.usage_chunk(env, u))
 
 
 @routes.get("/v1/models")

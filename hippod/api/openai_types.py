@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from hippod import __version__
+from hippod.api import request as common
+from hippod.api import tooling
 from hippod.api.errors import BadRequest
 from hippod.api.fields import get, number_in
-from hippod.api import tooling
-from hippod.api.ollama_types import parse_tools
+from hippod.protocol import GenerateRequest
 from hippod.store.records import ModelRecord
-
-MAX_STOPS = 16
-MAX_EMBED_INPUTS = 2048
 
 
 # -- shared request parts ----------------------------------------------------------------------
@@ -44,24 +42,12 @@ def _refuse_common(body: dict) -> None:
     _refuse(body, "store", (False,), "is not supported: hippo does not store completions")
 
 
-def parse_stop(raw: Any) -> list[str]:
-    stops = [raw] if isinstance(raw, str) else raw
-    if stops is None:
-        return []
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise BadRequest("stop must be a string or a list of strings", param="stop")
-    if len(stops) > MAX_STOPS:
-        raise BadRequest(f"stop allows at most {MAX_STOPS} strings", param="stop")
-    return [s for s in stops if s]
-
-
 def parse_sampling(body: dict, max_tokens_default: int | None) -> dict[str, Any]:
-    """OpenAI sampling parameters -> the runner's Ollama-named options."""
-    options: dict[str, Any] = {
-        # OpenAI's default temperature is 1.0, not Ollama's 0.8.
-        "temperature": number_in(get(body, "temperature", float, 1.0), "temperature", 0, 2),
-    }
+    """OpenAI sampling parameters -> the runner's Ollama-named options. What the client leaves
+    out stays out, so the model's own defaults apply (api/defaults.py), not OpenAI's 1.0."""
+    options: dict[str, Any] = {}
     for name, key, typ, lo, hi in (
+        ("temperature", "temperature", float, 0, 2),
         ("top_p", "top_p", float, 0, 1),
         ("presence_penalty", "presence_penalty", float, -2, 2),
         ("frequency_penalty", "frequency_penalty", float, -2, 2),
@@ -79,7 +65,7 @@ def parse_sampling(body: dict, max_tokens_default: int | None) -> dict[str, Any]
         max_tokens, label = get(body, "max_tokens", int, max_tokens_default), "max_tokens"
     if max_tokens is not None:
         options["num_predict"] = number_in(max_tokens, label, 1, None)
-    stops = parse_stop(body.get("stop"))
+    stops = common.parse_stop(body.get("stop"))
     if stops:
         options["stop"] = stops
     return options
@@ -104,15 +90,40 @@ def parse_tool_choice(raw: Any, tools: list[dict] | None) -> str | dict | None:
     return tooling.tool_choice(raw, tools)
 
 
+# reasoning_effort -> GenerateRequest.think: "none" turns thinking off, the rest set its effort.
+_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+           "xhigh": "high"}
+
+
+def parse_reasoning_effort(raw: Any, param: str = "reasoning_effort") -> bool | str | None:
+    if raw is None:
+        return None
+    if raw not in _EFFORT:
+        raise BadRequest(f"{param} must be one of {', '.join(_EFFORT)}", param=param)
+    return _EFFORT[raw]
+
+
+def parse_chat_logprobs(body: dict) -> int | None:
+    """`logprobs: true` and `top_logprobs: 0..20` -> alternatives per token (None: off)."""
+    on = get(body, "logprobs", bool, False)
+    top = common.parse_top_logprobs(body.get("top_logprobs"))
+    if top and not on:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return top if on else None
+
+
 # -- /v1/chat/completions ---------------------------------------------------------------------
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
           "tool": "tool"}
-_MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file"}
+_MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file",
+                "input_file": "file"}
+TEXT_PARTS = ("text", "refusal")
 
 
-def _content_text(raw: Any, label: str) -> str:
-    """Message content: a string, null, or a list of text parts joined as mlx-lm joins them."""
+def content_text(raw: Any, label: str, text_parts: tuple[str, ...] = TEXT_PARTS) -> str:
+    """Message content: a string, null, or a list of text parts joined as mlx-lm joins them.
+    (The Responses API names its parts input_text / output_text; their text is under "text".)"""
     if raw is None:
         return ""
     if isinstance(raw, str):
@@ -126,35 +137,13 @@ def _content_text(raw: Any, label: str) -> str:
         if kind in _MEDIA_PARTS:
             raise BadRequest(f"{plabel}: {_MEDIA_PARTS[kind]} content is not supported: hippo serves "
                              "text models only", param=plabel)
-        if kind not in ("text", "refusal"):
-            raise BadRequest(f"{plabel} must be a content part of type 'text'", param=plabel)
-        text = part.get(kind)
+        if kind not in text_parts:
+            raise BadRequest(f"{plabel} must be a content part of type '{text_parts[0]}'", param=plabel)
+        text = part.get("refusal" if kind == "refusal" else "text")
         if not isinstance(text, str):
             raise BadRequest(f"{plabel}.{kind} must be a string", param=f"{plabel}.{kind}")
         texts.append(text)
     return "".join(texts)
-
-
-def _tool_call(raw: Any, label: str) -> dict:
-    """An assistant's earlier tool call; arguments become an object, as chat templates expect."""
-    fn = raw.get("function") if isinstance(raw, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise BadRequest(f"{label} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
-                         param=label)
-    args = fn.get("arguments") or {}
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            raise BadRequest(f"{label}.function.arguments is not valid JSON",
-                             param=f"{label}.function.arguments") from None
-    if not isinstance(args, dict):
-        raise BadRequest(f"{label}.function.arguments must be a JSON object",
-                         param=f"{label}.function.arguments")
-    call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
-    if isinstance(raw.get("id"), str):
-        call["id"] = raw["id"]
-    return call
 
 
 def parse_messages(raw: Any) -> list[dict]:
@@ -171,11 +160,12 @@ def parse_messages(raw: Any) -> list[dict]:
             raise BadRequest(f"{label}.role must be one of {', '.join(_ROLES)}, got {role!r}",
                              param=f"{label}.role")
         msg: dict[str, Any] = {"role": _ROLES[role],
-                               "content": _content_text(m.get("content"), f"{label}.content")}
+                               "content": content_text(m.get("content"), f"{label}.content")}
         if role == "assistant":
             calls = get(m, "tool_calls", list, [], prefix=f"{label}.")
             if calls:
-                msg["tool_calls"] = [_tool_call(c, f"{label}.tool_calls[{j}]") for j, c in enumerate(calls)]
+                msg["tool_calls"] = [common.history_tool_call(c, f"{label}.tool_calls[{j}]")
+                                     for j, c in enumerate(calls)]
                 call_names.update((c["id"], c["function"]["name"]) for c in msg["tool_calls"] if "id" in c)
         if role == "tool":
             call_id = get(m, "tool_call_id", str, prefix=f"{label}.")
@@ -183,6 +173,9 @@ def parse_messages(raw: Any) -> list[dict]:
                 msg["tool_call_id"] = call_id
                 if call_id in call_names:
                     msg["name"] = call_names[call_id]
+            reasoning = get(m, "reasoning_content", str, prefix=f"{label}.")
+            if reasoning:  # earlier thinking, which thinking models' templates render or drop
+                msg["reasoning_content"] = reasoning
         name = get(m, "name", str, prefix=f"{label}.")
         if name:
             msg["name"] = name
@@ -191,24 +184,21 @@ def parse_messages(raw: Any) -> list[dict]:
 
 
 @dataclass
-class ChatBody:
+class Call:
+    """One OpenAI generation request, translated: the runner's request plus delivery."""
+
     model: str
-    messages: list[dict]
-    tools: list[dict] | None
-    tool_choice: str | dict | None
-    grammar: dict | None
     stream: bool
     include_usage: bool
-    options: dict
-    keep_alive: Any
+    keep_alive: Any  # hippo extension, as in Ollama's API
+    request: GenerateRequest
 
 
-def parse_chat(body: dict) -> ChatBody:
+def parse_chat(body: dict) -> Call:
     _refuse_common(body)
-    _refuse(body, "logprobs", (False,), "is not supported by hippo yet")
-    _refuse(body, "top_logprobs", (0,), "is not supported by hippo yet")
     _refuse(body, "audio", (), "output is not supported: hippo serves text models only")
     _refuse(body, "prediction", (), "(predicted outputs) is not supported by hippo")
+    _refuse(body, "web_search_options", (), "is not supported: hippo has no web search")
     for name in ("functions", "function_call"):
         _refuse(body, name, ([],), "is deprecated and not supported; use tools and tool_choice")
     modalities = get(body, "modalities", list, [])
@@ -217,32 +207,20 @@ def parse_chat(body: dict) -> ChatBody:
     get(body, "user", str)
     get(body, "metadata", dict)
     get(body, "parallel_tool_calls", bool)
+    get(body, "service_tier", str)
     stream, include_usage = parse_stream(body)
-    tools = parse_tools(body.get("tools"))
-    return ChatBody(
-        model=get(body, "model", str, required=True),
-        messages=parse_messages(body.get("messages")),
-        tools=tools,
+    tools = common.parse_tools(body.get("tools"))
+    request = GenerateRequest(
+        messages=parse_messages(body.get("messages")), tools=tools,
         tool_choice=parse_tool_choice(body.get("tool_choice"), tools),
         grammar=parse_response_format(body.get("response_format")),
-        stream=stream,
-        include_usage=include_usage,
-        options=parse_sampling(body, max_tokens_default=None),
-        keep_alive=body.get("keep_alive"),  # hippo extension, as in Ollama's API
-    )
+        options=parse_sampling(body, max_tokens_default=None), logprobs=parse_chat_logprobs(body),
+        think=parse_reasoning_effort(body.get("reasoning_effort")))
+    return Call(get(body, "model", str, required=True), stream, include_usage,
+                body.get("keep_alive"), request)
 
 
 # -- /v1/completions --------------------------------------------------------------------------
-
-
-@dataclass
-class CompletionBody:
-    model: str
-    prompt: str
-    stream: bool
-    include_usage: bool
-    options: dict
-    keep_alive: Any
 
 
 def parse_prompt(raw: Any) -> str:
@@ -260,22 +238,19 @@ def parse_prompt(raw: Any) -> str:
     return raw
 
 
-def parse_completion(body: dict) -> CompletionBody:
+def parse_completion(body: dict) -> Call:
     _refuse_common(body)
     _refuse(body, "echo", (False,), "is not supported by hippo")
     _refuse(body, "suffix", ("",), "(fill-in-the-middle) is not supported by hippo")
     _refuse(body, "best_of", (1,), "must be 1: hippo returns one choice per request")
-    _refuse(body, "logprobs", (0,), "is not supported by hippo yet")
     get(body, "user", str)
+    logprobs = number_in(get(body, "logprobs", int), "logprobs", 0, 5)  # legacy: an int, 0..5
     stream, include_usage = parse_stream(body)
-    return CompletionBody(
-        model=get(body, "model", str, required=True),
-        prompt=parse_prompt(body.get("prompt")),
-        stream=stream,
-        include_usage=include_usage,
-        options=parse_sampling(body, max_tokens_default=16),  # OpenAI's default for completions
-        keep_alive=body.get("keep_alive"),
-    )
+    request = GenerateRequest(prompt=parse_prompt(body.get("prompt")), raw=True,
+                              options=parse_sampling(body, max_tokens_default=16),  # OpenAI's default
+                              logprobs=logprobs)
+    return Call(get(body, "model", str, required=True), stream, include_usage,
+                body.get("keep_alive"), request)
 
 
 # -- /v1/embeddings ---------------------------------------------------------------------------
@@ -291,17 +266,7 @@ class EmbeddingsBody:
 
 
 def parse_embeddings(body: dict) -> EmbeddingsBody:
-    raw = body.get("input")
-    inputs = [raw] if isinstance(raw, str) else raw
-    if not isinstance(inputs, list) or not inputs:
-        raise BadRequest("input must be a string or a non-empty list of strings", param="input")
-    for i, text in enumerate(inputs):
-        if not isinstance(text, str):
-            raise BadRequest("input must be strings: token id inputs are not supported", param="input")
-        if not text:
-            raise BadRequest(f"input[{i}] must not be empty", param="input")
-    if len(inputs) > MAX_EMBED_INPUTS:
-        raise BadRequest(f"input holds more than {MAX_EMBED_INPUTS} items", param="input")
+    inputs = common.parse_embed_inputs(body.get("input"))
     fmt = get(body, "encoding_format", str, "float")
     if fmt not in ("float", "base64"):
         raise BadRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
@@ -342,13 +307,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
     return out
 
 
-def error_body(status: int, message: str, param: str | None) -> dict:
-    """The error object sent inside an already-started stream (the middleware does the rest)."""
-    return {"error": {"message": message,
-                      "type": "invalid_request_error" if status < 500 else "server_error",
-                      "param": param, "code": None if status < 500 else str(status)}}
-
-
 @dataclass
 class Envelope:
     """What every response and chunk of one request repeats."""
@@ -367,20 +325,36 @@ class Envelope:
                 "system_fingerprint": self.system_fingerprint, "choices": choices, **extra}
 
 
-def assistant_message(text: str, tool_calls: list[dict] | None = None) -> dict:
-    """The finished assistant message, with the tool calls the runner parsed from the output."""
+def assistant_message(text: str, tool_calls: list[dict] | None = None, thinking: str = "") -> dict:
+    """The finished assistant message, with the tool calls the runner parsed from the output and
+    the reasoning in `reasoning_content` (the name DeepSeek's API, vLLM and LM Studio use)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if thinking:
+        msg["reasoning_content"] = thinking
     if tool_calls:
-        return {"role": "assistant", "content": text or None, "refusal": None,
-                "tool_calls": tooling.openai_tool_calls(tool_calls)}
-    return {"role": "assistant", "content": text, "refusal": None}
+        msg.update(content=text or None, tool_calls=tooling.openai_tool_calls(tool_calls))
+    return msg
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """Runner entries are already chat-shaped: {token, logprob, bytes, top_logprobs: [...]}."""
+    return None if entries is None else {"content": entries, "refusal": None}
 
 
 def chat_completion(env: Envelope, text: str, reason: str, usage_: dict,
-                    tool_calls: list[dict] | None = None) -> dict:
+                    tool_calls: list[dict] | None = None, thinking: str = "",
+                    logprobs: list[dict] | None = None) -> dict:
     # "length" with tool_calls: a required call cut short, its arguments the text written so far.
     finish = "tool_calls" if tool_calls and reason != "length" else reason
-    return env.wrap([{"index": 0, "message": assistant_message(text, tool_calls), "logprobs": None,
-                      "finish_reason": finish}], usage=usage_)
+    return env.wrap([{"index": 0, "message": assistant_message(text, tool_calls, thinking),
+                      "logprobs": chat_logprobs(logprobs), "finish_reason": finish}], usage=usage_)
+
+
+def chat_delta(text: str, thinking: str = "") -> dict:
+    delta: dict[str, Any] = {"content": text}
+    if thinking:
+        delta["reasoning_content"] = thinking
+    return delta
 
 
 def chat_closing_chunks(env: Envelope, reason: str, tool_calls: list[dict] | None,
@@ -394,18 +368,38 @@ def chat_closing_chunks(env: Envelope, reason: str, tool_calls: list[dict] | Non
                        with_usage=with_usage)]
 
 
-def chat_chunk(env: Envelope, delta: dict, reason: str | None = None, with_usage: bool = False) -> dict:
+def chat_chunk(env: Envelope, delta: dict, reason: str | None = None, with_usage: bool = False,
+               logprobs: list[dict] | None = None) -> dict:
     extra = {"usage": None} if with_usage else {}
-    return env.wrap([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra)
+    return env.wrap([{"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs),
+                      "finish_reason": reason}], **extra)
 
 
-def text_completion(env: Envelope, text: str, reason: str, usage_: dict) -> dict:
-    return env.wrap([{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], usage=usage_)
+def completion_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """The legacy completions shape: parallel lists, alternatives as {token: logprob} maps."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
-def completion_chunk(env: Envelope, text: str, reason: str | None = None, with_usage: bool = False) -> dict:
+def text_completion(env: Envelope, text: str, reason: str, usage_: dict,
+                    logprobs: list[dict] | None = None) -> dict:
+    return env.wrap([{"index": 0, "text": text, "logprobs": completion_logprobs(logprobs),
+                      "finish_reason": reason}], usage=usage_)
+
+
+def completion_chunk(env: Envelope, text: str, reason: str | None = None, with_usage: bool = False,
+                     logprobs: list[dict] | None = None, offset: int = 0) -> dict:
     extra = {"usage": None} if with_usage else {}
-    return env.wrap([{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], **extra)
+    return env.wrap([{"index": 0, "text": text, "logprobs": completion_logprobs(logprobs, offset),
+                      "finish_reason": reason}], **extra)
 
 
 def usage_chunk(env: Envelope, usage_: dict) -> dict:

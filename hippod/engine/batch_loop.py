@@ -33,8 +33,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
+from hippod.engine import thinking
 from hippod.engine.embeddings import embed_texts
 from hippod.engine.grammar import make_grammar_processor
+from hippod.engine.logprobs import TokenTexts, token_entry
 from hippod.engine.prompts import PromptError, render_prompt
 from hippod.engine.sampling import (make_logits_shape, make_request_processors, make_request_sampler,
                                    request_key)
@@ -108,6 +110,9 @@ class _Active:
     accepted: int = 0
     grammar: object = None  # the GrammarProcessor (also in processors) of a constrained request
     tools: ToolCallBuffer | None = None  # set when the answer may hold tool calls
+    top_logprobs: int | None = None  # None: no logprobs; else alternatives per token
+    pending_logprobs: list = field(default_factory=list)  # entries not yet sent with an event
+    thinking: object = None  # the ThinkingSplitter of a reasoning model's answer
     unsent: list[int] = field(default_factory=list)  # ids decoded since the last text sent
 
 
@@ -125,6 +130,8 @@ class BatchLoop:
         self.num_draft = getattr(drafter, "block_size", num_draft + 1) - 1 if drafter else 0
         self.num_layers = len(make_prompt_cache(model))
         self.eos = set(tokenizer.eos_token_ids)
+        self.token_texts = TokenTexts(tokenizer)
+        self.think_markers = thinking.markers(tokenizer)
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.waiting: deque[Job] = deque()
         self.batched: dict[int, _Active] = {}
@@ -258,7 +265,8 @@ class BatchLoop:
     def _prepare(self, job: Job) -> _Active | None:
         req: GenerateRequest = job.request
         opts = req.options
-        tokens = render_prompt(self.tokenizer, prepare_request(self.tokenizer, req))
+        tokens = render_prompt(self.tokenizer, prepare_request(self.tokenizer, req),
+                               thinking.template_kwargs(self.tokenizer, req.think))
         if not tokens:
             raise PromptError("the prompt is empty after applying the chat template")
         num_ctx = min(int(opts.get("num_ctx") or self.context_length), self.context_length)
@@ -273,9 +281,7 @@ class BatchLoop:
         if max_tokens - len(resume) <= 0:
             job.emit(DoneEvent("length", len(tokens), len(resume), 0.0, 0.0))
             return None
-        stop = opts.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
+        stop = opts.get("stop") or []  # checked and normalised by the API (api/request.py)
         processors = make_request_processors(opts)
         tool_grammar = forced_call_grammar(req) if uses_tools(req) else None
         if tool_grammar:
@@ -286,10 +292,11 @@ class BatchLoop:
             processors.append(grammar)
         tools = (ToolCallBuffer(self.tokenizer, req.tools, forced=tool_grammar is not None)
                  if uses_tools(req) else None)
-        active = _Active(job, self.tokenizer.detokenizer, StopMatcher(list(stop)), list(tokens),
+        active = _Active(job, self.tokenizer.detokenizer, StopMatcher(stop), list(tokens),
                          prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                          sampler=make_request_sampler(opts), processors=processors,
-                         started=time.perf_counter(), grammar=grammar, tools=tools)
+                         started=time.perf_counter(), grammar=grammar, tools=tools,
+                         top_logprobs=req.logprobs, thinking=self._splitter(tokens, req))
         self._replay(active, resume)
         return active
 
@@ -302,10 +309,20 @@ class BatchLoop:
             a.completion_tokens += 1
             a.detokenizer.add_token(token)
             text, _ = a.stops.feed(a.detokenizer.last_segment)
+            if a.thinking is not None:
+                text, _ = a.thinking.feed(text)
             if a.tools is not None:
                 a.tools.feed(text)
             if a.grammar is not None:
                 a.grammar.advance(token)
+
+    def _splitter(self, tokens: list[int], req: GenerateRequest) -> thinking.ThinkingSplitter | None:
+        """Thinking is split from the answer for chat requests to a reasoning model (a raw
+        completion gets the model's text as it is)."""
+        if self.think_markers is None or req.raw or req.grammar:
+            return None
+        inside = thinking.starts_inside(self.tokenizer, tokens, self.think_markers)
+        return thinking.ThinkingSplitter(self.think_markers, inside)
 
     def _cached(self, namespace: str, tokens: list[int]) -> tuple[list | None, list[int]]:
         """The longest cached prefix's KV (a copy) and the tokens still to process (never none)."""
@@ -362,7 +379,7 @@ class BatchLoop:
             reason = "stop"
         elif a.completion_tokens + 1 >= a.max_tokens:
             reason = "length"
-        if self._deliver(a, token, reason):
+        if self._deliver(a, token, reason, item[1]):
             return
 
     def _speculate(self, a: _Active, proposer=None):
@@ -460,7 +477,7 @@ class BatchLoop:
                 del self.batched[r.uid]
                 if r.prompt_cache is not None:
                     self._remember(MAIN, r.all_tokens or a.tokens, r.prompt_cache)
-            if self._deliver(a, int(r.token), reason) and reason is None:
+            if self._deliver(a, int(r.token), reason, r.logprobs) and reason is None:
                 # A stop string ended it while the generator still runs it: take it out.
                 caches = self.generator.remove([r.uid], return_prompt_caches=True)
                 self.batched.pop(r.uid, None)
@@ -470,7 +487,7 @@ class BatchLoop:
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _deliver(self, a: _Active, token: int, reason: str | None) -> bool:
+    def _deliver(self, a: _Active, token: int, reason: str | None, logprobs=None) -> bool:
         """Emit a token's text; returns True when the request finished."""
         now = time.perf_counter()
         if a.first_token_at is None:
@@ -481,12 +498,20 @@ class BatchLoop:
         else:
             a.completion_tokens += 1
             det.add_token(token)
+            if a.top_logprobs is not None and logprobs is not None:
+                a.pending_logprobs.append(token_entry(self.token_texts, logprobs, token, a.top_logprobs))
             if reason is not None:
                 det.finalize()
         text, hit_stop = a.stops.feed(det.last_segment)
         if reason is not None and not hit_stop:
             text += a.stops.flush()
         ending = hit_stop or reason is not None
+        thought = ""
+        if a.thinking is not None:  # the answer goes on to the tool-call buffer, thinking does not
+            text, thought = a.thinking.feed(text)
+            if ending:
+                rest, more = a.thinking.flush()
+                text, thought = text + rest, thought + more
         calls = None
         if a.tools is not None:  # tool-call markup is parsed at the end, never streamed
             text = a.tools.feed(text)
@@ -494,10 +519,11 @@ class BatchLoop:
                 rest, calls = a.tools.finish()
                 text += rest
         counted = not (reason == "stop" and token in self.eos)
-        if text:
+        if text or thought or (ending and a.pending_logprobs):
             ids = a.unsent + [token] if counted else a.unsent
-            a.job.emit(TokenEvent(text, token, ids if ids != [token] else None))
-            a.unsent = []
+            a.job.emit(TokenEvent(text, token, thinking=thought, logprobs=a.pending_logprobs or None,
+                                  ids=ids if ids != [token] else None))
+            a.unsent, a.pending_logprobs = [], []
         elif counted:
             a.unsent.append(token)
         if ending:  # parsed calls are a complete answer, even on the budget's last token

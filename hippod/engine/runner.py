@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from hippod.registry.modelinfo import config_context_length
 from hippod.protocol import (
     DoneEvent,
     EmbedResult,
@@ -48,11 +49,7 @@ def _model_context_length(model_dir: Path) -> int | None:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    cfg = cfg.get("text_config", cfg)
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "context_length"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    return None
+    return config_context_length(cfg) if isinstance(cfg, dict) else None
 
 
 class Runner:

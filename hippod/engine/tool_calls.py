@@ -20,7 +20,6 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from hippod.engine.prompts import PromptError
 from hippod.protocol import GenerateRequest
 
 log = logging.getLogger("hippo.runner")
@@ -37,19 +36,14 @@ def tool_names(tools: list[dict] | None) -> list[str]:
 
 
 def forced_tool(req: GenerateRequest) -> tuple[bool, str | None]:
-    """(must the answer be a call, the one function it must call or None for any of them)."""
+    """(must the answer be a call, the one function it must call or None for any of them).
+    The API checked tool_choice against the tools (api/tooling.py); this only reads it."""
     choice = req.tool_choice
     if not req.tools or choice in (None, "auto", "none"):
         return False, None
     if choice == "required":
         return True, None
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(name, str):
-        raise PromptError(f"tool_choice must be auto, none, required or "
-                          f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}")
-    if name not in tool_names(req.tools):
-        raise PromptError(f"tool_choice names {name!r}, which is not among the tools")
-    return True, name
+    return True, choice["function"]["name"]
 
 
 def uses_tools(req: GenerateRequest) -> bool:

@@ -50,6 +50,18 @@ def read_safetensors_header(path: Path) -> dict:
             raise ModelFormatError(f"{path.name}: not a safetensors file (bad header)") from None
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "context_length")
+
+
+def config_context_length(cfg: dict) -> int | None:
+    """The context a config.json declares, under whichever name its family uses."""
+    text = cfg.get("text_config", cfg)
+    for key in CONTEXT_KEYS:
+        if isinstance(text.get(key), int) and not isinstance(text.get(key), bool) and text[key] > 0:
+            return text[key]
+    return None
+
+
 def human_count(n: int) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -96,7 +108,7 @@ def inspect_model_dir(path: Path) -> ModelInfo:
     kv_heads = text.get("num_key_value_heads") or heads
     hidden = text.get("hidden_size") or text.get("n_embd") or 0
     head_dim = text.get("head_dim") or (hidden // heads if heads else 0)
-    ctx = text.get("max_position_embeddings") or text.get("context_length")
+    ctx = config_context_length(cfg)
     main_dtype = max(dtypes, key=dtypes.get) if dtypes else "F16"
     if bits:
         quantization = cfg.get("gguf_quantization") or f"{bits}-bit"
