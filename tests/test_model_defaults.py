@@ -33,11 +33,12 @@ def warm_hi(oai):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [2, 3, 4])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_openai_sdk_defaults_greet_back(oai, warm_hi, seed):
     """The SDK sends no temperature: the model's (Ollama's) defaults apply, and SmolLM2 greets."""
     got = oai.chat.completions.create(model=SMOL, messages=HI, max_tokens=16, seed=seed)
     text = got.choices[0].message.content
+    print("SEED", seed, repr(text))
     assert GREETING.search(text), text
 
 
@@ -90,6 +91,8 @@ def test_precedence_client_then_modelfile_then_generation_config_then_ollama(tmp
     assert got["temperature"] == 0.3 and got["stop"] == ["<end>"] and got["num_ctx"] == 1024
     assert got["repeat_penalty"] == 1.05  # generation_config.json
     assert got["top_k"] == 40 and got["repeat_last_n"] == 64  # Ollama's (the bogus top_k is skipped)
+    assert defaults.apply(GenerateRequest(prompt="x"), _record(), tmp_path / "none").options[
+        "repeat_penalty"] == 1.0  # off unless the model or the client asks for it
     bare = defaults.apply(GenerateRequest(prompt="x"), _record(), tmp_path / "none").options
     assert bare["temperature"] == 0.8 and bare["top_p"] == 0.9
 
@@ -111,3 +114,28 @@ def test_modelfile_system_and_messages():
     assert with_history.messages[-1] == {"role": "user", "content": "q"} and with_history.prompt is None
     raw = defaults.apply(GenerateRequest(prompt="q", raw=True), rec, Path("/x"))
     assert raw.prompt == "q" and raw.messages is None and raw.system is None
+
+
+@pytest.mark.slow
+def test_modelfile_parameters_system_and_messages_apply_on_both_apis(hippod, oai):
+    client = ollama.Client(host=hippod.url)
+    client.create(model="capped", from_="smollm2", parameters={"temperature": 0, "num_predict": 3})
+    count = [{"role": "user", "content": "Count from one to twenty, one number per line."}]
+    first = client.chat(model="capped", messages=count)
+    assert first.eval_count == 3 and first.done_reason == "length"  # the Modelfile's num_predict
+    assert client.chat(model="capped", messages=count).message.content == first.message.content  # temp 0
+    assert client.chat(model="capped", messages=count, options={"num_predict": 5}).eval_count == 5
+    sdk = oai.chat.completions.create(model="capped", messages=count)  # no sampling fields sent
+    assert sdk.usage.completion_tokens == 3 and sdk.choices[0].message.content == first.message.content
+
+    client.create(model="terse", from_="smollm2", system="You answer with one word.",
+                  messages=[{"role": "user", "content": "Capital of Italy?"},
+                            {"role": "assistant", "content": "Rome"}])
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    one = {"num_predict": 1}
+    base = client.chat(model="smollm2", messages=q, options=one).prompt_eval_count
+    terse = client.chat(model="terse", messages=q, options=one).prompt_eval_count
+    own = client.chat(model="terse", messages=[{"role": "system", "content": "Hi."}, *q],
+                      options=one).prompt_eval_count
+    assert terse > base  # the Modelfile's system and messages come first
+    assert own < terse  # the request's own system message replaces the Modelfile's

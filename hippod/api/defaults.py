@@ -26,9 +26,11 @@ from hippod.store.records import ModelRecord
 
 log = logging.getLogger("hippo.api")
 
-# Ollama's defaults (api/types.go DefaultOptions) for what the runner samples with.
+# Ollama's defaults (api/types.go DefaultOptions) for what the runner samples with, but for its
+# repeat_penalty 1.1: like llama.cpp and mlx_lm, hippo leaves the penalty off unless the model or
+# the client sets it, since a penalty on quotes and braces derails small models' JSON tool calls.
 OLLAMA_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
-                                   "repeat_penalty": 1.1, "repeat_last_n": 64}
+                                   "repeat_penalty": 1.0, "repeat_last_n": 64}
 # generation_config.json name -> option name
 _GENERATION_CONFIG = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                       "min_p": "min_p", "repetition_penalty": "repeat_penalty"}
