@@ -150,6 +150,12 @@ def print_splits(answer: dict) -> None:
     for h in (answer.get("hippo") or {}).get("hosted") or []:
         print(f"running layers {h['layers'][0]}-{h['layers'][1] - 1} of {h['model']} for a peer's split "
               f"(rank {h['rank']} of {h['world']}, {human_bytes(h.get('bytes'))})")
+    for m in answer.get("models") or []:
+        draft = (m.get("hippo") or {}).get("draft")
+        if draft:
+            print(f"{m.get('name')} drafts with {draft['model']} on {draft['node']} ({draft['address']})")
+    for d in (answer.get("hippo") or {}).get("drafts") or []:
+        print(f"drafting with {d['model']} for a peer's target ({human_bytes(d.get('bytes'))})")
 
 
 def processor(entry: dict) -> str:

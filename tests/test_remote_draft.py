@@ -217,6 +217,7 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
             mine = [m for m in a.call("GET", "/api/ps")[1]["models"] if m["name"] == "tgt:latest"]
             assert mine[0]["hippo"]["draft"]["node"] == "beta"
             assert mine[0]["hippo"]["draft"]["address"].startswith(b.net.address + ":")
+            assert "tgt:latest drafts with drf:latest on beta" in a.cli(ctl.ps, json=False, history=False, limit=20)
             hosted = b.call("GET", "/api/ps")[1]["hippo"]["drafts"]
             assert [(h["model"], h["running"]) for h in hosted] == [("drf:latest", True)]
 
