@@ -92,10 +92,14 @@ def apply(req: GenerateRequest, rec: ModelRecord, model_dir: Path) -> GenerateRe
     system = details.get("system") if isinstance(details.get("system"), str) else None
     history = _model_messages(rec)
     if req.messages is not None:
-        messages = history + list(req.messages)
-        if system and not any(m.get("role") == "system" for m in req.messages):
-            messages.insert(0, {"role": "system", "content": system})
-        return replace(req, options=options, messages=messages)
+        own = list(req.messages)
+        lead = 0  # the request's leading system messages stay first, before the Modelfile's turns
+        while lead < len(own) and own[lead].get("role") == "system":
+            lead += 1
+        if system and not any(m.get("role") == "system" for m in own):
+            own.insert(0, {"role": "system", "content": system})
+            lead = 1
+        return replace(req, options=options, messages=own[:lead] + history + own[lead:])
     if req.raw:
         return replace(req, options=options)
     if history and req.prompt:  # a prompt after the Modelfile's messages: one chat
