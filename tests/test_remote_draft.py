@@ -112,6 +112,8 @@ def test_drafts_from_a_peer_give_plain_output_and_losing_it_changes_nothing(dirs
     assert 0 < cut_done.drafted  # it drafted on the peer before the cut
     assert cut_seconds < 20  # one round's timeout, not a hang
     assert after_kill == long_plain
+    # The peer was lost once; the next stream did not try (and wait for) it again.
+    assert (tmp_path / "runners.log").read_text().count("going on without it") == 1
 
 
 def test_a_connection_without_the_session_key_is_refused(dirs, tmp_path):

@@ -47,6 +47,7 @@ AUTH_TIMEOUT = 3.0  # seconds a connection has to answer the challenge
 MAX_PENDING = 8  # connections greeted and not yet proven, at once
 IDLE_TIMEOUT = 120.0  # seconds a session may sit silent (drafting paused by the policy)
 ROUND_TIMEOUT = 1.0  # seconds the target waits for one round's drafts before going on alone
+RETRY_AFTER = 30.0  # seconds after a lost peer before a new stream tries it again
 _HEAD = struct.Struct("<IIII")  # accepted, n, pending, number of new tokens
 
 
@@ -110,6 +111,10 @@ class RemoteDrafter:
     def __init__(self, target, host: str, port: int, key: bytes, *, timeout: float = ROUND_TIMEOUT):
         self.host, self.port, self.key, self.timeout = host, port, key, timeout
         self.vocab = vocab_size(target)
+        self.down_until = 0.0  # a lost peer is not waited for by every new stream
+
+    def lost(self) -> None:
+        self.down_until = time.monotonic() + RETRY_AFTER
 
     def make_cache(self) -> list:
         return []  # the draft's KV cache lives on the peer
@@ -128,7 +133,7 @@ class RemoteProposer:
     def __init__(self, drafter: RemoteDrafter):
         self.drafter = drafter
         self.sock: socket.socket | None = None
-        self.dead = False
+        self.dead = time.monotonic() < drafter.down_until
         self.known = 0  # tokens of history the peer's draft holds
         self.accepted = 0  # kept drafts of the last round, told with the next one
 
@@ -160,6 +165,7 @@ class RemoteProposer:
                         self.drafter.host, self.drafter.port, e)
             self.close()
             self.dead = True
+            self.drafter.lost()
             return None, None
         self.known = len(history)
         self.accepted = 0
