@@ -251,5 +251,12 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
             status, body = a.call("POST", "/api/generate", {"model": "plain", "prompt": "x", "stream": False,
                                                             "options": {"draft_on": "beta"}})
             assert status == 400 and "has no draft" in body["error"]
+
+            # ... and as a model's setting (a Modelfile parameter).
+            assert a.call("POST", "/api/create", {"model": "tgt2", "from": str(dirs["target"]), "stream": False,
+                                                  "draft": "drf", "parameters": {"draft_on": "beta"}})[0] == 200
+            assert gen("tgt2", PROMPTS[1])["response"] == expected[1]
+            mine = [m for m in a.call("GET", "/api/ps")[1]["models"] if m["name"] == "tgt2:latest"]
+            assert mine[0]["hippo"]["draft"]["node"] == "beta"
         finally:
             pair.stop()
