@@ -150,6 +150,12 @@ def print_splits(answer: dict) -> None:
     for h in (answer.get("hippo") or {}).get("hosted") or []:
         print(f"running layers {h['layers'][0]}-{h['layers'][1] - 1} of {h['model']} for a peer's split "
               f"(rank {h['rank']} of {h['world']}, {human_bytes(h.get('bytes'))})")
+    for m in answer.get("models") or []:
+        draft = (m.get("hippo") or {}).get("draft")
+        if draft:
+            print(f"{m.get('name')} drafts with {draft['model']} on {draft['node']} ({draft['address']})")
+    for d in (answer.get("hippo") or {}).get("drafts") or []:
+        print(f"drafting with {d['model']} for a peer's target ({human_bytes(d.get('bytes'))})")
 
 
 def processor(entry: dict) -> str:
@@ -202,6 +208,9 @@ def run(client: Client, args: argparse.Namespace) -> int | None:
         nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
         client.post("/api/hippo/placement", {"model": args.model,
                                              "nodes": None if nodes in ([], ["auto"]) else nodes})
+    if getattr(args, "draft_on", None) is not None:  # the model's draft runs on that node ('' or 'off': here)
+        node = args.draft_on.strip()
+        client.post("/api/hippo/draft-on", {"model": args.model, "node": None if node in ("", "off") else node})
     prompt = " ".join(args.prompt)
     if sys.stdin is None or not sys.stdin.isatty():
         # piped input comes first, as in `cat notes | ollama run m summarize`
@@ -409,6 +418,8 @@ COMMANDS: tuple[Command, ...] = (
         arg("--verbose", action="store_true", help="print timings after the answer"),
         arg("--nodes", help="split the model over these nodes, e.g. alpha,beta (this node runs the "
             "first layers); kept for the model until changed; 'auto' lets hippod decide again"),
+        arg("--draft-on", help="run the model's draft on this node (speculative decoding across "
+            "machines); kept for the model until changed; 'off' drafts here again"),
     )),
     Command("stop", stop, "Stop (unload) a running model", (arg("models", nargs="+", metavar="model"),)),
     Command("pull", cluster_cmds.pull, "Pull a model: from a trusted peer if one has it, else from "

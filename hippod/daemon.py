@@ -126,6 +126,11 @@ async def serve(settings: Settings, started: float) -> None:
     from hippod.cluster.splits import Splits  # pipeline split (issue 6): one model over several nodes
     splits = app["splits"] = Splits(settings, scheduler, registry, cluster)
     scheduler.placer, scheduler.factory = splits, splits.factory(scheduler.start_local)
+    from hippod.cluster.remote_drafts import RemoteDrafts  # a model's draft on a peer
+    drafts = app["remote_drafts"] = RemoteDrafts(settings, scheduler, registry, cluster, splits)
+    scheduler.factory = drafts.factory(scheduler.factory)
+    scheduler.hosts.append(drafts.hosted_bytes)
+    scheduler.drafts = drafts
     # After drain() and the runners' stop, handlers left (a pull, say) get this long, then are cancelled.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()
@@ -139,6 +144,7 @@ async def serve(settings: Settings, started: float) -> None:
              settings.host, settings.port, settings.home, (time.perf_counter() - started) * 1000)
     await cluster.start()  # cluster (issue 5)
     await splits.start()  # pipeline split (issue 6)
+    await drafts.start()
     from hippod import audit  # operations (issue 8): retention of the audit log, log rotation
     chores = [asyncio.ensure_future(audit.prune_periodically(store, settings.audit_retention_days)),
               asyncio.ensure_future(rotate_logs_periodically(settings))]
@@ -163,6 +169,7 @@ async def serve(settings: Settings, started: float) -> None:
     await runner.cleanup()
     await scheduler.shutdown()  # a model a last request loaded meanwhile: no runner outlives us
     await splits.stop()  # pipeline split (issue 6): layers run for peers stop with us
+    await drafts.stop()  # draft servers run for peers stop with us
     store.close()
     log.info("stopped")
 

@@ -22,7 +22,7 @@ import platform
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 from datetime import datetime, timedelta, timezone
 
 import psutil
@@ -190,6 +190,8 @@ class Scheduler:
         self._load_lock = asyncio.Lock()  # loads and replacements happen one at a time
         self.factory: RunnerFactory = factory or self.start_local
         self.placer = placer
+        self.hosts: list[Callable[[], int]] = []  # bytes of other things run for peers (drafts)
+        self.drafts = None  # where models' drafts run (cluster.remote_drafts), when clustered
         self.spares = SparePool(settings.run_dir, settings.logs_dir / "runners.log",
                                 python=settings.runner_python, enabled=settings.spare_runner)
 
@@ -214,6 +216,7 @@ class Scheduler:
     def used(self) -> int:
         """Loaded models, plus unloaded ones whose process is still on its way out."""
         hosted = self.placer.hosted_bytes() if self.placer is not None else 0  # layers run for peers
+        hosted += sum(count() for count in self.hosts)
         return sum(m.size for m in (*self.loaded.values(), *self._stopping)) + hosted + self.spares.bytes
 
     def available(self) -> int:

@@ -192,6 +192,7 @@ def test_grammar_survives_decoding_alone_then_joining_a_batch(tiny_loop):
 @pytest.mark.parametrize("schema,fragment", [
     ({"type": "strin"}, "strin"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+    ({"type": "object", "properties": [1]}, "properties"),  # closing leaves it for the compiler
 ])
 def test_a_schema_that_cannot_be_enforced_is_a_400(tiny_loop, schema, fragment):
     (r,) = run_jobs(tiny_loop, [GenerateRequest(prompt="x", grammar={"json_schema": schema})])

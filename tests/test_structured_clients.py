@@ -27,9 +27,7 @@ class Person(BaseModel):
 
 WEATHER = {"type": "function", "function": {  # a plain tool: not strict, no additionalProperties
     "name": "get_weather", "description": "Get the current weather in a city",
-    "parameters": {"type": "object",
-                   "properties": {"city": {"type": "string", "description": "The city"},
-                                  "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city"}},
                    "required": ["city"]}}}
 CITIES = ["Paris", "Tokyo", "Lima", "Cairo", "Oslo"]
 
@@ -72,7 +70,7 @@ def test_openai_required_tool_choice_returns_arguments_that_validate(hippod):
         (call,) = choice.message.tool_calls
         assert call.function.name == "get_weather" and call.id
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-        assert set(json.loads(call.function.arguments)) <= {"city", "unit"}
+        assert set(json.loads(call.function.arguments)) == {"city"}
 
 
 def test_openai_required_call_cut_short_is_length_with_the_partial_call(hippod):
@@ -98,25 +96,28 @@ def test_langchain_chat_ollama_with_structured_output_json_schema(hippod):
     from langchain_ollama import ChatOllama
 
     llm = ChatOllama(model="smollm2", base_url=hippod.url, temperature=0, num_predict=32)
-    structured = llm.with_structured_output(Person, method="json_schema")
+    structured = llm.with_structured_output(Person, method="json_schema", include_raw=True)
     answers = structured.batch([_extract(*p) for p in PEOPLE], config={"max_concurrency": 5})
-    assert len(answers) == 5 and all(isinstance(a, Person) for a in answers)
+    assert len(answers) == 5
+    for a in answers:
+        assert a["parsing_error"] is None and isinstance(a["parsed"], Person), a
+        assert set(json.loads(a["raw"].content)) == {"name", "age"}  # pydantic would drop extras
 
 
 def test_greedy_tokens_do_not_depend_on_the_cache_or_the_batch(hippod):
-    """The same greedy request cold, after a prompt-cache hit, and inside a batch of four."""
+    """The same greedy request cold, after a prompt-cache hit, and inside a batch."""
     client = openai.OpenAI(base_url=hippod.url + "/v1", api_key="unused", max_retries=0)
 
     def ask(text: str):
         r = client.chat.completions.create(
             model="smollm2", messages=[{"role": "system", "content": "Answer in one sentence."},
                                        {"role": "user", "content": text}],
-            temperature=0, max_tokens=16)
+            temperature=0, max_tokens=10)
         return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
 
     question = "Why is the sky blue on a clear afternoon in late spring?"
     cold, cold_cached = ask(question)
     warm, warm_cached = ask(question)
-    together = _each(ask, [question, "Name a fruit.", "What is rain?", "Count to three."])
+    together = _each(ask, [question, "Name a fruit."])
     assert warm_cached > cold_cached
     assert warm == cold and together[0][0] == cold

@@ -41,6 +41,9 @@ class Generation:
             rec = registry.get(self.model)
             self.request = defaults.apply(self.request, rec, registry.model_dir(rec))
             num_ctx = self.request.options.get("num_ctx")
+            draft_on = self.request.options.pop("draft_on", None)  # an option of the load, not the runner
+            if draft_on is not None and self.scheduler.drafts is not None:
+                await self.scheduler.drafts.follow(rec.name, draft_on)
             self.lease = await self._stack.enter_async_context(
                 self.scheduler.lease(self.model, keep_alive=self.keep_alive, num_ctx=num_ctx))
             self._events = self.lease.runner.generate(self.request)

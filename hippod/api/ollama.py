@@ -71,11 +71,17 @@ async def ps(request: web.Request) -> web.Response:
         split = m.runner.placement  # a model split across nodes: node -> layers, bytes
         if split:
             entry["hippo"]["split"] = split
+        draft = getattr(m.runner, "draft_placement", None)  # its draft runs on a peer
+        if draft:
+            entry["hippo"]["draft"] = draft
         out.append(entry)
     answer = {"models": out}
     splits = request.app.get("splits")  # issue 6: layers this node runs for a peer's split
     if splits is not None and splits.hosted:
         answer["hippo"] = {"hosted": [h.row() for h in splits.hosted.values()]}
+    drafts = request.app.get("remote_drafts")  # drafts this node runs for a peer's target
+    if drafts is not None and drafts.hosted:
+        answer.setdefault("hippo", {})["drafts"] = [h.row() for h in drafts.hosted.values()]
     return web.json_response(answer)
 
 

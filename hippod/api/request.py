@@ -51,6 +51,10 @@ def check_option(name: str, value: Any, label: str) -> Any:
     """One option's value, typed and in range, or a 400 naming `label`."""
     if name == "stop":
         return parse_stop(value, label)
+    if name == "draft_on":  # a node's name, or "off"/"": where the model's draft runs
+        if not isinstance(value, str) or len(value) > 64 or not value.isprintable():
+            raise BadRequest(f"{label} must be a node's name (or 'off')", param=label)
+        return value.strip()
     typ, lo, hi = OPTIONS[name]
     prefix, _, key = label.rpartition(".")
     v = get({key: value}, key, typ, prefix=f"{prefix}." if prefix else "")
@@ -72,7 +76,7 @@ def parse_options(raw: Any, param: str = "options") -> dict[str, Any]:
             if value != REFUSED_OPTIONS[key]:
                 raise BadRequest(f"option {key} is not supported by hippo", param=label)
             continue
-        if key != "stop" and key not in OPTIONS:
+        if key not in ("stop", "draft_on") and key not in OPTIONS:
             raise BadRequest(f"unknown option {key!r}", param=label)
         out[key] = check_option(key, value, label)
     return out

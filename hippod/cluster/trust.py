@@ -207,6 +207,13 @@ class Keyring:
             raise TrustError("peer request was already used (replay refused)")
         return sender
 
+    def derive(self, label: str) -> bytes:
+        """A key for one purpose (a draft session), which every holder of the secret can make
+        and nobody else: it never needs to cross the wire."""
+        if self._key is None:
+            raise TrustError("this node has no cluster secret")
+        return hmac.new(self._key, b"hippo derive v1\0" + label.encode(), hashlib.sha256).digest()
+
     def sign_response(self, nonce: str, status: int, body: bytes) -> str | None:
         """Binds an answer to the request it answers, so nobody in between can forge one."""
         if self._key is None:

@@ -388,10 +388,12 @@ class BatchLoop:
         opts = a.job.request.options
         policy = DraftPolicy(self.num_draft)
         a.spec = Stats()
+        proposer = proposer or self.drafter.proposer(draft)
         stream = speculative_stream(
-            self.model, proposer or self.drafter.proposer(draft), target, a.tokens,
+            self.model, proposer, target, a.tokens,
             max_tokens=a.max_tokens - a.completion_tokens,
-            num_draft=policy, decoding=Decoding(make_logits_shape(opts), a.processors, request_key(opts)),
+            # a remote draft whose peer left drafts no more: the stream goes on plain
+            num_draft=lambda: 0 if getattr(proposer, "dead", False) else policy(), decoding=Decoding(make_logits_shape(opts), a.processors, request_key(opts)),
             stats=a.spec, on_round=policy.record)
         return stream
 

@@ -148,6 +148,8 @@ def _close(schema: Any, around: frozenset, defs: dict[str, Any],
         schema[key] = [_close(m, around | own | siblings, defs, inlined) for m in members]
     if "$ref" in schema or not _may_be_object(schema) or any(k in schema for k in _OPEN_KEYS):
         return schema  # a reference is closed where its definition lives
+    if not isinstance(schema.get("properties", {}), dict):
+        return schema  # malformed: left for the compiler to refuse
     if not around and "properties" not in schema and "patternProperties" not in schema:
         return schema  # {"type": "object"} or only applicators: the members decide, as in Ollama
     if any(_explicitly_open(m, defs) for k in _APPLICATORS for m in schema.get(k) or []):
@@ -192,6 +194,8 @@ def grammar_source(grammar: dict) -> str:
     try:
         source = llguidance.LLMatcher.grammar_from_json_schema(
             json.dumps(close_objects(schema)), overrides=layout)
+    except RecursionError:
+        raise GrammarError("the JSON schema is nested too deeply") from None
     except ValueError as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source)

@@ -55,8 +55,11 @@ def _model_context_length(model_dir: Path) -> int | None:
 class Runner:
     def __init__(self, model_dir: Path, num_parallel: int, context_length: int, *,
                  draft: Path | None = None, self_draft_layers: int = 0, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30, shard=None):
+                 prompt_cache_bytes: int = 2 * 2**30, shard=None, remote_draft: str | None = None,
+                 remote_draft_key_file: Path | None = None):
         self.model_dir = model_dir
+        self.remote_draft = remote_draft  # HOST:PORT of a draft server on a peer
+        self.remote_draft_key_file = remote_draft_key_file
         self.shard = shard  # pipeline split (issue 6): this runner is rank 0 of a split model
         self.draft = draft
         self.self_draft_layers = self_draft_layers
@@ -92,7 +95,7 @@ class Runner:
                                  "(create TARGET --draft with it); it cannot run alone")
             model, tokenizer = load(str(self.model_dir))
             mx.eval(model.parameters())
-            drafter = load_drafter(model, self.draft, self.self_draft_layers)
+            drafter = self._remote_drafter(model) or load_drafter(model, self.draft, self.self_draft_layers)
             self.load_seconds = time.perf_counter() - t0
             self.batch = BatchLoop(model, tokenizer, num_parallel=self.num_parallel,
                                    context_length=self.context_length, info=self.info,
@@ -103,6 +106,19 @@ class Runner:
             self.loop_ready.set()
             return
         self._serve("generation thread died", 70)
+
+    def _remote_drafter(self, model):
+        """The peer's draft server, when one was named; its key comes in the environment."""
+        if not self.remote_draft:
+            return None
+        from hippod.engine.remote_draft import KEY_ENV, RemoteDrafter
+
+        host, _, port = self.remote_draft.rpartition(":")
+        key = os.environ.pop(KEY_ENV, "")
+        if self.remote_draft_key_file is not None:  # from the daemon: read once, then gone
+            key = self.remote_draft_key_file.read_text().strip()
+            self.remote_draft_key_file.unlink(missing_ok=True)
+        return RemoteDrafter(model, host.strip("[]"), int(port), bytes.fromhex(key))
 
     def _serve(self, why: str, code: int) -> None:
         """Run the loop; should it ever end, end the process. Without its generation thread a
@@ -280,6 +296,9 @@ def main(argv: list[str] | None = None, start=None) -> int:
     ap.add_argument("--self-draft-layers", type=int, default=0,
                     help="draft with the target's own first N layers (0: off)")
     ap.add_argument("--num-draft", type=int, default=3)
+    ap.add_argument("--remote-draft", metavar="HOST:PORT",
+                    help="draft on a peer's draft server (its key in HIPPO_DRAFT_KEY or the key file)")
+    ap.add_argument("--remote-draft-key-file", type=Path, help="a file holding the session key (deleted once read)")
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 * 2**30)
     # pipeline split (issue 6): the ring is described by MLX_HOSTFILE
     ap.add_argument("--layers", help="run only layers START:END of a model split across nodes")
@@ -299,7 +318,8 @@ def main(argv: list[str] | None = None, start=None) -> int:
         args.num_parallel = 1
     runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
                     self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
-                    prompt_cache_bytes=args.prompt_cache_bytes, shard=shard)
+                    prompt_cache_bytes=args.prompt_cache_bytes, shard=shard, remote_draft=args.remote_draft,
+                    remote_draft_key_file=args.remote_draft_key_file)
     start = start or (lambda work: threading.Thread(target=work, name="generate", daemon=True).start())
     start(runner.generation_thread)
     runner.loop_ready.wait()
