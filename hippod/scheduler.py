@@ -276,7 +276,7 @@ class Scheduler:
         finally:
             self._release(loaded)
 
-    async def _record(self, name: str) -> ModelRecord:
+    async def record(self, name: str) -> ModelRecord:
         """The model's record; a model that only a trusted peer has is copied from it first."""
         try:
             return self.registry.get(name)
@@ -289,7 +289,7 @@ class Scheduler:
             return rec
 
     async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
-        rec = await self._record(name)
+        rec = await self.record(name)
         if rec.missing:
             raise RegistryError(f"model '{rec.name}' has missing files; pull or create it again", 500)
         ctx = self.context_for(rec, num_ctx)

@@ -78,7 +78,7 @@ class SparePool:
         try:
             ready = await runner.start_spare(SPARE_START_TIMEOUT)
         except (RunnerError, OSError) as e:
-            log.warning("spare runner did not start: %s", e)
+            log.warning("spare runner did not start: %s", str(e) or f"{type(e).__name__} after {SPARE_START_TIMEOUT:.0f} s")
             return
         finally:
             if self._starting is asyncio.current_task():

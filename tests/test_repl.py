@@ -26,7 +26,9 @@ class Terminal:
         self.socket = str(tmp_path / f"tmux-{n}.sock")  # a fresh server per terminal
         script = tmp_path / f"run-{n}.sh"
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-        script.write_text(f"{exports}cd {shlex.quote(str(REPO_ROOT))}\nexec {shlex.join(command)}\n")
+        self.status_path = tmp_path / f"run-{n}.status"  # tmux's pane_dead_status can stay empty
+        script.write_text(f"{exports}cd {shlex.quote(str(REPO_ROOT))}\n{shlex.join(command)}\n"
+                          f"echo $? > {shlex.quote(str(self.status_path))}\n")
         self.tmux("new-session", "-d", "-s", "t", "-x", "140", "-y", "50", f"bash {script}",
                   ";", "set-option", "-t", "t", "remain-on-exit", "on")
 
@@ -57,10 +59,9 @@ class Terminal:
     def exit_status(self, timeout: float = 20) -> int:
         deadline = time.monotonic() + timeout
         while True:
-            dead, _, status = self.tmux("display-message", "-p", "-t", "t",
-                                        "#{pane_dead}:#{pane_dead_status}").strip().partition(":")
-            if dead == "1":
-                return int(status)
+            text = self.status_path.read_text().strip() if self.status_path.exists() else ""
+            if text:
+                return int(text)
             if time.monotonic() > deadline:
                 raise AssertionError(f"hippoctl did not exit:\n{self.screen()}")
             time.sleep(0.2)

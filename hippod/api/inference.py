@@ -38,7 +38,7 @@ class Generation:
     async def start(self) -> "Generation":
         try:
             registry = self.scheduler.registry
-            rec = registry.get(self.model)
+            rec = await self.scheduler.record(self.model)  # copied from a trusted peer if only it has it
             self.request = defaults.apply(self.request, rec, registry.model_dir(rec))
             num_ctx = self.request.options.get("num_ctx")
             draft_on = self.request.options.pop("draft_on", None)  # an option of the load, not the runner

@@ -185,6 +185,9 @@ def templates(f: Fuzzed) -> dict[tuple[str, str], dict]:
         ("POST", "/v1/completions"): {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True,
                                       "stream_options": {"include_usage": True}},
         ("POST", "/v1/embeddings"): {"model": MODEL, "input": "hi", "encoding_format": "float"},
+        ("POST", "/v1/responses"): {"model": MODEL, "input": "hi", "max_output_tokens": 2, "stream": False,
+                                    "text": {"format": {"type": "json_object"}}},
+        ("POST", "/api/hippo/draft-on"): {"model": MODEL, "node": "off"},
         # peer routes: signed with the secret, so the handlers themselves see the input
         ("POST", "/api/hippo/peer/hello"): {"node_id": "fuzzer-" + "0" * 8, "name": "fuzzer", "version": "0",
                                             "port": 1, "models": [], "memory_total": 1, "memory_free": 1},
@@ -194,6 +197,9 @@ def templates(f: Fuzzed) -> dict[tuple[str, str], dict]:
         ("POST", "/api/hippo/peer/split/start"): {"split": "s1", "hosts": ["127.0.0.1:1", "127.0.0.1:2"]},
         ("POST", "/api/hippo/peer/split/ping"): {"split": "s1"},
         ("POST", "/api/hippo/peer/split/stop"): {"split": "s1"},
+        ("POST", "/api/hippo/peer/draft/open"): {"model": MODEL, "digest": "0" * 64, "context_length": 64},
+        ("POST", "/api/hippo/peer/draft/ping"): {"session": "s1"},
+        ("POST", "/api/hippo/peer/draft/close"): {"session": "s1"},
     }
 
 
@@ -203,7 +209,8 @@ QUERIES = {  # GET routes with parameters -> (name, valid value)
     "/api/hippo/peer/manifest": [("model", MODEL)],
 }
 PLAIN_GETS = ["/", "/api/version", "/api/tags", "/api/ps", "/api/hippo/status", "/api/hippo/nodes",
-              "/api/hippo/placement", "/metrics", "/v1/models", "/api/hippo/info", "/ui", "/ui/"]
+              "/api/hippo/placement", "/metrics", "/v1/models", "/api/hippo/info", "/ui", "/ui/",
+              "/api/hippo/draft-on"]
 
 
 def covered_routes(f: Fuzzed) -> set[tuple[str, str]]:
