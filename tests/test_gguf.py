@@ -17,6 +17,7 @@ from mlx_lm.models import llama
 from mlx_lm.sample_utils import make_sampler
 
 from hippod.engine import gguf
+from tests.gguf_builders import bpe_vocab, llama_cpp_permute
 from tests.modelfiles import REPO_ROOT, make_tiny_llama, smollm2_gguf, smollm2_mlx_dir
 
 
@@ -91,7 +92,7 @@ def test_smollm_pre_tokenizer_matches_smollm2s_own(smol_dir):
 
 
 def test_llama_bpe_pre_tokenizer_groups_digits_by_three():
-    tokens, merges, types = byte_level_vocab()
+    tokens, merges, types = bpe_vocab()
     meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.pre": "llama-bpe"}
     tok = gguf.byte_level_bpe_tokenizer(meta)
@@ -115,12 +116,6 @@ def test_chat_template_and_special_tokens(smol_tokenizer):
 # --------------------------------------------------------------------------- synthetic GGUFs
 
 
-def llama_cpp_permute(w: mx.array, n_head: int) -> mx.array:
-    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (HF -> GGUF)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 GGUF_LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -138,20 +133,9 @@ def to_gguf_name(name: str) -> str:
             "lm_head": "output"}[module] + ".weight"
 
 
-def byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    merged = ["he", "ll", "hell", "hello", "Ġw"]
-    tokens = specials + sorted(ByteLevel.alphabet()) + merged
-    merges = ["h e", "l l", "he ll", "hell o", "Ġ w"]
-    types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
-    return tokens, merges, types
-
-
 def write_tiny_gguf(path: Path, *, tie: bool, architecture: str = "llama") -> llama.Model:
     """A float32 llama written the way llama.cpp writes one; returns the original model."""
-    tokens, merges, types = byte_level_vocab()
+    tokens, merges, types = bpe_vocab()
     args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
                            intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                            rms_norm_eps=1e-6, vocab_size=len(tokens), rope_theta=50000.0,
