@@ -162,11 +162,11 @@ def _runner(model_dir: Path, tmp: Path, **kw) -> RunnerProcess:
     return RunnerProcess(model_dir, tmp, tmp / "runners.log", context_length=4096, **kw)
 
 
-def _split(model_dir: Path, tmp: Path, bounds: list[int]) -> list[RunnerProcess]:
+def _split(model_dir: Path, tmp: Path, bounds: list[int], num_parallel: int = 1) -> list[RunnerProcess]:
     world = len(bounds) - 1
     hostfile = tmp / f"hosts-{time.monotonic_ns()}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(world)]))
-    return [_runner(model_dir, tmp, num_parallel=1, extra_env={"MLX_HOSTFILE": str(hostfile)},
+    return [_runner(model_dir, tmp, num_parallel=num_parallel, extra_env={"MLX_HOSTFILE": str(hostfile)},
                     extra_args=["--layers", f"{bounds[r]}:{bounds[r + 1]}", "--rank", str(r), "--world", str(world)])
             for r in range(world)]
 
@@ -259,6 +259,55 @@ def test_a_rank_that_dies_ends_the_stream(tmp_path):
     assert code == 3 and "stopped" in message, (code, message)
 
 
+def _concurrent_requests(n: int) -> list[GenerateRequest]:
+    """Prompts of different lengths (batched prefill pads them) and two with the same long
+    system prompt (the second reuses the first's prompt cache on every rank)."""
+    system = {"role": "system", "content": "You are a terse assistant who answers in one line. " * 4}
+    return [*_requests(n),
+            GenerateRequest(prompt="Once upon a time there was a", raw=True, options={"temperature": 0, "num_predict": n}),
+            GenerateRequest(messages=[system, {"role": "user", "content": "Name a fruit."}],
+                            options={"temperature": 0, "num_predict": n})]
+
+
+@SLOW
+def test_a_split_batches_concurrent_requests_with_one_runners_tokens(tmp_path):
+    """Requests that arrive together share one batch through the ring, as on one runner: each
+    rank keeps its layers' KV per sequence and follows the batch's rows as they come and go;
+    a chat's next turns reuse the prompt cache on every rank, alone and batched."""
+    system = {"role": "system", "content": "You are a terse assistant who answers in one line. " * 4}
+    follow_ups = [GenerateRequest(messages=[system, {"role": "user", "content": q}],
+                                  options={"temperature": 0, "num_predict": 6})
+                  for q in ("Name a fruit.", "Name a color.", "Name a city.")]
+
+    async def run(runner):
+        together = await asyncio.gather(*(_generate(runner, r) for r in _concurrent_requests(8)))
+        again = await asyncio.gather(*(_generate(runner, r) for r in follow_ups))
+        alone = await _generate(runner, follow_ups[0])
+        info = await runner.info()
+        return together, again, alone, info
+
+    async def main():
+        model_dir = smollm2_mlx_dir()
+        one = _runner(model_dir, tmp_path, num_parallel=4)
+        ranks = _split(model_dir, tmp_path, [0, 15, 30], num_parallel=4)
+        await asyncio.gather(one.start(120), *(r.start(120) for r in ranks))
+        try:
+            return await run(one), await run(ranks[0])
+        finally:
+            for r in (one, *ranks):
+                await r.kill()
+
+    (want, want_again, want_alone, _), (got, again, alone, info) = asyncio.run(main())
+    assert [t for t, _, _ in got] == [t for t, _, _ in want] and all(t for t, _, _ in got), (got, want)
+    assert [t for t, _, _ in again] == [t for t, _, _ in want_again], (again, want_again)
+    assert alone[0] == want_alone[0]
+    assert info.num_parallel == 4 and max(info.admission["batch_inserts"]) >= 2, info
+    # A prompt seen before is found in the prompt cache on every rank, as on one runner.
+    assert [d.cached_tokens for _, _, d in again] == [d.cached_tokens for _, _, d in want_again]
+    assert again[0][2].cached_tokens >= again[0][2].prompt_tokens - 2, again[0][2]
+    assert alone[2].cached_tokens >= alone[2].prompt_tokens - 2, alone[2]
+
+
 def make_tiny(family: str, dst: Path, num_layers: int, seed: int = 0) -> Path:
     """A random-weight model of `family` (qwen3 untied, gemma3_text tied with sliding windows)
     that mlx_lm loads, with SmolLM2's tokenizer."""
@@ -347,9 +396,9 @@ class Pair:
 
 
 def generate(node, n: int = 10, **extra) -> dict:
-    status, body = node.call("POST", "/api/generate", {"model": "smol", "prompt": "The capital of France is",
-                                                       "raw": True, "stream": False,
-                                                       "options": {"temperature": 0, "num_predict": n}, **extra})
+    status, body = node.call("POST", "/api/generate", {"prompt": "The capital of France is", **extra,
+                                                       "model": "smol", "raw": True, "stream": False,
+                                                       "options": {"temperature": 0, "num_predict": n}})
     assert status == 200, body
     return body
 
@@ -360,6 +409,23 @@ def chat(node, n: int = 10) -> str:
         "max_tokens": n, "temperature": 0, "stream": False})
     assert status == 200, body
     return body["choices"][0]["message"]["content"]
+
+
+def together(node, n: int = 8) -> list[str]:
+    """Four different prompts sent at once (they share the runner's batch), greedy answers."""
+    prompts = ["The capital of France is", "Once upon a time there was a", "1, 2, 3, 4,",
+               "The best way to learn to cook is"]
+    answers: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        answers[i] = generate(node, n, prompt=prompts[i])["response"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
 
 
 def ps(node) -> dict:
@@ -391,6 +457,7 @@ def test_forced_split_over_two_daemons_matches_one_daemon(tmp_path, monkeypatch)
             run = dict(model="smol", temperature=0.0, seed=None, num_predict=8, keep_alive=None, verbose=False)
             one_cli = a.cli(ctl.run, prompt=["Say hello."], nodes=None, **run)
             one_gen, one_chat = generate(a), chat(a)
+            one_together = together(a)
             assert split_of(a) is None and one_gen["eval_count"] == 10
 
             split_cli = a.cli(ctl.run, prompt=["Say hello."], nodes="alpha,beta", **run)
@@ -401,6 +468,9 @@ def test_forced_split_over_two_daemons_matches_one_daemon(tmp_path, monkeypatch)
             gen = generate(a)
             assert gen["response"] == one_gen["response"] and gen["eval_count"] == one_gen["eval_count"]
             assert chat(a) == one_chat
+            # Concurrent requests are batched through the ring, with one node's answers.
+            assert together(a) == one_together and all(one_together)
+            assert ps(a)["models"][0]["hippo"]["num_parallel"] == 4
             shown = a.cli(ctl.ps, json=False, history=False, limit=20)
             assert "smol:latest is split over 2 nodes: alpha layers 0-14" in shown and "beta layers 15-29" in shown
             hosted = ps(b)["hippo"]["hosted"]
@@ -450,8 +520,10 @@ def test_auto_split_follows_budgets_and_survives_a_dropped_link(tmp_path):
     tc = _cluster_helpers()
     budgets = {"alpha": 260 * MB, "beta": 300 * MB}
     with lan(2) as net:
-        pair = Pair(net, tmp_path, {"HIPPO_MEMORY_BUDGET": str(budgets["alpha"]), "HIPPO_NUM_CTX": "2048"},
-                    {"HIPPO_MEMORY_BUDGET": str(budgets["beta"]), "HIPPO_NUM_CTX": "2048"})
+        # One slot: the memory guard counts every slot's KV, and the budgets are tight.
+        env = {"HIPPO_NUM_CTX": "2048", "HIPPO_NUM_PARALLEL": "1"}
+        pair = Pair(net, tmp_path, {"HIPPO_MEMORY_BUDGET": str(budgets["alpha"]), **env},
+                    {"HIPPO_MEMORY_BUDGET": str(budgets["beta"]), **env})
         try:
             pair.start()
             a, b = pair.a, pair.b

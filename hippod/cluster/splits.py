@@ -102,12 +102,13 @@ def _group_of(name: str) -> str:
     return "first"
 
 
-def model_parts(model_dir: Path, details: dict, num_ctx: int) -> planner.ModelParts:
-    """The planner's view of a model: bytes per layer (weights + KV cache for `num_ctx`, one
-    sequence: a split serves one request at a time), the first and last node's extras."""
+def model_parts(model_dir: Path, details: dict, num_ctx: int, num_parallel: int = 1) -> planner.ModelParts:
+    """The planner's view of a model: bytes per layer (weights + KV cache for `num_ctx` in each
+    of the `num_parallel` slots: a split batches like a local runner), the first and last
+    node's extras."""
     groups = tensor_groups(model_dir)
     count = int(details.get("num_layers") or 0) or len([g for g in groups if g.startswith("layer:")])
-    kv = kv_cache_bytes(details, num_ctx, 1, layers=1)
+    kv = kv_cache_bytes(details, num_ctx, num_parallel, layers=1)
     layers = tuple(sum(groups.get(f"layer:{i}", {}).values()) + kv for i in range(count))
     first = sum(groups.get("first", {}).values())
     head = groups.get("head", {})
@@ -555,7 +556,8 @@ class Splits:
         if not offers and refusal is not None:
             raise NotEnoughMemory(f"{refusal}; no trusted peer could take a share", refusal.needed,
                                   refusal.available)
-        parts = model_parts(self.registry.model_dir(rec), rec.details or {}, ctx)
+        parallel = self.settings.num_parallel
+        parts = model_parts(self.registry.model_dir(rec), rec.details or {}, ctx, parallel)
         local = planner.Node(self.cluster.name, local_free)
         nodes = [planner.Node(p.name, free) for p, free, _ in offers]
         label = f"model '{rec.name}'"
@@ -569,7 +571,10 @@ class Splits:
         if len(shares) == 1:  # cannot happen after a refusal, but a forced list may name only us
             raise refusal or SplitError(f"'{rec.name}' needs no split", 400)
         addresses = tuple((p.name, addr) for p, _, addr in offers if p.name in {s.node for s in shares})
-        return Plan(rec, ctx, 1, shares[0].bytes, shares=tuple(shares), addresses=addresses)
+        # Rank 0's prompt cache holds its own layers' KV; every other rank keeps the same entries.
+        cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(rec.details or {}, ctx, parallel))
+        return Plan(rec, ctx, parallel, shares[0].bytes, ("--prompt-cache-bytes", str(cache)),
+                    shares=tuple(shares), addresses=addresses)
 
     async def start_runner(self, plan: Plan, on_lost: OnLost) -> SplitRunner:
         """Prepare every peer's share, start all ranks together, and answer with the runner."""
@@ -593,7 +598,8 @@ class Splits:
                 self.registry.model_dir(rec), self.settings.run_dir, self.settings.logs_dir / "runners.log",
                 num_parallel=plan.num_parallel, context_length=plan.num_ctx,
                 python=self.settings.runner_python,
-                extra_args=["--layers", plan.shares[0].layers.arg(), "--rank", "0", "--world", str(world)],
+                extra_args=[*plan.engine_args, "--layers", plan.shares[0].layers.arg(), "--rank", "0",
+                            "--world", str(world)],
                 extra_env={"MLX_HOSTFILE": str(hostfile)})
             # Every rank blocks in the ring's connect until all are up: start them together, and
             # give up on all of them as soon as one fails.

@@ -5,6 +5,8 @@ samples; the last rank holds the final norm and the LM head (and the embeddings 
 are tied to the head). For every forward pass rank 0 embeds and runs its layers, then sends a
 small header and the hidden state to rank 1; each rank runs its layers and passes the result
 on; the last rank sends the logits of the last position back to rank 0 (its ring neighbour).
+Rank 0 batches with mlx_lm's BatchGenerator; each forward names the sequence of every row, and
+each rank keeps its own layers' KV per sequence (split_caches.py).
 
 The wrapper is generic, like exo's: it finds the decoder's `layers` list and works through each
 family's own forward code instead of re-implementing it. Unlike exo it keeps the layer list at
@@ -29,16 +31,18 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import BatchKVCache
 
-from hippod.engine.batch_loop import MIN_REUSE, BatchLoop
+from hippod.engine.batch_loop import BatchLoop
+from hippod.engine.split_caches import RankCaches, SequenceTags, batchable, live_tags, new_tag
 from hippod.protocol import ErrorEvent, LayerRange
 
 log = logging.getLogger("hippo.pipeline")
 
-FORWARD, RESET, STOP, TRIM = 1, 2, 3, 4
+FORWARD, DROP, STOP, FORK = 1, 2, 3, 4
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-HEADER = 5  # int32: command, batch, length, width, dtype index
+HEADER = 6  # int32: command, then FORWARD: batch, length, width, dtype index, alone; DROP: count;
+# FORK: source tag, new tag. A FORWARD from rank 0 is followed by its rows (tag, length, valid).
 
 
 @dataclass(frozen=True)
@@ -251,11 +255,15 @@ def _ring_socket_fds(group, hostfile: str | None) -> list[int]:
     return fds
 
 
-def _header(command: int, x: mx.array | None = None) -> mx.array:
+def _header(command: int, x: mx.array | None = None, alone: bool = False) -> mx.array:
     if x is None:
-        return mx.array([command, 0, 0, 0, 0], dtype=mx.int32)
+        return mx.array([command, 0, 0, 0, 0, 0], dtype=mx.int32)
     b, n, d = x.shape
-    return mx.array([command, b, n, d, DTYPES.index(x.dtype)], dtype=mx.int32)
+    return mx.array([command, b, n, d, DTYPES.index(x.dtype), int(alone)], dtype=mx.int32)
+
+
+def _command(*values: int) -> mx.array:
+    return mx.array(list(values) + [0] * (HEADER - len(values)), dtype=mx.int32)
 
 
 class _Parts:
@@ -272,37 +280,67 @@ class _Parts:
 
 
 class ShardedModel:
-    """Rank 0's model as generate_step sees it: a call runs the whole pipeline and returns the
-    logits of the last position. One sequence at a time (B=1, no batching)."""
+    """Rank 0's model as mlx_lm's generators see it: a call runs the whole pipeline and returns
+    the logits of the last position of each row. Its cache lists end with a SequenceTags entry
+    (split_caches.py), which tells the other ranks which of their caches each row is."""
 
     def __init__(self, parts: _Parts, wire: Wire, world: int):
         self.parts = parts
         self.wire = wire
         self.world = world
+        self.remote: set[int] = set()  # tags the other ranks may hold caches for
 
     @property
     def layers(self) -> list:
         return self.parts.decoder.layers
 
     def make_cache(self) -> list:
-        """A new request: the other ranks start fresh caches too."""
-        self.wire.send_message(_header(RESET), None, 1)
-        return self.parts.make_cache()
+        """A new sequence: the other ranks start its caches at its first forward."""
+        return self.parts.make_cache() + [SequenceTags([new_tag()])]
+
+    def fork(self, cache: list) -> list:
+        """A copy of a prompt-cache entry gets a tag of its own, and every rank copies its
+        caches of the entry for it (the entry stays as it was for later turns)."""
+        tags = cache[-1]
+        (src,) = tags.tags
+        dst = new_tag()
+        tags.tags = [dst]
+        if src in self.remote:
+            self.wire.send_message(_command(FORK, src, dst), None, 1)
+            self.remote.add(dst)
+        return cache
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
+        cache, tags = cache[:-1], cache[-1].tags
+        first = cache[0]
+        alone = not isinstance(first, BatchKVCache)
+        n = inputs.shape[1]
+        if alone:
+            lengths, padding = [first.offset], [0]
+        else:
+            lengths = first.offset.tolist()
+            right = getattr(first, "_right_padding", None)
+            padding = right.tolist() if right is not None else [0] * len(tags)
+        self._drop_gone()
         if input_embeddings is not None:
             h = self.parts.decoder(inputs, cache, input_embeddings)
         else:
             h = self.parts.decoder(inputs, cache)
-        self.wire.send_message(_header(FORWARD, h), h, 1)
+        rows = mx.array([[t, m, n - p] for t, m, p in zip(tags, lengths, padding)], dtype=mx.int32)
+        mx.eval(h)
+        self.wire.send(_header(FORWARD, h, alone), 1)
+        self.wire.send(rows, 1)
+        self.wire.send(h, 1)
+        self.remote.update(tags)
         last = self.world - 1
         head = self.wire.recv_header(last)
         return self.wire.recv((head[1], head[2], head[3]), DTYPES[head[4]], last)
 
-    def trim_to(self, tokens: int) -> None:
-        """The next request shares the first `tokens` of the last one: every rank keeps that
-        much of its KV cache and drops the rest."""
-        self.wire.send_message(mx.array([TRIM, tokens, 0, 0, 0], dtype=mx.int32), None, 1)
+    def _drop_gone(self) -> None:
+        gone = self.remote - live_tags()
+        if gone:
+            self.wire.send_message(_command(DROP, len(gone)), mx.array(sorted(gone), dtype=mx.int32), 1)
+            self.remote -= gone
 
     def stop(self) -> None:
         self.wire.send_message(_header(STOP), None, 1)
@@ -339,24 +377,31 @@ def serve(model_dir: Path, shard: Shard, group, on_ready=lambda: None) -> None:
 
 def _serve_loop(parts: _Parts, wire: Wire, shard: Shard) -> None:
     prev, nxt = shard.rank - 1, (shard.rank + 1) % shard.world
-    cache = parts.make_cache()
+    caches = RankCaches(parts.make_cache)
     while True:
         head = wire.recv_header(prev)
         command = head[0]
-        if command in (RESET, STOP, TRIM):
+        if command in (STOP, FORK):
             if not shard.last:
                 wire.send_message(mx.array(head, dtype=mx.int32), None, nxt)
             if command == STOP:
                 return
-            if command == TRIM and cache and cache[0].offset >= head[1]:
-                trim_prompt_cache(cache, cache[0].offset - head[1])
-            else:
-                cache = parts.make_cache()
+            caches.fork(head[1], head[2])
+            continue
+        if command == DROP:
+            gone = wire.recv((head[1],), mx.int32, prev)
+            if not shard.last:
+                wire.send_message(mx.array(head, dtype=mx.int32), gone, nxt)
+            caches.drop(gone.tolist())
             continue
         if command != FORWARD:
             raise RuntimeError(f"unknown pipeline command {command}")
-        b, n, d = head[1:4]
+        b, n, d, alone = head[1], head[2], head[3], bool(head[5])
+        rows_in = wire.recv((b, 3), mx.int32, prev)
+        rows = rows_in.tolist()
+        tags, lengths, valid = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         parts.slot.value = wire.recv((b, n, d), DTYPES[head[4]], prev)
+        cache = caches.for_forward(tags, lengths, alone)
         dummy = mx.zeros((b, n), mx.int32)
         if shard.last:
             owner = parts.owner
@@ -368,54 +413,42 @@ def _serve_loop(parts: _Parts, wire: Wire, shard: Shard) -> None:
                 owner["model"] = decoder
         else:
             out = parts.decoder(dummy, cache)
-        wire.send_message(_header(FORWARD, out), out, nxt)
+        mx.eval(out)
+        caches.after_forward(tags, valid, n, alone)
+        if shard.last:
+            wire.send_message(_header(FORWARD, out), out, nxt)
+        else:
+            wire.send(mx.array(head, dtype=mx.int32), nxt)
+            wire.send(rows_in, nxt)
+            wire.send(out, nxt)
 
 
 # -- runner processes ---------------------------------------------------------------------------
 
 
-def first_rank_loop(model_dir: Path, shard: Shard, *, context_length: int, info):
-    """Rank 0's generation loop: joins the ring, loads its layers, decodes one request at a
-    time with generate_step (no batching, no speculation: the other ranks hold one KV cache
-    each, trimmed to the prefix the next request shares or reset)."""
+def first_rank_loop(model_dir: Path, shard: Shard, *, context_length: int, info, num_parallel: int,
+                    prompt_cache_bytes: int):
+    """Rank 0's generation loop: joins the ring, loads its layers, and batches like a local
+    runner (no speculation). A family whose caches do not batch (sliding windows) decodes one
+    request at a time."""
     group = init_group(shard.rank, shard.world)
     model, tokenizer = load_first(model_dir, shard, group)
-    return SoloLoop(model, tokenizer, num_parallel=1, context_length=context_length, info=info,
-                    prompt_cache_bytes=0)
+    if not batchable(model.parts.templates):
+        num_parallel = 1
+    return SplitLoop(model, tokenizer, num_parallel=num_parallel, context_length=context_length,
+                     info=info, prompt_cache_bytes=prompt_cache_bytes)
 
 
-class SoloLoop(BatchLoop):
-    """BatchLoop that never batches: with one slot, a request always decodes alone.
-
-    Every rank keeps the KV cache of the last sequence for its own layers: a request that
-    starts with that sequence's tokens (a chat's next turn) trims every rank's cache to the
-    shared prefix and prefills only its new tokens, on each node.
-    """
-
-    kept: tuple[list[int], list] | None = None  # (tokens the caches hold, rank 0's cache)
-
-    def _insert_batch(self, a) -> None:
-        self._start_solo(a)
-
-    def _remember(self, namespace: str, tokens: list[int], cache: list) -> None:
-        held = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
-        self.kept = (list(tokens[:held]), cache) if held else None
+class SplitLoop(BatchLoop):
+    """BatchLoop over a ShardedModel. A prompt-cache hit is a copy of the entry: every rank
+    copies its own caches of it, so a chat's next turn prefills only its new tokens on each
+    node."""
 
     def _cached(self, namespace: str, tokens: list[int]) -> tuple[list | None, list[int]]:
-        kept, self.kept = self.kept, None
-        if kept is None:
-            return None, tokens
-        held, cache = kept
-        n = 0
-        for a, b in zip(held, tokens[:-1]):  # at least the last token is processed anew
-            if a != b:
-                break
-            n += 1
-        if n < MIN_REUSE or not can_trim_prompt_cache(cache):
-            return None, tokens  # a fresh cache: make_cache resets every rank
-        trim_prompt_cache(cache, cache[0].offset - n)
-        self.model.trim_to(n)
-        return cache, tokens[n:]
+        cache, rest = super()._cached(namespace, tokens)
+        if cache is not None:
+            self.model.fork(cache)
+        return cache, rest
 
     def _embed(self, job) -> None:
         job.emit(ErrorEvent("embeddings are not available from a model split across nodes", status=400))

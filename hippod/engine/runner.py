@@ -133,14 +133,16 @@ class Runner:
         os._exit(code)
 
     def _split_thread(self) -> None:
-        """Rank 0 of a split model (issue 6): joins the ring, loads its layers, serves one
-        request at a time. A broken link ends the process, so the daemon notices at once."""
+        """Rank 0 of a split model: joins the ring, loads its layers, batches its requests
+        through the ring. A broken link ends the process, so the daemon notices at once."""
         try:
             from hippod.engine.pipeline import first_rank_loop
 
             t0 = time.perf_counter()
             self.batch = first_rank_loop(self.model_dir, self.shard, context_length=self.context_length,
-                                         info=self.info)
+                                         info=self.info, num_parallel=self.num_parallel,
+                                         prompt_cache_bytes=self.prompt_cache_bytes)
+            self.num_parallel = self.batch.num_parallel
             self.load_seconds = time.perf_counter() - t0
         except BaseException as e:
             self.load_error = e
@@ -315,7 +317,6 @@ def main(argv: list[str] | None = None, start=None) -> int:
         shard = Shard(LayerRange.parse(args.layers), args.rank, args.world)
         if shard.rank > 0:
             return serve_rank(args.model, shard, args.context_length)
-        args.num_parallel = 1
     runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
                     self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
                     prompt_cache_bytes=args.prompt_cache_bytes, shard=shard, remote_draft=args.remote_draft,
