@@ -73,6 +73,8 @@ def test_inference_is_counted_and_audited(daemon_factory, tiny_model_dir):
         assert r["client"] == "127.0.0.1" and r["total_seconds"] > 0 and r["time"]
     g = rows["/api/generate"]
     assert (g["model"], g["status"], g["error"]) == (TINY, 200, None)
+    # every model was here; a request refused before it reached one got it from nowhere
+    assert {k: r["model_source"] for k, r in rows.items()} == {**{k: "local" for k in rows}, "/api/generate!": None}
     assert (g["prompt_tokens"], g["completion_tokens"]) == (gen.prompt_eval_count, gen.eval_count) == (g["prompt_tokens"], 8)
     assert 0 < g["ttft_seconds"] <= g["total_seconds"]
     assert g["prompt"] == "hello audit"
@@ -127,7 +129,7 @@ def test_retention_prunes_old_rows_and_prompts_stay_out_by_default(daemon_factor
         store.add_request(RequestRecord(client="10.0.0.9", endpoint="/api/chat", status=200, model="old:latest",
                                         time=now - timedelta(days=45)))
         store.add_request(RequestRecord(client="10.0.0.9", endpoint="/api/chat", status=200, model="recent:latest",
-                                        prompt_tokens=7, completion_tokens=3, total_seconds=1.5,
+                                        model_source="copied from peer beta", prompt_tokens=7, completion_tokens=3, total_seconds=1.5,
                                         ttft_seconds=0.25, time=now - timedelta(days=3)))
     d = daemon_factory("r", env={"HIPPO_AUDIT_RETENTION_DAYS": "30"})
     deadline = time.monotonic() + 10
@@ -155,9 +157,10 @@ def test_retention_prunes_old_rows_and_prompts_stay_out_by_default(daemon_factor
     out = hippoctl(host, "audit")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].split()[:5] == ["TIME", "CLIENT", "ROUTE", "MODEL", "IN"] and len(lines) == 3
+    assert lines[0].split()[:6] == ["TIME", "CLIENT", "ROUTE", "MODEL", "SOURCE", "IN"] and len(lines) == 3
     assert "nosuch" in lines[1] and "404" in lines[1] and "not found" in lines[1]
     assert "recent:latest" in lines[2] and "10.0.0.9" in lines[2] and "0.25s" in lines[2] and "1.50s" in lines[2]
+    assert "copied from peer beta" in lines[2]
     out = hippoctl(host, "audit", "--json", "--since", "2d")
     assert [r["model"] for r in json.loads(out.stdout)["requests"]] == ["nosuch"]
     out = hippoctl(host, "audit", "--since", "soon")

@@ -225,4 +225,4 @@ async def audit_route(request: web.Request) -> web.Response:
         {"id": r.id, "time": iso(r.time), "client": r.client, "route": r.endpoint, "model": r.model,
          "status": r.status, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
          "total_seconds": r.total_seconds, "ttft_seconds": r.ttft_seconds, "error": r.error,
-         "prompt": r.prompt} for r in rows]})
+         "prompt": r.prompt, "model_source": r.model_source} for r in rows]})
