@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -187,3 +188,31 @@ def test_each_app_has_its_own_metrics(tmp_path):
     finally:
         for store in stores:
             store.close()
+
+
+def test_parts_that_are_off_answer_503_naming_them(tmp_path):
+    """An app without the cluster, splits or drafts (as in tests) says which part is not running."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    settings = load_settings({"home": str(tmp_path / "off")}, environ={})
+    settings.ensure_dirs()
+    store = Store(settings.db_path)
+    registry = Registry(settings, store)
+    app = build_app(settings, store, registry, Scheduler(settings, store, registry, "off"))
+
+    async def scenario():
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            for path, part in (("/api/hippo/nodes", "the cluster"), ("/api/hippo/placement", "splitting models"),
+                               ("/api/hippo/audit?limit=0", None)):
+                resp = await client.get(path)
+                body = await resp.json()
+                if part is None:
+                    assert resp.status == 400 and body["error"] == "limit must be between 1 and 10000", body
+                else:
+                    assert resp.status == 503 and body["error"].startswith(part), body
+                    assert body["error"].endswith("is not running on this node"), body
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
