@@ -349,7 +349,8 @@ def audit(client: Client, args: argparse.Namespace) -> None:
         local = when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if isinstance(when, datetime) else ""
         error = (r.get("error") or "").replace("\n", " ")
         rows.append((local, r.get("client") or "", r.get("route") or "", r.get("model") or "-",
+                     r.get("model_source") or "-",
                      r.get("prompt_tokens", 0), r.get("completion_tokens", 0), _seconds(r.get("ttft_seconds")),
                      _seconds(r.get("total_seconds")), r.get("status"),
                      error[:60] + ("…" if len(error) > 60 else "")))
-    print(table(("TIME", "CLIENT", "ROUTE", "MODEL", "IN", "OUT", "TTFT", "TOTAL", "STATUS", "ERROR"), rows))
+    print(table(("TIME", "CLIENT", "ROUTE", "MODEL", "SOURCE", "IN", "OUT", "TTFT", "TOTAL", "STATUS", "ERROR"), rows))

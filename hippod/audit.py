@@ -50,6 +50,7 @@ class Trace:
     ttft_seconds: float | None = None
     error: str | None = None
     prompt: str | None = None
+    model_source: str | None = None  # "local" unless the model came from elsewhere (note_model_source)
     status: int = 0
     total_seconds: float = 0.0
 
@@ -58,7 +59,8 @@ class Trace:
                              model=self.model, prompt_tokens=self.prompt_tokens,
                              completion_tokens=self.completion_tokens,
                              total_seconds=self.total_seconds, ttft_seconds=self.ttft_seconds,
-                             error=self.error, prompt=self.prompt, time=self.at)
+                             error=self.error, prompt=self.prompt,
+                             model_source=self.model_source, time=self.at)
 
 
 _current: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("hippo_trace", default=None)
@@ -73,12 +75,26 @@ def _prompt_text(request) -> str:
     return text[:PROMPT_LIMIT]
 
 
+def note_model_source(source: str) -> None:
+    """The model this request named was not here: say how this node got it (the scheduler
+    calls this as it copies the model from a peer, in the request's own task)."""
+    trace = _current.get()
+    if trace is not None:
+        trace.model_source = source
+
+
+def _served(trace: Trace, model: str, leased: bool = True) -> None:
+    trace.model = model
+    if leased:  # a request refused before it reached a model got it from nowhere
+        trace.model_source = trace.model_source or "local"
+
+
 def note_generation(gen) -> None:
     """Called as a Generation closes: copy what it knows into this request's trace."""
     trace = _current.get()
     if trace is None:
         return
-    trace.model = gen.model_name
+    _served(trace, gen.model_name, gen.lease is not None)
     trace.load_seconds = gen.load_seconds
     if gen.first_event_at is not None:
         trace.ttft_seconds = gen.first_event_at - trace.t0
@@ -97,7 +113,7 @@ def note_embedding(model: str, inputs: list[str], prompt_tokens: int, load_secon
     trace = _current.get()
     if trace is None:
         return
-    trace.model = model
+    _served(trace, model)
     trace.prompt_tokens = prompt_tokens
     trace.load_seconds = load_seconds
     if trace.keep_prompt:

@@ -5,19 +5,22 @@ would, after making sure it cannot outlive process PARENT_PID:
   - on Linux the kernel sends it SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG);
   - everywhere (macOS has no PDEATHSIG) a thread waits on stdin, a pipe only the parent holds
     open: end of file means the parent is gone, and the process kills itself.
-If the parent is already gone when this starts, it exits at once. `command()` and `popen_kwargs()`
-build the call; the parent must keep the stdin pipe open and never write to it.
+If the parent is already gone when this starts, it exits at once. `run()` starts one and waits
+for it; `command()` builds the call for other launchers, which must keep the stdin pipe open and
+never write to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import runpy
 import signal
 import sys
 import threading
+from typing import Callable
 
 PR_SET_PDEATHSIG = 1
 
@@ -40,6 +43,29 @@ async def communicate(proc) -> tuple[bytes, bytes]:
         if proc.stdin is not None:
             proc.stdin.close()
     return out, err
+
+
+async def run(module: str, *args: str) -> tuple[int | None, bytes, str]:
+    """Run MODULE as a helper that dies with the daemon (kill -9 included) instead of writing on;
+    (exit code, stdout, the last line of stderr: a failing helper's message)."""
+    proc = await asyncio.create_subprocess_exec(
+        *command(module, *args), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await communicate(proc)
+    lines = err.decode(errors="replace").strip().splitlines()
+    return proc.returncode, out, lines[-1] if lines else ""
+
+
+def reply(prog: str, work: Callable[[], object], errors: tuple[type[BaseException], ...]) -> int:
+    """A helper's main, the other end of `run`: work()'s result as one JSON line on stdout (exit
+    0); one of the `errors` it expects as "PROG: error: MESSAGE" on stderr (exit 2)."""
+    try:
+        result = work()
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
 
 
 def _die_with_parent(parent: int) -> None:

@@ -79,6 +79,7 @@ class RunnerProcess:
         return self.proc is not None and not self.exited.is_set()
 
     placement = None  # one node: nothing to show beyond the model (see hippod.runners.Runner)
+    end_reason = "crashed"  # a process that exits on its own crashed
 
     def memory(self) -> int:
         """Its resident memory now (0 once it is gone)."""

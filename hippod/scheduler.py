@@ -10,7 +10,7 @@ and never kills one mid-request: it marks the busy victim as draining (new reque
 the load instead of keeping it busy) and waits, at most `busy_wait` seconds, for its requests to
 finish. A load runs to its end even if the requests that wanted it go away, so a disconnect can
 neither leak a runner process nor let a second load start beside it. A runner that dies is
-noticed at once and recorded as crashed.
+noticed at once and recorded as crashed (a split that lost a node while idle: as "node lost").
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 
 import psutil
 
+from hippod import audit
 from hippod.config import Settings, fmt_bytes
 from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-exported)
 from hippod.registry.registry import Registry, RegistryError
@@ -286,6 +287,8 @@ class Scheduler:
             rec = await self.placer.fetch(self.registry.normalize(name))
             if rec is None:
                 raise
+            peer = rec.source.removeprefix("peer:") if rec.source.startswith("peer:") else "a peer"
+            audit.note_model_source(f"copied from peer {peer}")
             return rec
 
     async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
@@ -706,7 +709,7 @@ class Scheduler:
         if m.expiry:
             m.expiry.cancel()
             m.expiry = None
-        self.store.end_load(m.load_id, "crashed")
+        self.store.end_load(m.load_id, runner.end_reason)
         self._notify()
 
     async def shutdown(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -73,6 +74,8 @@ def test_inference_is_counted_and_audited(daemon_factory, tiny_model_dir):
         assert r["client"] == "127.0.0.1" and r["total_seconds"] > 0 and r["time"]
     g = rows["/api/generate"]
     assert (g["model"], g["status"], g["error"]) == (TINY, 200, None)
+    # every model was here; a request refused before it reached one got it from nowhere
+    assert {k: r["model_source"] for k, r in rows.items()} == {**{k: "local" for k in rows}, "/api/generate!": None}
     assert (g["prompt_tokens"], g["completion_tokens"]) == (gen.prompt_eval_count, gen.eval_count) == (g["prompt_tokens"], 8)
     assert 0 < g["ttft_seconds"] <= g["total_seconds"]
     assert g["prompt"] == "hello audit"
@@ -127,7 +130,7 @@ def test_retention_prunes_old_rows_and_prompts_stay_out_by_default(daemon_factor
         store.add_request(RequestRecord(client="10.0.0.9", endpoint="/api/chat", status=200, model="old:latest",
                                         time=now - timedelta(days=45)))
         store.add_request(RequestRecord(client="10.0.0.9", endpoint="/api/chat", status=200, model="recent:latest",
-                                        prompt_tokens=7, completion_tokens=3, total_seconds=1.5,
+                                        model_source="copied from peer beta", prompt_tokens=7, completion_tokens=3, total_seconds=1.5,
                                         ttft_seconds=0.25, time=now - timedelta(days=3)))
     d = daemon_factory("r", env={"HIPPO_AUDIT_RETENTION_DAYS": "30"})
     deadline = time.monotonic() + 10
@@ -155,9 +158,10 @@ def test_retention_prunes_old_rows_and_prompts_stay_out_by_default(daemon_factor
     out = hippoctl(host, "audit")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].split()[:5] == ["TIME", "CLIENT", "ROUTE", "MODEL", "IN"] and len(lines) == 3
+    assert lines[0].split()[:6] == ["TIME", "CLIENT", "ROUTE", "MODEL", "SOURCE", "IN"] and len(lines) == 3
     assert "nosuch" in lines[1] and "404" in lines[1] and "not found" in lines[1]
     assert "recent:latest" in lines[2] and "10.0.0.9" in lines[2] and "0.25s" in lines[2] and "1.50s" in lines[2]
+    assert "copied from peer beta" in lines[2]
     out = hippoctl(host, "audit", "--json", "--since", "2d")
     assert [r["model"] for r in json.loads(out.stdout)["requests"]] == ["nosuch"]
     out = hippoctl(host, "audit", "--since", "soon")
@@ -184,3 +188,31 @@ def test_each_app_has_its_own_metrics(tmp_path):
     finally:
         for store in stores:
             store.close()
+
+
+def test_parts_that_are_off_answer_503_naming_them(tmp_path):
+    """An app without the cluster, splits or drafts (as in tests) says which part is not running."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    settings = load_settings({"home": str(tmp_path / "off")}, environ={})
+    settings.ensure_dirs()
+    store = Store(settings.db_path)
+    registry = Registry(settings, store)
+    app = build_app(settings, store, registry, Scheduler(settings, store, registry, "off"))
+
+    async def scenario():
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            for path, part in (("/api/hippo/nodes", "the cluster"), ("/api/hippo/placement", "splitting models"),
+                               ("/api/hippo/audit?limit=0", None)):
+                resp = await client.get(path)
+                body = await resp.json()
+                if part is None:
+                    assert resp.status == 400 and body["error"] == "limit must be between 1 and 10000", body
+                else:
+                    assert resp.status == 503 and body["error"].startswith(part), body
+                    assert body["error"].endswith("is not running on this node"), body
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()

@@ -660,6 +660,13 @@ def test_a_node_lost_mid_stream_the_answer_goes_on(tmp_path):
             assert victim not in b.daemon.runner_pids()
             assert not [r for r in a.call("GET", "/api/hippo/loads?limit=50")[1]["loads"]
                         if r["end_reason"] is None and r["id"] != max(rows)][1:]
+
+            # 4. The link drops while the split is idle: it ends, recorded as the node's loss.
+            idle_load = max(r["id"] for r in a.call("GET", "/api/hippo/loads?limit=50")[1]["loads"])
+            link(b.net, "down")
+            tc.wait_until(lambda: not a.daemon.runner_pids(), 30, "alpha ended the idle split")
+            rows = {r["id"]: r for r in a.call("GET", "/api/hippo/loads?limit=50")[1]["loads"]}
+            assert rows[idle_load]["reason"] == "split" and rows[idle_load]["end_reason"] == "node lost", rows
         finally:
             pair.stop()
 
@@ -747,5 +754,10 @@ def test_any_node_answers_a_model_only_a_peer_holds(tmp_path):
             assert status == 200 and body["hippo"]["source"] == "peer:beta", body
             status, body = a.call("POST", "/api/generate", {"model": "nobody-has-it", "prompt": "hi", "stream": False})
             assert status == 404 and "nobody-has-it" in body["error"], body
+            # The audit log says how alpha got the model: copied the first time, here after.
+            generate(a, 2)
+            rows = a.call("GET", "/api/hippo/audit")[1]["requests"]
+            assert [(r["model"], r["model_source"]) for r in reversed(rows)] == [
+                ("smol:latest", "copied from peer beta"), ("nobody-has-it", None), ("smol:latest", "local")], rows
         finally:
             pair.stop()

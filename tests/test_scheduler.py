@@ -648,6 +648,7 @@ class StandIn:
     """Satisfies hippod.runners.Runner; generation waits until the test releases it."""
 
     placement = None
+    end_reason = "crashed"
 
     def __init__(self, plan, started: list):
         from hippod.protocol import ReadyEvent
@@ -819,3 +820,33 @@ def test_stand_in_share_for_a_peer_evicts_only_idle_models(tmp_path):
             await busy.__aexit__(None, None, None)
 
     asyncio.run(scenario())
+
+
+def test_stand_in_runner_that_ends_on_its_own_is_recorded_with_its_reason(tmp_path):
+    """A runner that exits while idle is gone from `loaded`, and its load row says why: a split
+    that lost a node says "node lost" (SplitRunner.end_reason), a lone process "crashed"."""
+    async def scenario():
+        async with stand_in_scheduler(tmp_path, {"a": 10 * MiB, "b": 10 * MiB}, 500 * MiB) as sched:
+            for name, reason in (("a", "node lost"), ("b", "crashed")):
+                task = asyncio.ensure_future(_use(sched, name))
+                while not sched.started or sched.started[-1].plan.record.name != f"{name}:latest":
+                    await asyncio.sleep(0.01)
+                runner = sched.started[-1]
+                runner.release.set()
+                await task
+                runner.end_reason = reason
+                runner.exited.set()  # idle: nobody holds a lease
+                for _ in range(100):
+                    if f"{name}:latest" not in sched.loaded:
+                        break
+                    await asyncio.sleep(0.01)
+            assert sched.loaded == {}
+            rows = sched.store.recent_loads(20)
+            assert {r.model: r.end_reason for r in rows} == {"a:latest": "node lost", "b:latest": "crashed"}
+
+    asyncio.run(scenario())
+
+
+async def _use(sched, name: str) -> None:
+    async with sched.lease(name):
+        pass

@@ -59,7 +59,8 @@ def test_browsers_get_the_status_page(served):
     assert status == 200 and ctype.startswith("text/html")
     assert '<meta http-equiv="refresh" content="5">' in page
     assert f"<td>{TINY}</td>" in page  # loaded models
-    assert "/api/generate" in page  # recent requests
+    assert "/api/generate" in page and "<th>Source</th>" in page  # recent requests, how each got its model
+    assert f"<td>{TINY}</td><td>local</td>" in page
     assert "no peers found" in page
     assert "budget" in page and "<script" not in page and len(page) < 20_000
     assert '<a href="/ui"' in page  # the chat page

@@ -228,7 +228,7 @@ def test_requests_recent_and_prune(store: Store):
         rec = RequestRecord(
             client="127.0.0.1", endpoint="/api/generate", status=200, model="smollm2:135m",
             prompt_tokens=5, completion_tokens=8, total_seconds=2.5, ttft_seconds=0.3,
-            prompt="hi", time=now - timedelta(days=days),
+            prompt="hi", model_source="copied from peer beta", time=now - timedelta(days=days),
         )
         ids.append(store.add_request(rec))
     error_id = store.add_request(RequestRecord(client="c", endpoint="/api/tags", status=500, error="boom"))
@@ -237,6 +237,7 @@ def test_requests_recent_and_prune(store: Store):
     assert [r.id for r in recent] == [error_id, ids[3], ids[2], ids[1], ids[0]]
     assert recent[0].error == "boom" and recent[0].model is None and recent[0].time.tzinfo is not None
     assert recent[1].prompt == "hi" and recent[1].ttft_seconds == 0.3 and recent[1].completion_tokens == 8
+    assert recent[0].model_source is None and recent[1].model_source == "copied from peer beta"
     assert [r.id for r in store.recent_requests(limit=2)] == [error_id, ids[3]]
     assert [r.id for r in store.recent_requests(since=now - timedelta(days=2))] == [error_id, ids[3], ids[2]]
 
@@ -303,5 +304,38 @@ def test_two_processes_write_the_same_file(db: Path):
         assert sorted(m.name for m in store.list_models()) == ["w1:latest", "w2:latest"]
         assert _sql(db, "SELECT count(*) FROM alembic_version") == [(1,)]
         assert store.integrity_ok()
+    finally:
+        store.close()
+
+
+def test_upgrade_from_the_first_schema_keeps_rows_and_adds_model_source(db: Path):
+    """A file a daemon of the previous release wrote (schema 0001, one audit row) is upgraded in
+    place when opened: the old row stays, with no source recorded; new rows carry theirs."""
+    from alembic import command
+
+    db.parent.mkdir(parents=True)
+    engine = create_engine(f"sqlite:///{db}")
+    try:
+        with engine.begin() as conn:
+            command.upgrade(migrations_config(conn), "0001")
+    finally:
+        engine.dispose()
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO requests (time, client, endpoint, model, prompt_tokens, completion_tokens,"
+                     " total_seconds, status) VALUES ('2026-01-02 03:04:05', 'old', '/api/chat', 'smol', 3, 4,"
+                     " 1.5, 200)")
+    assert "model_source" not in {c[1] for c in _sql(db, "PRAGMA table_info(requests)")}
+
+    store = Store(db)
+    try:
+        head = ScriptDirectory.from_config(migrations_config()).get_current_head()
+        assert _sql(db, "SELECT version_num FROM alembic_version") == [(head,)]
+        assert "model_source" in {c[1] for c in _sql(db, "PRAGMA table_info(requests)")}
+        [old] = store.recent_requests()
+        assert (old.client, old.model, old.completion_tokens, old.model_source) == ("old", "smol", 4, None)
+        store.add_request(RequestRecord(client="new", endpoint="/api/chat", status=200,
+                                        model_source="copied from peer beta"))
+        assert [r.model_source for r in store.recent_requests()] == ["copied from peer beta", None]
+        assert ("ix_requests_time",) in _sql(db, "SELECT name FROM sqlite_master WHERE type='index'")
     finally:
         store.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hippod import __version__
-from hippod.api.errors import BadRequest
+from hippod.api.fields import query_limit
 from hippod.api.ollama_types import iso
 
 routes = web.RouteTableDef()
@@ -13,12 +13,7 @@ routes = web.RouteTableDef()
 
 @routes.get("/api/hippo/loads")
 async def loads(request: web.Request) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "20"))
-    except ValueError:
-        raise BadRequest("limit must be an integer", param="limit") from None
-    if not 1 <= limit <= 1000:
-        raise BadRequest("limit must be between 1 and 1000", param="limit")
+    limit = query_limit(request.query, 20, 1000)
     rows = request.app["store"].recent_loads(limit)
     return web.json_response({"loads": [
         {"id": r.id, "model": r.model, "node": r.node, "started_at": iso(r.started_at),

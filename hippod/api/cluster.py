@@ -12,7 +12,7 @@ import threading
 from aiohttp import web
 
 from hippod.api.auth import from_this_machine
-from hippod.api.errors import BadRequest, read_json
+from hippod.api.errors import BadRequest, read_json, running
 from hippod.api.fields import get
 from hippod.api.ollama import _progress_stream
 from hippod.cluster import transfer, trust
@@ -21,10 +21,7 @@ routes = web.RouteTableDef()
 
 
 def _cluster(request: web.Request):
-    cluster = request.app.get("cluster")
-    if cluster is None:
-        raise BadRequest("the cluster is not running on this node", status=503)
-    return cluster
+    return running(request, "cluster", "the cluster")
 
 
 def _local_only(request: web.Request) -> None:

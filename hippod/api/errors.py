@@ -31,6 +31,15 @@ class BadRequest(Exception):
         self.status = status
 
 
+def running(request: web.Request, key: str, what: str):
+    """A part of the daemon that may be off on this node (the cluster, splits, drafts for
+    peers): the part, or a 503 that says which is not running."""
+    part = request.app.get(key)
+    if part is None:
+        raise BadRequest(f"{what} is not running on this node", status=503)
+    return part
+
+
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
                  503: "server_busy", 507: "insufficient_memory"}

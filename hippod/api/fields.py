@@ -44,3 +44,14 @@ def number_in(value: float | int | None, name: str, lo: float | None = None, hi:
             f"at least {lo}" if lo is not None else f"at most {hi}")
         raise BadRequest(f"{name} must be {rng}, got {value}", param=name)
     return value
+
+
+def query_limit(query, default: int, most: int) -> int:
+    """?limit=N of a listing route: an integer from 1 to `most`."""
+    try:
+        limit = int(query.get("limit", str(default)))
+    except ValueError:
+        raise BadRequest("limit must be an integer", param="limit") from None
+    if not 1 <= limit <= most:
+        raise BadRequest(f"limit must be between 1 and {most}", param="limit")
+    return limit

@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from hippod import __version__
 from hippod.api.errors import BadRequest
+from hippod.api.fields import query_limit
 from hippod.api.ollama_types import iso
 
 # The *_created series double every counter's lines and say nothing an operator needs; this is a
@@ -213,16 +214,11 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 @routes.get("/api/hippo/audit")
 async def audit_route(request: web.Request) -> web.Response:
     """The audit log, newest first: ?since=1h|ISO&limit=N."""
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise BadRequest("limit must be an integer", param="limit") from None
-    if not 1 <= limit <= 10000:
-        raise BadRequest("limit must be between 1 and 10000", param="limit")
+    limit = query_limit(request.query, 100, 10000)
     since = parse_since(request.query["since"]) if request.query.get("since") else None
     rows = await asyncio.to_thread(request.app["store"].recent_requests, limit, since)
     return web.json_response({"requests": [
         {"id": r.id, "time": iso(r.time), "client": r.client, "route": r.endpoint, "model": r.model,
          "status": r.status, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
          "total_seconds": r.total_seconds, "ttft_seconds": r.ttft_seconds, "error": r.error,
-         "prompt": r.prompt} for r in rows]})
+         "prompt": r.prompt, "model_source": r.model_source} for r in rows]})

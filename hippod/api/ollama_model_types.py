@@ -8,14 +8,13 @@ from typing import Any
 
 from hippod.api.errors import BadRequest
 from hippod.api.fields import get
-from hippod.api.ollama_types import details as record_details, iso
+from hippod.api.ollama_types import details as record_details, iso, parse_messages
 from hippod.api.request import IGNORED_OPTIONS, parse_options
 from hippod.registry.gotemplate import TemplateError, to_jinja
 from hippod.registry.modelfile import (QUANTIZE_LEVELS, parameters_text, quantize_level,
                                        render_modelfile)
 from hippod.store.records import ModelRecord
 
-MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 CREATE_FIELDS = {"model", "name", "from", "files", "adapters", "template", "system", "parameters",
                  "messages", "license", "quantize", "stream", "draft", "modelfile", "path",
                  "renderer", "parser"}
@@ -73,7 +72,7 @@ def parse_create(body: dict) -> CreateBody:
     if body.get("parameters") is not None:
         out.modelfile["parameters"] = parse_parameters(body["parameters"])
     if body.get("messages") is not None:
-        out.modelfile["messages"] = _parse_messages(body["messages"])
+        out.modelfile["messages"] = parse_messages(body["messages"], plain=True)
     if body.get("license") is not None:
         out.modelfile["license"] = _parse_license(body["license"])
     return out
@@ -107,26 +106,6 @@ def parse_parameters(raw: Any) -> dict[str, Any]:
     # Hardware knobs mean nothing on MLX but are kept, so /api/show gives back what was sent.
     checked.update({k: v for k, v in raw.items() if k in IGNORED_OPTIONS and v is not None})
     return checked
-
-
-def _parse_messages(raw: Any) -> list[dict]:
-    if not isinstance(raw, list):
-        raise BadRequest("messages must be a list", param="messages")
-    out = []
-    for i, m in enumerate(raw):
-        label = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise BadRequest(f"{label} must be an object", param=label)
-        extra = sorted(set(m) - {"role", "content"})
-        if any(m.get(k) for k in extra):
-            raise BadRequest(f"{label}.{extra[0]} is not supported in a model's messages",
-                             param=f"{label}.{extra[0]}")
-        role = get(m, "role", str, required=True, prefix=f"{label}.")
-        if role not in MESSAGE_ROLES:
-            raise BadRequest(f"{label}.role must be one of {', '.join(MESSAGE_ROLES)}",
-                             param=f"{label}.role")
-        out.append({"role": role, "content": get(m, "content", str, "", prefix=f"{label}.")})
-    return out
 
 
 def _parse_license(raw: Any) -> str | list[str]:

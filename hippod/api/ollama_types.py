@@ -78,7 +78,9 @@ def parse_generate(body: dict) -> Call:
 _ROLES = ("system", "user", "assistant", "tool")
 
 
-def parse_messages(raw: Any) -> list[dict]:
+def parse_messages(raw: Any, *, plain: bool = False) -> list[dict]:
+    """A chat's messages. `plain`: a model's stored messages (/api/create), role and content
+    only, since tool calls, thinking and names there would be replayed into every chat."""
     if not isinstance(raw, list):
         raise BadRequest("messages must be a list", param="messages")
     out = []
@@ -86,10 +88,17 @@ def parse_messages(raw: Any) -> list[dict]:
         label = f"messages[{i}]"
         if not isinstance(m, dict):
             raise BadRequest(f"{label} must be an object", param=label)
+        extra = sorted(k for k in set(m) - {"role", "content"} if m.get(k)) if plain else []
+        if extra:
+            raise BadRequest(f"{label}.{extra[0]} is not supported in a model's messages",
+                             param=f"{label}.{extra[0]}")
         role = get(m, "role", str, required=True, prefix=f"{label}.")
         if role not in _ROLES:
             raise BadRequest(f"{label}.role must be one of {', '.join(_ROLES)}, got {role!r}", param=label)
         content = get(m, "content", str, "", prefix=f"{label}.")
+        if plain:
+            out.append({"role": role, "content": content})
+            continue
         if m.get("images"):
             raise BadRequest("images are not supported: hippo serves text models only",
                              param=f"{label}.images")

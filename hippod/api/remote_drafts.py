@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from hippod.api.errors import BadRequest, read_json
+from hippod.api.errors import BadRequest, read_json, running
 from hippod.api.fields import get
 from hippod.api.splits import _address
 from hippod.cluster.remote_drafts import DraftHostError
@@ -18,10 +18,7 @@ routes = web.RouteTableDef()
 
 
 def _drafts(request: web.Request):
-    drafts = request.app.get("remote_drafts")
-    if drafts is None:
-        raise BadRequest("drafting on peers is not running on this node", status=503)
-    return drafts
+    return running(request, "remote_drafts", "drafting on peers")
 
 
 async def _body(request: web.Request) -> dict:

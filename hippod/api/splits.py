@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from hippod.api.errors import BadRequest, read_json
+from hippod.api.errors import BadRequest, read_json, running
 from hippod.api.fields import get
 from hippod.protocol import SplitPrepare, SplitRecordError, SplitRef, SplitStart, decode_split
 
@@ -17,10 +17,7 @@ routes = web.RouteTableDef()
 
 
 def _splits(request: web.Request):
-    splits = request.app.get("splits")
-    if splits is None:
-        raise BadRequest("splitting models across nodes is not running on this node", status=503)
-    return splits
+    return running(request, "splits", "splitting models across nodes")
 
 
 # -- peer side --------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def render(app: web.Application, peers: list, requests: list) -> str:
                   fmt_bytes(p.memory_free) + " / " + fmt_bytes(p.memory_total), escape(p.version),
                   _ago(p.last_seen)) for p in peers]
     request_rows = [(escape(r.time.strftime("%Y-%m-%d %H:%M:%S")) if r.time else "", escape(r.client),
-                     escape(r.endpoint), escape(r.model or ""), r.prompt_tokens, r.completion_tokens,
+                     escape(r.endpoint), escape(r.model or ""), escape(r.model_source or ""),
+                     r.prompt_tokens, r.completion_tokens,
                      f"{r.total_seconds:.2f}s",
                      f'<span class="err" title="{escape(r.error or "")}">{r.status}</span>'
                      if r.status >= 400 or r.error else r.status) for r in requests]
@@ -109,7 +110,7 @@ def render(app: web.Application, peers: list, requests: list) -> str:
 <h2>Peers</h2>
 {_table(("Name", "Addresses", "Trusted", "Free / total", "Version", "Last seen"), peer_rows, "no peers found")}
 <h2>Recent requests</h2>
-{_table(("Time (UTC)", "Client", "Route", "Model", "In", "Out", "Total", "Status"), request_rows,
+{_table(("Time (UTC)", "Client", "Route", "Model", "Source", "In", "Out", "Total", "Status"), request_rows,
         "no requests yet")}
 </body></html>
 """

@@ -228,6 +228,11 @@ class SplitRunner:
         return self.rank0.alive and self.lost is None and not self.exited.is_set()
 
     @property
+    def end_reason(self) -> str:
+        """An idle split whose peer stopped answering ends for that, not as a crash."""
+        return "node lost" if self.lost_nodes else "crashed"
+
+    @property
     def placement(self) -> list[dict]:
         """What /api/ps shows: node -> layers [start, end), bytes."""
         return [{"node": s.node, "rank": i, "layers": s.layers.json(), "bytes": s.bytes}

@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from hippod import lifeline
 from hippod.engine.gguf_families import FAMILIES, Family
 from hippod.engine.gguf_tensors import SUPPORTED_TYPES, convert_tensor
 
@@ -575,13 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path, help="GGUF file")
     parser.add_argument("dst", type=Path, help="output directory (must not exist or be empty)")
     args = parser.parse_args(argv)
-    try:
-        result = convert_gguf(args.src, args.dst)
-    except GGUFError as e:
-        print(f"gguf: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return lifeline.reply("gguf", lambda: convert_gguf(args.src, args.dst), (GGUFError,))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from hippod import lifeline
+
 
 class QuantizeError(ValueError):
     """The model cannot be quantized; the CLI reports it in one line with exit code 2."""
@@ -44,13 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m hippod.engine.quantize SRC DST BITS GROUP_SIZE", file=sys.stderr)
         return 2
     src, dst, bits, group = Path(args[0]), Path(args[1]), int(args[2]), int(args[3])
-    try:
-        result = quantize_dir(src, dst, bits, group)
-    except (QuantizeError, ValueError, OSError) as e:
-        print(f"quantize: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return lifeline.reply("quantize", lambda: quantize_dir(src, dst, bits, group),
+                          (QuantizeError, ValueError, OSError))
 
 
 if __name__ == "__main__":

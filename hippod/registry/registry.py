@@ -76,14 +76,9 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
 
 async def convert_gguf(src: Path, dst: Path) -> dict:
     """Run hippod.engine.gguf (MLX lives only in subprocesses); its summary of the model."""
-    # lifeline: the converter dies with us (kill -9 included) instead of writing on.
-    proc = await asyncio.create_subprocess_exec(
-        *lifeline.command("hippod.engine.gguf", str(src), str(dst)), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await lifeline.communicate(proc)
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines()
-        raise RegistryError(f"cannot import {src.name}: {lines[-1] if lines else 'converter failed'}")
+    code, out, last = await lifeline.run("hippod.engine.gguf", str(src), str(dst))
+    if code != 0:
+        raise RegistryError(f"cannot import {src.name}: {last or 'converter failed'}")
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
@@ -396,15 +391,10 @@ class Registry:
             progress({"status": f"quantizing to MLX {bits}-bit (group size {group_size})"})
         work = self.tmp_dir / f"quantize-{uuid.uuid4().hex}"
         try:
-            proc = await asyncio.create_subprocess_exec(  # dies with the daemon, as the converter
-                *lifeline.command("hippod.engine.quantize", str(self.model_dir(rec)), str(work),
-                                  str(bits), str(group_size)),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
-            _, err = await lifeline.communicate(proc)
-            if proc.returncode != 0:
-                lines = err.decode(errors="replace").strip().splitlines()
-                message = lines[-1] if lines else "quantizer failed"
+            code, _, last = await lifeline.run("hippod.engine.quantize", str(self.model_dir(rec)),
+                                               str(work), str(bits), str(group_size))
+            if code != 0:
+                message = last or "quantizer failed"
                 raise RegistryError(f"quantize: {message.removeprefix('quantize: error: ')}")
             extra = dict(rec.details or {}, quantization=f"{bits}-bit")
             extra.pop("gguf_quantization", None)

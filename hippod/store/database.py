@@ -408,5 +408,5 @@ def _request_record(row: Request) -> RequestRecord:
         id=row.id, time=row.time, client=row.client, endpoint=row.endpoint, model=row.model,
         prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
         total_seconds=row.total_seconds, ttft_seconds=row.ttft_seconds, status=row.status,
-        error=row.error, prompt=row.prompt,
+        error=row.error, prompt=row.prompt, model_source=row.model_source,
     )

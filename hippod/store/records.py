@@ -81,5 +81,6 @@ class RequestRecord:
     ttft_seconds: float | None = None
     error: str | None = None
     prompt: str | None = None
+    model_source: str | None = None  # how this node got the model: "local", "copied from peer NAME"
     time: datetime | None = None  # None on add: now
     id: int | None = None  # assigned by add_request

@@ -101,7 +101,7 @@ class Load(Base):
     started_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
     reason: Mapped[str]
-    end_reason: Mapped[str | None]  # "evicted" | "expired" | "stopped" | "crashed" | "shutdown"
+    end_reason: Mapped[str | None]  # "evicted" | "expired" | "stopped" | "crashed" | "node lost" | "shutdown"
     load_seconds: Mapped[float]
     bytes: Mapped[int] = mapped_column(BigInteger)
     pid: Mapped[int | None]
@@ -144,3 +144,4 @@ class Request(Base):
     status: Mapped[int]
     error: Mapped[str | None] = mapped_column(Text)
     prompt: Mapped[str | None] = mapped_column(Text)
+    model_source: Mapped[str | None]  # "local", "copied from peer NAME", "forwarded to NAME"
