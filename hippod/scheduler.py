@@ -228,10 +228,10 @@ class Scheduler:
 
     def estimate(self, rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
         """estimate_bytes plus what this daemon's engine settings add: the prompt cache (kept
-        no larger than the batch's own KV term) and a draft model's weights."""
+        no larger than the batch's own KV term) and a draft model's weights, when it runs here."""
         d = rec.details or {}
         cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, num_ctx, num_parallel))
-        draft = self._draft_for(rec)
+        draft = self._draft_here(rec)
         draft_bytes = int((draft.details or {}).get("weights_bytes") or draft.size) if draft else 0
         return estimate_bytes(rec, num_ctx, num_parallel) + cache + draft_bytes
 
@@ -246,11 +246,18 @@ class Scheduler:
             return None
         return None if draft.missing or draft.digest == rec.digest else draft
 
+    def _draft_here(self, rec: ModelRecord) -> ModelRecord | None:
+        """The model's draft when this node runs it: a draft placed on a peer weighs nothing
+        here (the peer's guard counts it), and a runner whose peer fails loads without one."""
+        if self.drafts is not None and self.drafts.placed_on(rec.name):
+            return None
+        return self._draft_for(rec)
+
     def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int) -> list[str]:
         d = rec.details or {}
         cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, ctx, parallel))
         args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache)]
-        draft = self._draft_for(rec)
+        draft = self._draft_here(rec)
         if draft is not None:
             args += ["--draft", str(self.registry.model_dir(draft))]
         elif 0 < self.settings.self_draft_layers < int(d.get("num_layers") or 0):

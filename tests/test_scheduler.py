@@ -819,3 +819,36 @@ def test_stand_in_share_for_a_peer_evicts_only_idle_models(tmp_path):
             await busy.__aexit__(None, None, None)
 
     asyncio.run(scenario())
+
+
+def test_stand_in_a_draft_on_a_peer_weighs_nothing_here(tmp_path):
+    """A model's draft counts in its estimate while it runs here; placed on a peer it does not
+    (the peer's guard counts it), and the runner is not told to load it here either."""
+    class DraftsOnBeta:  # what cluster.remote_drafts answers for a model pinned with --draft-on
+        def __init__(self):
+            self.models = set()
+
+        def placed_on(self, model):
+            return "beta" if model in self.models else None
+
+    async def scenario():
+        budget = 100 * MiB + overhead() + MiB  # the target fits, not with its 60 MiB draft
+        async with stand_in_scheduler(tmp_path, {"t": 100 * MiB, "d": 60 * MiB}, budget) as sched:
+            rec = sched.registry.get("t")
+            rec.details["draft"] = "d:latest"
+            sched.store.put_model(rec)
+            sched.drafts = DraftsOnBeta()
+            for m in sched.started:
+                m.release.set()
+            with pytest.raises(Exception) as e:
+                async with sched.lease("t"):
+                    pass
+            assert e.value.status == 507 and f"({100 * MiB + 60 * MiB + overhead()} bytes)" in str(e.value)
+            sched.drafts.models.add("t:latest")
+            async with sched.lease("t"):
+                pass
+            plan = sched.started[-1].plan
+            assert plan.estimate == 100 * MiB + overhead() and "--draft" not in plan.engine_args
+            assert sched.used() == 100 * MiB + overhead()
+
+    asyncio.run(scenario())

@@ -89,6 +89,10 @@ class RemoteDrafts:
 
     # -- target side ----------------------------------------------------------------------
 
+    def placed_on(self, model: str) -> str | None:
+        """The peer `model`'s draft runs on, or None when it drafts here."""
+        return (self.placements.get(model) or [None])[0]
+
     def draft_of(self, model: str):
         rec = self.registry.get(model)
         name = (rec.details or {}).get("draft")
@@ -124,7 +128,7 @@ class RemoteDrafts:
     def factory(self, inner: RunnerFactory) -> RunnerFactory:
         """The scheduler's factory: a model pinned to draft on a peer gets a runner drafting there."""
         async def start(plan: Plan, on_lost: OnLost) -> Runner:
-            node = (self.placements.get(plan.record.name) or [None])[0]
+            node = self.placed_on(plan.record.name)
             if plan.split or not node:
                 return await inner(plan, on_lost)
             opened = await self._open(plan, node)
