@@ -329,6 +329,7 @@ class Scheduler:
     def _ready(self, rec: ModelRecord, ctx: int) -> Loaded | None:
         m = self.loaded.get(rec.name)
         if (m is None or m.unloading or m.draining or m.replacing or not m.runner.alive
+                or getattr(m.runner, "outdated", False)  # e.g. its draft's peer session is gone
                 or m.record.digest != rec.digest
                 or ctx > max(m.context_length, m.asked_context)):  # reloading would not give more
             return None

@@ -174,7 +174,8 @@ def test_a_connection_without_the_session_key_is_refused(dirs, tmp_path):
 def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypatch):
     """The whole path: `hippoctl run --draft-on beta` pins the draft to beta; alpha's next load
     opens a signed draft session there; output is plain greedy output; /api/ps on both sides
-    shows where each part runs; a dead draft server only costs the drafts."""
+    shows where each part runs; a dead draft server only costs the drafts until a later
+    request reopens a session."""
     import io
     import urllib.error
     import urllib.request
@@ -226,6 +227,15 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
             # The peer's draft server dies: the answers stay the same, only without drafts.
             os.kill(hosted[0]["pid"], signal.SIGKILL)
             assert [gen("tgt", p)["response"] for p in PROMPTS] == expected
+
+            # The peer reports the session gone: a later request reloads here and opens a new one.
+            def drafts_again():
+                again = gen("tgt", PROMPTS[0])
+                assert again["response"] == expected[0]
+                return again.get("draft_count", 0) > 0
+            tc.wait_until(drafts_again, 30, "a new draft session")
+            reopened = b.call("GET", "/api/ps")[1]["hippo"]["drafts"]
+            assert [(h["running"], h["pid"] != hosted[0]["pid"]) for h in reopened] == [(True, True)]
 
             # Peer routes are signed like every peer route: an unsigned open is refused unread.
             req = urllib.request.Request(b.daemon.url + "/api/hippo/peer/draft/open",

@@ -9,7 +9,8 @@ port and a session id. Both sides derive the session key from the cluster secret
 so no key crosses the wire; the target's runner gets it in a 0600 file it deletes on reading.
 
 Lifetime: the target pings every PING_INTERVAL while its runner lives and closes the session
-when it ends; a peer kills a draft server unpinged for HOST_LOST_AFTER. Any fault (the peer is
+when it ends; a peer kills a draft server unpinged for HOST_LOST_AFTER. A target told its
+session is gone reloads the model at the next request, which opens a new session. Any fault (the peer is
 unreachable, lacks the draft, has no room) loads the model without the draft: never an error.
 """
 
@@ -142,7 +143,7 @@ class RemoteDrafts:
                 raise
             runner.draft_placement = {"node": peer.name, "model": answer["model"],
                                       "address": f"{answer['address']}:{answer['port']}"}
-            self._spawn(self._keep(runner, peer, answer["session"]))
+            self._spawn(self._keep(runner, plan.record.name, peer, answer["session"]))
             return runner
         return start
 
@@ -173,15 +174,28 @@ class RemoteDrafts:
             log.warning("%s loads without its draft on %s: %s", plan.record.name, node, e)
             return None
 
-    async def _keep(self, runner: Runner, peer, session: str) -> None:
-        """Ping the peer while the runner lives; close the session after."""
+    async def _keep(self, runner: Runner, model: str, peer, session: str) -> None:
+        """Ping the peer while the runner lives; close the session after. When the peer
+        answers that the session is gone (its draft server died, or it restarted, or it gave
+        the session up while unreachable), the runner is marked outdated: it cannot learn a new
+        server's port and key, so the next request reloads the model (once the runner is idle),
+        and that load opens a new session."""
         try:
             while not runner.exited.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(runner.exited.wait(), PING_INTERVAL)
-                if not runner.exited.is_set():
-                    with contextlib.suppress(SplitError):
-                        await self.splits.call(peer, None, "POST", PEER_PREFIX + "ping", {"session": session}, 2.0)
+                if runner.exited.is_set():
+                    break
+                try:
+                    status, answer = await self.splits.call(peer, None, "POST", PEER_PREFIX + "ping",
+                                                            {"session": session}, 2.0)
+                except SplitError:
+                    continue  # unreachable for now: the runner drafts without it meanwhile
+                if status == 404 or answer.get("running") is False:
+                    log.warning("the draft session of %s on %s is gone; the next load opens another",
+                                model, peer.name)
+                    runner.outdated = True
+                    return
         finally:
             await self._close(peer, session)
 
