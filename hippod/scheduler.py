@@ -232,8 +232,7 @@ class Scheduler:
         d = rec.details or {}
         cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, num_ctx, num_parallel))
         draft = self._draft_here(rec)
-        draft_bytes = int((draft.details or {}).get("weights_bytes") or draft.size) if draft else 0
-        return estimate_bytes(rec, num_ctx, num_parallel) + cache + draft_bytes
+        return estimate_bytes(rec, num_ctx, num_parallel) + cache + (_weights(draft) if draft else 0)
 
     def _draft_for(self, rec: ModelRecord) -> ModelRecord | None:
         """The model's own draft (catalog entry or `create --draft`), when it is here."""
@@ -253,11 +252,11 @@ class Scheduler:
             return None
         return self._draft_for(rec)
 
-    def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int) -> list[str]:
+    def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int, draft_here: bool = True) -> list[str]:
         d = rec.details or {}
         cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, ctx, parallel))
         args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache)]
-        draft = self._draft_here(rec)
+        draft = self._draft_here(rec) if draft_here else None
         if draft is not None:
             args += ["--draft", str(self.registry.model_dir(draft))]
         elif 0 < self.settings.self_draft_layers < int(d.get("num_layers") or 0):
@@ -484,10 +483,33 @@ class Scheduler:
         try:
             await self._make_room(rec.name, need, deadline, keep)
         except NotEnoughMemory as refusal:
+            plan = await self._draft_elsewhere(rec, ctx, need, deadline, keep)
+            if plan is not None:
+                return plan
             if placer is None:
                 raise
             return await placer.plan(rec, ctx, self.available(), refusal=refusal, exclude=exclude)
         return Plan(rec, ctx, parallel, need, tuple(self._engine_args(rec, ctx, parallel)))
+
+    async def _draft_elsewhere(self, rec: ModelRecord, ctx: int, need: int, deadline: float,
+                               keep: Loaded | None) -> Plan | None:
+        """The model with its draft on a trusted peer that holds the draft and advertises the
+        memory for it, when the model fits here only without its draft. Only then: drafting
+        here costs no round trip per round, so a draft that fits stays here."""
+        draft = self._draft_here(rec)
+        if draft is None or self.drafts is None:
+            return None
+        peer = self.drafts.peer_holding(draft.name, _weights(draft) + RUNNER_OVERHEAD)
+        if peer is None:
+            return None
+        try:
+            await self._make_room(rec.name, need - _weights(draft), deadline, keep)
+        except NotEnoughMemory:
+            return None
+        log.info("%s drafts on %s: its draft does not fit here", rec.name, peer)
+        parallel = self.settings.num_parallel
+        return Plan(rec, ctx, parallel, need - _weights(draft),
+                    tuple(self._engine_args(rec, ctx, parallel, draft_here=False)), draft_on=peer)
 
     async def _make_room(self, name: str, need: int, deadline: float, keep: Loaded | None = None) -> None:
         guard = self.settings.guard
@@ -734,3 +756,7 @@ class Scheduler:
 
 class _StillBusy(Exception):
     """The model to evict kept serving requests past busy_wait."""
+
+
+def _weights(rec: ModelRecord) -> int:
+    return int((rec.details or {}).get("weights_bytes") or rec.size)

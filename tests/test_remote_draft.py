@@ -270,3 +270,49 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
             assert mine[0]["hippo"]["draft"]["node"] == "beta"
         finally:
             pair.stop()
+
+
+def test_a_draft_that_does_not_fit_here_runs_on_the_peer_that_holds_it(dirs, tmp_path):
+    """No --draft-on: alpha's budget holds the target, not the target and its draft; beta holds
+    the draft and advertises room, so the load drafts there. Output is plain greedy output."""
+    from hippod.registry.modelinfo import inspect_model_dir
+    from tests import test_cluster as tc
+    from tests.netns import lan
+    from tests.test_pipeline import Pair
+    from tests.test_scheduler import NUM_CTX, NUM_PARALLEL, expected_estimate
+
+    budget = expected_estimate(dirs["target"]) + inspect_model_dir(dirs["draft"]).weights_bytes // 2
+    with lan(2) as net:
+        pair = Pair(net, tmp_path, {"HIPPO_MEMORY_BUDGET": str(budget), "HIPPO_NUM_CTX": str(NUM_CTX),
+                                    "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL)}, {})
+        a, b = pair.a, pair.b
+        try:
+            a.start()
+            b.start()
+            tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "both trust each other")
+            for node in (a, b):
+                assert node.call("POST", "/api/create", {"model": "drf", "from": str(dirs["draft"]), "stream": False})[0] == 200
+            for name, extra in (("plain", {}), ("tgt", {"draft": "drf"})):
+                assert a.call("POST", "/api/create", {"model": name, "from": str(dirs["target"]), "stream": False,
+                                                      **extra})[0] == 200
+            tc.wait_until(lambda: any("drf:latest" in (p.get("models") or [])
+                                      for p in a.call("GET", "/api/hippo/nodes")[1]["nodes"]), 20,
+                          "alpha sees that beta holds the draft")
+
+            def gen(model, prompt):
+                status, body = a.call("POST", "/api/generate", {
+                    "model": model, "prompt": prompt, "raw": True, "stream": False,
+                    "options": {"temperature": 0, "num_predict": 16}})
+                assert status == 200, body
+                return body
+
+            expected = [gen("plain", p)["response"] for p in PROMPTS]
+            got = [gen("tgt", p) for p in PROMPTS]
+            assert [g["response"] for g in got] == expected
+            assert all(g.get("draft_count", 0) > 0 for g in got), got
+            mine = [m for m in a.call("GET", "/api/ps")[1]["models"] if m["name"] == "tgt:latest"]
+            assert mine[0]["hippo"]["draft"]["node"] == "beta" and mine[0]["hippo"]["draft"]["chosen"] == "auto"
+            hosted = b.call("GET", "/api/ps")[1]["hippo"]["drafts"]
+            assert [(h["model"], h["running"]) for h in hosted] == [("drf:latest", True)]
+        finally:
+            pair.stop()

@@ -1,7 +1,8 @@
 """Drafting on a peer: a model's draft runs on a trusted peer, its target here.
 
 `hippoctl run MODEL --draft-on NODE` pins the model's draft to NODE (`<home>/draft_on.json`,
-like a split's placement). When the model loads, this node asks the peer over the signed peer
+like a split's placement); unpinned, the scheduler puts the draft on a peer only when the model
+fits here without it and not with it, and a trusted peer holds the draft and the memory for it. When the model loads, this node asks the peer over the signed peer
 channel to host a draft session for the draft's digest; the peer makes room through its own
 memory guard (its hosted drafts count there), starts a draft server
 (hippod.engine.remote_draft) bound to the address the request came in on, and answers with its
@@ -91,8 +92,14 @@ class RemoteDrafts:
     # -- target side ----------------------------------------------------------------------
 
     def placed_on(self, model: str) -> str | None:
-        """The peer `model`'s draft runs on, or None when it drafts here."""
+        """The peer `model`'s draft is pinned to, or None when it drafts here."""
         return (self.placements.get(model) or [None])[0]
+
+    def peer_holding(self, draft: str, need: int) -> str | None:
+        """A trusted, answering peer that lists `draft` and advertises `need` bytes free (the
+        most free first); the session open still checks the digest and the peer's guard."""
+        fits = [p for p in self.cluster.peers.usable() if draft in p.models and p.memory_free >= need]
+        return max(fits, key=lambda p: (p.memory_free, p.name)).name if fits else None
 
     def draft_of(self, model: str):
         rec = self.registry.get(model)
@@ -129,7 +136,7 @@ class RemoteDrafts:
     def factory(self, inner: RunnerFactory) -> RunnerFactory:
         """The scheduler's factory: a model pinned to draft on a peer gets a runner drafting there."""
         async def start(plan: Plan, on_lost: OnLost) -> Runner:
-            node = self.placed_on(plan.record.name)
+            node = plan.draft_on or self.placed_on(plan.record.name)
             if plan.split or not node:
                 return await inner(plan, on_lost)
             opened = await self._open(plan, node)
@@ -142,7 +149,8 @@ class RemoteDrafts:
                 await self._close(peer, answer["session"])
                 raise
             runner.draft_placement = {"node": peer.name, "model": answer["model"],
-                                      "address": f"{answer['address']}:{answer['port']}"}
+                                      "address": f"{answer['address']}:{answer['port']}",
+                                      "chosen": "auto" if plan.draft_on else "pinned"}
             self._spawn(self._keep(runner, plan.record.name, peer, answer["session"]))
             return runner
         return start
