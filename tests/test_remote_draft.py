@@ -171,6 +171,28 @@ def test_a_connection_without_the_session_key_is_refused(dirs, tmp_path):
             server.kill()
 
 
+def start_with_draft_on_both(a, b, dirs) -> None:
+    """Start both daemons; both hold the draft `drf`, alpha `plain` and `tgt` (which drafts with drf)."""
+    from tests import test_cluster as tc
+
+    a.start()
+    b.start()
+    tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "both trust each other")
+    for node in (a, b):
+        assert node.call("POST", "/api/create", {"model": "drf", "from": str(dirs["draft"]), "stream": False})[0] == 200
+    for name, extra in (("plain", {}), ("tgt", {"draft": "drf"})):
+        assert a.call("POST", "/api/create", {"model": name, "from": str(dirs["target"]), "stream": False,
+                                              **extra})[0] == 200
+
+
+def generate_on(node, model: str, prompt: str) -> dict:
+    status, body = node.call("POST", "/api/generate", {
+        "model": model, "prompt": prompt, "raw": True, "stream": False,
+        "options": {"temperature": 0, "num_predict": 16}})
+    assert status == 200, body
+    return body
+
+
 def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypatch):
     """The whole path: `hippoctl run --draft-on beta` pins the draft to beta; alpha's next load
     opens a signed draft session there; output is plain greedy output; /api/ps on both sides
@@ -191,21 +213,10 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
         pair = Pair(net, tmp_path, {"HIPPO_NUM_CTX": "1024"}, {"HIPPO_NUM_CTX": "1024"})
         a, b = pair.a, pair.b
         try:
-            a.start()
-            b.start()
-            tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "both trust each other")
-            for node in (a, b):
-                assert node.call("POST", "/api/create", {"model": "drf", "from": str(dirs["draft"]), "stream": False})[0] == 200
-            for name, extra in (("plain", {}), ("tgt", {"draft": "drf"})):
-                assert a.call("POST", "/api/create", {"model": name, "from": str(dirs["target"]), "stream": False,
-                                                      **extra})[0] == 200
+            start_with_draft_on_both(a, b, dirs)
 
             def gen(model, prompt):
-                status, body = a.call("POST", "/api/generate", {
-                    "model": model, "prompt": prompt, "raw": True, "stream": False,
-                    "options": {"temperature": 0, "num_predict": 16}})
-                assert status == 200, body
-                return body
+                return generate_on(a, model, prompt)
 
             expected = [gen("plain", p)["response"] for p in PROMPTS]
             run = dict(temperature=0.0, seed=None, num_predict=8, keep_alive=None, verbose=False, nodes=None)
@@ -287,24 +298,13 @@ def test_a_draft_that_does_not_fit_here_runs_on_the_peer_that_holds_it(dirs, tmp
                                     "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL)}, {})
         a, b = pair.a, pair.b
         try:
-            a.start()
-            b.start()
-            tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "both trust each other")
-            for node in (a, b):
-                assert node.call("POST", "/api/create", {"model": "drf", "from": str(dirs["draft"]), "stream": False})[0] == 200
-            for name, extra in (("plain", {}), ("tgt", {"draft": "drf"})):
-                assert a.call("POST", "/api/create", {"model": name, "from": str(dirs["target"]), "stream": False,
-                                                      **extra})[0] == 200
+            start_with_draft_on_both(a, b, dirs)
             tc.wait_until(lambda: any("drf:latest" in (p.get("models") or [])
                                       for p in a.call("GET", "/api/hippo/nodes")[1]["nodes"]), 20,
                           "alpha sees that beta holds the draft")
 
             def gen(model, prompt):
-                status, body = a.call("POST", "/api/generate", {
-                    "model": model, "prompt": prompt, "raw": True, "stream": False,
-                    "options": {"temperature": 0, "num_predict": 16}})
-                assert status == 200, body
-                return body
+                return generate_on(a, model, prompt)
 
             expected = [gen("plain", p)["response"] for p in PROMPTS]
             got = [gen("tgt", p) for p in PROMPTS]
