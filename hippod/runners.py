@@ -65,6 +65,7 @@ class Plan:
     engine_args: tuple[str, ...] = ()  # prompt cache, draft: what this daemon's settings add
     shares: tuple[Share, ...] = ()  # a split: this node first; empty: one runner here
     addresses: tuple[tuple[str, str], ...] = ()  # a split: peer name -> where it answered
+    draft_on: str | None = None  # the peer chosen to run the draft (it does not fit here)
 
     @property
     def split(self) -> bool:

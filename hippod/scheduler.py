@@ -229,12 +229,11 @@ class Scheduler:
 
     def estimate(self, rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
         """estimate_bytes plus what this daemon's engine settings add: the prompt cache (kept
-        no larger than the batch's own KV term) and a draft model's weights."""
+        no larger than the batch's own KV term) and a draft model's weights, when it runs here."""
         d = rec.details or {}
         cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, num_ctx, num_parallel))
-        draft = self._draft_for(rec)
-        draft_bytes = int((draft.details or {}).get("weights_bytes") or draft.size) if draft else 0
-        return estimate_bytes(rec, num_ctx, num_parallel) + cache + draft_bytes
+        draft = self._draft_here(rec)
+        return estimate_bytes(rec, num_ctx, num_parallel) + cache + (_weights(draft) if draft else 0)
 
     def _draft_for(self, rec: ModelRecord) -> ModelRecord | None:
         """The model's own draft (catalog entry or `create --draft`), when it is here."""
@@ -247,11 +246,18 @@ class Scheduler:
             return None
         return None if draft.missing or draft.digest == rec.digest else draft
 
-    def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int) -> list[str]:
+    def _draft_here(self, rec: ModelRecord) -> ModelRecord | None:
+        """The model's draft when this node runs it: a draft placed on a peer weighs nothing
+        here (the peer's guard counts it), and a runner whose peer fails loads without one."""
+        if self.drafts is not None and self.drafts.placed_on(rec.name):
+            return None
+        return self._draft_for(rec)
+
+    def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int, draft_here: bool = True) -> list[str]:
         d = rec.details or {}
         cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, ctx, parallel))
         args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache)]
-        draft = self._draft_for(rec)
+        draft = self._draft_here(rec) if draft_here else None
         if draft is not None:
             args += ["--draft", str(self.registry.model_dir(draft))]
         elif 0 < self.settings.self_draft_layers < int(d.get("num_layers") or 0):
@@ -325,6 +331,7 @@ class Scheduler:
     def _ready(self, rec: ModelRecord, ctx: int) -> Loaded | None:
         m = self.loaded.get(rec.name)
         if (m is None or m.unloading or m.draining or m.replacing or not m.runner.alive
+                or getattr(m.runner, "outdated", False)  # e.g. its draft's peer session is gone
                 or m.record.digest != rec.digest
                 or ctx > max(m.context_length, m.asked_context)):  # reloading would not give more
             return None
@@ -479,10 +486,33 @@ class Scheduler:
         try:
             await self._make_room(rec.name, need, deadline, keep)
         except NotEnoughMemory as refusal:
+            plan = await self._draft_elsewhere(rec, ctx, need, deadline, keep)
+            if plan is not None:
+                return plan
             if placer is None:
                 raise
             return await placer.plan(rec, ctx, self.available(), refusal=refusal, exclude=exclude)
         return Plan(rec, ctx, parallel, need, tuple(self._engine_args(rec, ctx, parallel)))
+
+    async def _draft_elsewhere(self, rec: ModelRecord, ctx: int, need: int, deadline: float,
+                               keep: Loaded | None) -> Plan | None:
+        """The model with its draft on a trusted peer that holds the draft and advertises the
+        memory for it, when the model fits here only without its draft. Only then: drafting
+        here costs no round trip per round, so a draft that fits stays here."""
+        draft = self._draft_here(rec)
+        if draft is None or self.drafts is None:
+            return None
+        peer = self.drafts.peer_holding(draft.name, _weights(draft) + RUNNER_OVERHEAD)
+        if peer is None:
+            return None
+        try:
+            await self._make_room(rec.name, need - _weights(draft), deadline, keep)
+        except NotEnoughMemory:
+            return None
+        log.info("%s drafts on %s: its draft does not fit here", rec.name, peer)
+        parallel = self.settings.num_parallel
+        return Plan(rec, ctx, parallel, need - _weights(draft),
+                    tuple(self._engine_args(rec, ctx, parallel, draft_here=False)), draft_on=peer)
 
     async def _make_room(self, name: str, need: int, deadline: float, keep: Loaded | None = None) -> None:
         guard = self.settings.guard
@@ -729,3 +759,7 @@ class Scheduler:
 
 class _StillBusy(Exception):
     """The model to evict kept serving requests past busy_wait."""
+
+
+def _weights(rec: ModelRecord) -> int:
+    return int((rec.details or {}).get("weights_bytes") or rec.size)

@@ -122,3 +122,39 @@ def test_a_long_prompt_joins_without_stalling_a_running_stream(model):
     solo.submit(alone.job("a", "The lighthouse keeper climbed", 300))
     alone.wait("a")
     assert rec.tokens("a") == alone.tokens("a")
+
+
+def _ids(rec: Recorder, name: str) -> list[int]:
+    return [t for n, ev in rec.events if n == name and isinstance(ev, TokenEvent) for t in (ev.ids or [ev.token])]
+
+
+def test_a_sequence_left_alone_drafts_again_only_when_the_measured_costs_say_it_pays(model):
+    """The long request drafts alone, joins the batch when a short one comes, and is alone
+    again once it ends: it leaves the batch to draft again unless the measured costs say a
+    one-sequence batch step beats drafting. Either way its tokens are the plain ones."""
+    from hippod.engine.drafts import ModelDrafter, self_draft
+
+    plain = Recorder()
+    base = _loop(model)
+    _run(base)
+    base.submit(plain.job("long", PROMPTS[0], 160))
+    plain.wait("long")
+    for costly in (False, True):
+        rec = Recorder()
+        loop = _loop(model, drafter=ModelDrafter(self_draft(model[0], 1)), num_draft=3)
+        if costly:  # as measured on a machine where drafting loses: 1 ms steps, 1 s rounds
+            loop.stats.costs.record_step(1, 0.001)
+            loop.stats.costs.record_round(3, 0, 1.0)
+            loop.stats.costs.record_prefill(1, 0.001)
+        _run(loop)
+        loop.submit(rec.job("long", PROMPTS[0], 160))
+        while not _ids(rec, "long"):
+            rec.done["long"].wait(0.005)
+        loop.submit(rec.job("short", PROMPTS[1], 2))
+        rec.wait("long", "short")
+        assert _ids(rec, "long") == _ids(plain, "long"), costly
+        assert loop.stats.batch_inserts == [1]  # the short one joined the long one in the batch
+        if costly:
+            assert loop.stats.resumes == 0 and loop.stats.resumes_declined > 0
+        else:
+            assert loop.stats.resumes == 1 and loop.stats.resumes_declined == 0

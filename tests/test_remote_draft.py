@@ -171,10 +171,33 @@ def test_a_connection_without_the_session_key_is_refused(dirs, tmp_path):
             server.kill()
 
 
+def start_with_draft_on_both(a, b, dirs) -> None:
+    """Start both daemons; both hold the draft `drf`, alpha `plain` and `tgt` (which drafts with drf)."""
+    from tests import test_cluster as tc
+
+    a.start()
+    b.start()
+    tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "both trust each other")
+    for node in (a, b):
+        assert node.call("POST", "/api/create", {"model": "drf", "from": str(dirs["draft"]), "stream": False})[0] == 200
+    for name, extra in (("plain", {}), ("tgt", {"draft": "drf"})):
+        assert a.call("POST", "/api/create", {"model": name, "from": str(dirs["target"]), "stream": False,
+                                              **extra})[0] == 200
+
+
+def generate_on(node, model: str, prompt: str) -> dict:
+    status, body = node.call("POST", "/api/generate", {
+        "model": model, "prompt": prompt, "raw": True, "stream": False,
+        "options": {"temperature": 0, "num_predict": 16}})
+    assert status == 200, body
+    return body
+
+
 def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypatch):
     """The whole path: `hippoctl run --draft-on beta` pins the draft to beta; alpha's next load
     opens a signed draft session there; output is plain greedy output; /api/ps on both sides
-    shows where each part runs; a dead draft server only costs the drafts."""
+    shows where each part runs; a dead draft server only costs the drafts until a later
+    request reopens a session."""
     import io
     import urllib.error
     import urllib.request
@@ -190,21 +213,10 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
         pair = Pair(net, tmp_path, {"HIPPO_NUM_CTX": "1024"}, {"HIPPO_NUM_CTX": "1024"})
         a, b = pair.a, pair.b
         try:
-            a.start()
-            b.start()
-            tc.wait_until(lambda: tc.trusted_and_fresh(a, b) and tc.trusted_and_fresh(b, a), 20, "both trust each other")
-            for node in (a, b):
-                assert node.call("POST", "/api/create", {"model": "drf", "from": str(dirs["draft"]), "stream": False})[0] == 200
-            for name, extra in (("plain", {}), ("tgt", {"draft": "drf"})):
-                assert a.call("POST", "/api/create", {"model": name, "from": str(dirs["target"]), "stream": False,
-                                                      **extra})[0] == 200
+            start_with_draft_on_both(a, b, dirs)
 
             def gen(model, prompt):
-                status, body = a.call("POST", "/api/generate", {
-                    "model": model, "prompt": prompt, "raw": True, "stream": False,
-                    "options": {"temperature": 0, "num_predict": 16}})
-                assert status == 200, body
-                return body
+                return generate_on(a, model, prompt)
 
             expected = [gen("plain", p)["response"] for p in PROMPTS]
             run = dict(temperature=0.0, seed=None, num_predict=8, keep_alive=None, verbose=False, nodes=None)
@@ -226,6 +238,15 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
             # The peer's draft server dies: the answers stay the same, only without drafts.
             os.kill(hosted[0]["pid"], signal.SIGKILL)
             assert [gen("tgt", p)["response"] for p in PROMPTS] == expected
+
+            # The peer reports the session gone: a later request reloads here and opens a new one.
+            def drafts_again():
+                again = gen("tgt", PROMPTS[0])
+                assert again["response"] == expected[0]
+                return again.get("draft_count", 0) > 0
+            tc.wait_until(drafts_again, 30, "a new draft session")
+            reopened = b.call("GET", "/api/ps")[1]["hippo"]["drafts"]
+            assert [(h["running"], h["pid"] != hosted[0]["pid"]) for h in reopened] == [(True, True)]
 
             # Peer routes are signed like every peer route: an unsigned open is refused unread.
             req = urllib.request.Request(b.daemon.url + "/api/hippo/peer/draft/open",
@@ -258,5 +279,40 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
             assert gen("tgt2", PROMPTS[1])["response"] == expected[1]
             mine = [m for m in a.call("GET", "/api/ps")[1]["models"] if m["name"] == "tgt2:latest"]
             assert mine[0]["hippo"]["draft"]["node"] == "beta"
+        finally:
+            pair.stop()
+
+
+def test_a_draft_that_does_not_fit_here_runs_on_the_peer_that_holds_it(dirs, tmp_path):
+    """No --draft-on: alpha's budget holds the target, not the target and its draft; beta holds
+    the draft and advertises room, so the load drafts there. Output is plain greedy output."""
+    from hippod.registry.modelinfo import inspect_model_dir
+    from tests import test_cluster as tc
+    from tests.netns import lan
+    from tests.test_pipeline import Pair
+    from tests.test_scheduler import NUM_CTX, NUM_PARALLEL, expected_estimate
+
+    budget = expected_estimate(dirs["target"]) + inspect_model_dir(dirs["draft"]).weights_bytes // 2
+    with lan(2) as net:
+        pair = Pair(net, tmp_path, {"HIPPO_MEMORY_BUDGET": str(budget), "HIPPO_NUM_CTX": str(NUM_CTX),
+                                    "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL)}, {})
+        a, b = pair.a, pair.b
+        try:
+            start_with_draft_on_both(a, b, dirs)
+            tc.wait_until(lambda: any("drf:latest" in (p.get("models") or [])
+                                      for p in a.call("GET", "/api/hippo/nodes")[1]["nodes"]), 20,
+                          "alpha sees that beta holds the draft")
+
+            def gen(model, prompt):
+                return generate_on(a, model, prompt)
+
+            expected = [gen("plain", p)["response"] for p in PROMPTS]
+            got = [gen("tgt", p) for p in PROMPTS]
+            assert [g["response"] for g in got] == expected
+            assert all(g.get("draft_count", 0) > 0 for g in got), got
+            mine = [m for m in a.call("GET", "/api/ps")[1]["models"] if m["name"] == "tgt:latest"]
+            assert mine[0]["hippo"]["draft"]["node"] == "beta" and mine[0]["hippo"]["draft"]["chosen"] == "auto"
+            hosted = b.call("GET", "/api/ps")[1]["hippo"]["drafts"]
+            assert [(h["model"], h["running"]) for h in hosted] == [("drf:latest", True)]
         finally:
             pair.stop()

@@ -850,3 +850,55 @@ def test_stand_in_runner_that_ends_on_its_own_is_recorded_with_its_reason(tmp_pa
 async def _use(sched, name: str) -> None:
     async with sched.lease(name):
         pass
+
+
+def test_stand_in_a_draft_on_a_peer_weighs_nothing_here(tmp_path):
+    """A model's draft counts in its estimate while it runs here; placed on a peer it does not
+    (the peer's guard counts it), and the runner is not told to load it here either. Unpinned,
+    the draft goes to a peer only when it does not fit here and the peer has room for it."""
+    class DraftsOnBeta:  # what cluster.remote_drafts answers for a model pinned with --draft-on
+        def __init__(self):
+            self.models = set()
+            self.holders = {}  # draft -> (peer, bytes it advertises free)
+
+        def placed_on(self, model):
+            return "beta" if model in self.models else None
+
+        def peer_holding(self, draft, need):
+            peer, free = self.holders.get(draft, (None, 0))
+            return peer if free >= need else None
+
+    async def scenario():
+        budget = 100 * MiB + overhead() + MiB  # the target fits, not with its 60 MiB draft
+        async with stand_in_scheduler(tmp_path, {"t": 100 * MiB, "d": 60 * MiB}, budget) as sched:
+            rec = sched.registry.get("t")
+            rec.details["draft"] = "d:latest"
+            sched.store.put_model(rec)
+            sched.drafts = DraftsOnBeta()
+            for m in sched.started:
+                m.release.set()
+            with pytest.raises(Exception) as e:
+                async with sched.lease("t"):
+                    pass
+            assert e.value.status == 507 and f"({100 * MiB + 60 * MiB + overhead()} bytes)" in str(e.value)
+            # Unpinned, a peer that holds the draft with room for it takes it; one without room does not.
+            sched.drafts.holders["d:latest"] = ("gamma", 60 * MiB)
+            with pytest.raises(Exception):
+                async with sched.lease("t"):
+                    pass
+            sched.drafts.holders["d:latest"] = ("gamma", 60 * MiB + overhead())
+            async with sched.lease("t"):
+                pass
+            plan = sched.started[-1].plan
+            assert plan.draft_on == "gamma" and plan.estimate == 100 * MiB + overhead()
+            assert "--draft" not in plan.engine_args
+            await sched.unload("t:latest", "test")
+            sched.drafts.models.add("t:latest")
+            async with sched.lease("t"):
+                pass
+            plan = sched.started[-1].plan
+            assert plan.draft_on is None  # pinned: the factory reads the pin
+            assert plan.estimate == 100 * MiB + overhead() and "--draft" not in plan.engine_args
+            assert sched.used() == 100 * MiB + overhead()
+
+    asyncio.run(scenario())

@@ -245,6 +245,26 @@ def test_the_policy_stops_drafting_when_it_does_not_pay():
     assert paying.on
 
 
+def test_a_lone_sequence_drafts_again_only_when_the_measured_costs_repay_the_draft_prefill():
+    from hippod.engine.speculative import ResumeCosts
+
+    costs = ResumeCosts()
+    assert costs.pays(4000, 16)  # nothing measured yet: it resumes, and so measures
+    costs.record_step(2, 0.030)
+    costs.record_step(1, 0.020)  # a one-sequence batch step: 20 ms a token
+    costs.record_round(3, 2, 0.030)  # drafting alone: 3 tokens in 30 ms, 10 ms a token
+    costs.record_round(0, 0, 0.010)  # a plain round of the solo stream is not a drafting round
+    costs.record_prefill(1000, 0.5)  # the draft reads 2000 tokens a second
+    assert costs.draft_token_seconds == pytest.approx(0.010)
+    # 10 ms saved per token: 200 tokens left repay reading 1000 tokens (0.5 s), 20 do not.
+    assert costs.pays(1000, 200) and not costs.pays(1000, 20)
+    assert costs.pays(100, 20)  # a short context is cheap to read
+    costs.record_round(3, 0, 0.040)  # drafts stop being kept: drafting now loses
+    costs.record_round(3, 0, 0.040)
+    assert not costs.pays(10, 10_000)
+    assert costs.as_dict()["step_seconds"] == {1: 0.020, 2: 0.030}
+
+
 def test_the_catalog_names_dflash_drafts_for_qwen3_and_llama():
     from hippod.registry.catalog import resolve
 

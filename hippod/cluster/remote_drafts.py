@@ -1,7 +1,8 @@
 """Drafting on a peer: a model's draft runs on a trusted peer, its target here.
 
 `hippoctl run MODEL --draft-on NODE` pins the model's draft to NODE (`<home>/draft_on.json`,
-like a split's placement). When the model loads, this node asks the peer over the signed peer
+like a split's placement); unpinned, the scheduler puts the draft on a peer only when the model
+fits here without it and not with it, and a trusted peer holds the draft and the memory for it. When the model loads, this node asks the peer over the signed peer
 channel to host a draft session for the draft's digest; the peer makes room through its own
 memory guard (its hosted drafts count there), starts a draft server
 (hippod.engine.remote_draft) bound to the address the request came in on, and answers with its
@@ -9,7 +10,8 @@ port and a session id. Both sides derive the session key from the cluster secret
 so no key crosses the wire; the target's runner gets it in a 0600 file it deletes on reading.
 
 Lifetime: the target pings every PING_INTERVAL while its runner lives and closes the session
-when it ends; a peer kills a draft server unpinged for HOST_LOST_AFTER. Any fault (the peer is
+when it ends; a peer kills a draft server unpinged for HOST_LOST_AFTER. A target told its
+session is gone reloads the model at the next request, which opens a new session. Any fault (the peer is
 unreachable, lacks the draft, has no room) loads the model without the draft: never an error.
 """
 
@@ -89,6 +91,16 @@ class RemoteDrafts:
 
     # -- target side ----------------------------------------------------------------------
 
+    def placed_on(self, model: str) -> str | None:
+        """The peer `model`'s draft is pinned to, or None when it drafts here."""
+        return (self.placements.get(model) or [None])[0]
+
+    def peer_holding(self, draft: str, need: int) -> str | None:
+        """A trusted, answering peer that lists `draft` and advertises `need` bytes free (the
+        most free first); the session open still checks the digest and the peer's guard."""
+        fits = [p for p in self.cluster.peers.usable() if draft in p.models and p.memory_free >= need]
+        return max(fits, key=lambda p: (p.memory_free, p.name)).name if fits else None
+
     def draft_of(self, model: str):
         rec = self.registry.get(model)
         name = (rec.details or {}).get("draft")
@@ -124,7 +136,7 @@ class RemoteDrafts:
     def factory(self, inner: RunnerFactory) -> RunnerFactory:
         """The scheduler's factory: a model pinned to draft on a peer gets a runner drafting there."""
         async def start(plan: Plan, on_lost: OnLost) -> Runner:
-            node = (self.placements.get(plan.record.name) or [None])[0]
+            node = plan.draft_on or self.placed_on(plan.record.name)
             if plan.split or not node:
                 return await inner(plan, on_lost)
             opened = await self._open(plan, node)
@@ -137,8 +149,9 @@ class RemoteDrafts:
                 await self._close(peer, answer["session"])
                 raise
             runner.draft_placement = {"node": peer.name, "model": answer["model"],
-                                      "address": f"{answer['address']}:{answer['port']}"}
-            self._spawn(self._keep(runner, peer, answer["session"]))
+                                      "address": f"{answer['address']}:{answer['port']}",
+                                      "chosen": "auto" if plan.draft_on else "pinned"}
+            self._spawn(self._keep(runner, plan.record.name, peer, answer["session"]))
             return runner
         return start
 
@@ -169,15 +182,28 @@ class RemoteDrafts:
             log.warning("%s loads without its draft on %s: %s", plan.record.name, node, e)
             return None
 
-    async def _keep(self, runner: Runner, peer, session: str) -> None:
-        """Ping the peer while the runner lives; close the session after."""
+    async def _keep(self, runner: Runner, model: str, peer, session: str) -> None:
+        """Ping the peer while the runner lives; close the session after. When the peer
+        answers that the session is gone (its draft server died, or it restarted, or it gave
+        the session up while unreachable), the runner is marked outdated: it cannot learn a new
+        server's port and key, so the next request reloads the model (once the runner is idle),
+        and that load opens a new session."""
         try:
             while not runner.exited.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(runner.exited.wait(), PING_INTERVAL)
-                if not runner.exited.is_set():
-                    with contextlib.suppress(SplitError):
-                        await self.splits.call(peer, None, "POST", PEER_PREFIX + "ping", {"session": session}, 2.0)
+                if runner.exited.is_set():
+                    break
+                try:
+                    status, answer = await self.splits.call(peer, None, "POST", PEER_PREFIX + "ping",
+                                                            {"session": session}, 2.0)
+                except SplitError:
+                    continue  # unreachable for now: the runner drafts without it meanwhile
+                if status == 404 or answer.get("running") is False:
+                    log.warning("the draft session of %s on %s is gone; the next load opens another",
+                                model, peer.name)
+                    runner.outdated = True
+                    return
         finally:
             await self._close(peer, session)
 

@@ -40,7 +40,7 @@ from hippod.engine.logprobs import TokenTexts, token_entry
 from hippod.engine.prompts import PromptError, render_prompt
 from hippod.engine.sampling import (make_logits_shape, make_request_processors, make_request_sampler,
                                    request_key)
-from hippod.engine.speculative import Decoding, DraftPolicy, Stats, speculative_stream, trim_to
+from hippod.engine.speculative import Decoding, DraftPolicy, ResumeCosts, Stats, speculative_stream, trim_to
 from hippod.engine.stops import StopMatcher
 from hippod.engine.tool_calls import (
     ToolCallBuffer,
@@ -74,10 +74,14 @@ class AdmissionStats:
     solo_starts: int = 0  # requests that found the runner idle and started alone
     batch_inserts: list = field(default_factory=list)  # sizes of each insert into the generator
     prefill_chunks: list = field(default_factory=list)  # sequences in each batched prefill step
+    resumes: int = 0  # sequences a shrinking batch left to draft again
+    resumes_declined: int = 0  # ... and those the measured costs kept in the batch
+    costs: ResumeCosts = field(default_factory=ResumeCosts)
 
     def as_dict(self) -> dict:
         return {"solo_starts": self.solo_starts, "batch_inserts": self.batch_inserts[-64:],
-                "prefill_chunks": self.prefill_chunks[-64:]}
+                "prefill_chunks": self.prefill_chunks[-64:], "resumes": self.resumes,
+                "resumes_declined": self.resumes_declined, "draft_costs": self.costs.as_dict()}
 
 
 @dataclass
@@ -388,32 +392,45 @@ class BatchLoop:
         opts = a.job.request.options
         policy = DraftPolicy(self.num_draft)
         a.spec = Stats()
+
+        def on_round(drafted: int, accepted: int, seconds: float) -> None:
+            policy.record(drafted, accepted, seconds)
+            self.stats.costs.record_round(drafted, accepted, seconds)
+
         proposer = proposer or self.drafter.proposer(draft)
         stream = speculative_stream(
             self.model, proposer, target, a.tokens,
             max_tokens=a.max_tokens - a.completion_tokens,
             # a remote draft whose peer left drafts no more: the stream goes on plain
             num_draft=lambda: 0 if getattr(proposer, "dead", False) else policy(), decoding=Decoding(make_logits_shape(opts), a.processors, request_key(opts)),
-            stats=a.spec, on_round=policy.record)
+            stats=a.spec, on_round=on_round)
         return stream
 
     def _speculate_again(self) -> None:
         """Speculation is decided per step: it runs while a sequence decodes alone, since the
         batch path has no draft. When a batch is down to its last sequence, that one leaves the
-        BatchGenerator and drafts again, once its draft model has read the context. A DFlash
-        draft would need the target's hidden states of the whole context, so it stays."""
+        BatchGenerator and drafts again, once its draft model has read the context, if the
+        measured costs say the tokens left repay that read (ResumeCosts). A DFlash draft would
+        need the target's hidden states of the whole context, so it stays."""
         if (self.drafter is None or getattr(self.drafter, "kind", "") != "model" or self.solo is not None
                 or self.waiting or len(self.batched) != 1):
             return
         uid, a = next(iter(self.batched.items()))
-        if a.grammar is not None or a.max_tokens - a.completion_tokens < RESUME_MIN_TOKENS:
+        remaining = a.max_tokens - a.completion_tokens
+        if a.grammar is not None or remaining < RESUME_MIN_TOKENS:
+            return
+        if not self.stats.costs.pays(len(a.tokens), remaining):
+            self.stats.resumes_declined += 1
             return
         (cache, _), = self.generator.remove([uid], return_prompt_caches=True).values()
         del self.batched[uid]
         trim_to(cache, len(a.tokens) - 1)
         draft = self.drafter.make_cache()
         proposer = self.drafter.proposer(draft)
+        t0 = time.perf_counter()
         proposer.prefill(a.tokens[:cache[0].offset], None)
+        self.stats.costs.record_prefill(cache[0].offset, time.perf_counter() - t0)
+        self.stats.resumes += 1
         a.uid, a.cache, a.speculative = None, list(cache) + draft, True
         a.solo = self._speculate(a, proposer)
         self.solo = a
@@ -464,10 +481,13 @@ class BatchLoop:
         self.stats.batch_inserts.append(len(starting))
 
     def _step_batch(self) -> None:
+        size, t0 = len(self.batched), time.perf_counter()
         prompt_responses, responses = self.generator.next()
         prefilled = sum(1 for r in prompt_responses if not r.end_of_prompt)
         if prefilled:
             self.stats.prefill_chunks.append(prefilled)
+        elif responses and not prompt_responses:  # a plain decode step: what drafting competes with
+            self.stats.costs.record_step(size, time.perf_counter() - t0)
         for r in responses:
             a = self.batched.get(r.uid)
             if a is None:
