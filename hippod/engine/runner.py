@@ -228,54 +228,88 @@ class Runner:
             await stdin_closed  # the daemon went away (or closed our stdin to stop us)
 
 
-def warm_up() -> None:
-    """Import what a load needs and run the common kernels once at small sizes, so a model
-    handed to a spare runner pays neither (on CUDA each new kernel compiles at first use)."""
+def import_stack() -> None:
+    """Import what a load needs and initialise the device with one tiny eval: after this the
+    spare can take a model. (On CUDA the interpreter, the libraries and the device context are
+    most of a new runner's start.)"""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_lm import load  # noqa: F401  (imports the tokenizer and model-loading stack)
 
     from hippod.engine.batch_loop import BatchLoop  # noqa: F401
 
-    out = []
-    for dtype in (mx.float16, mx.bfloat16, mx.float32):
+    mx.eval(mx.ones((8,)) + 1)
+
+
+def warm_steps():
+    """The common kernels at small sizes, one small step each, so a waiting spare can stop
+    between any two (on CUDA each new kernel compiles at first use, and all of them took more
+    than two minutes on an H200: nothing may wait for the whole list)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
         x = mx.random.normal((8, 256)).astype(dtype)
         w = mx.random.normal((256, 256)).astype(dtype)
-        h = mx.softmax(x @ w.T, axis=-1)
-        h = mx.fast.rms_norm(h, mx.ones((256,), dtype=dtype), 1e-5)
-        q = h.reshape(1, 8, 4, 64).transpose(0, 2, 1, 3)
-        q = mx.fast.rope(q, 64, traditional=False, base=10000.0, scale=1.0, offset=0)
-        out.append(mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125, mask="causal"))
-        out.append(nn.silu(h))
+
+        def dense(x=x, w=w, dtype=dtype):
+            h = mx.softmax(x @ w.T, axis=-1)
+            mx.eval(nn.silu(mx.fast.rms_norm(h, mx.ones((256,), dtype=dtype), 1e-5)))
+
+        def attention(x=x):
+            q = x.reshape(1, 8, 4, 64).transpose(0, 2, 1, 3)
+            q = mx.fast.rope(q, 64, traditional=False, base=10000.0, scale=1.0, offset=0)
+            mx.eval(mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125, mask="causal"))
+
+        yield dense
+        yield attention
         if dtype != mx.float32:
             for bits in (4, 8):
-                wq, scales, biases = mx.quantize(w, group_size=64, bits=bits)
-                out.append(mx.quantized_matmul(x, wq, scales, biases, transpose=True,
-                                               group_size=64, bits=bits))
-    mx.eval(out)
+                def quantized(x=x, w=w, bits=bits):
+                    wq, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+                    mx.eval(mx.quantized_matmul(x, wq, scales, biases, transpose=True,
+                                                group_size=64, bits=bits))
+
+                yield quantized
+
+
+def warm_up(stop=lambda: False) -> int:
+    """Run warm_steps until `stop()` says a model is waiting; the number of steps run."""
+    done = 0
+    for step in warm_steps():
+        if stop():
+            break
+        step()
+        done += 1
+    return done
 
 
 def spare_main() -> int:
-    """A runner started ahead of need: warm up in the generation thread (MLX streams belong to
-    the thread that made them), say so, then wait for the daemon to name the model to load."""
+    """A runner started ahead of need: import and initialise the device in the generation
+    thread (MLX streams belong to the thread that made them), say so, then warm kernels while
+    waiting for the daemon to name the model; a named model stops the warming at once."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
     handoff: queue.Queue = queue.Queue()
-    warmed = threading.Event()
+    imported = threading.Event()
     t0 = time.perf_counter()
 
     def generation() -> None:
         try:
-            warm_up()
+            import_stack()
+        except Exception:  # the load will say what is wrong; the spare only loses its head start
+            log.exception("spare runner could not import MLX")
+        imported.set()
+        try:
+            steps = warm_up(stop=lambda: not handoff.empty())
+            log.info("spare warm-up: %d kernel steps in %.2fs", steps, time.perf_counter() - t0)
         except Exception:  # a failed warm-up only costs the load its speed-up
             log.exception("spare runner warm-up failed")
-        warmed.set()
         target = handoff.get()
         if target is not None:
             target()
 
     threading.Thread(target=generation, name="generate", daemon=True).start()
-    warmed.wait()
+    imported.wait()
     ready = SpareReadyEvent(os.getpid(), psutil.Process().memory_info().rss, time.perf_counter() - t0)
     sys.stdout.write(encode(ready).decode())
     sys.stdout.flush()
