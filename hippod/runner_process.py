@@ -80,6 +80,7 @@ class RunnerProcess:
 
     placement = None  # one node: nothing to show beyond the model (see hippod.runners.Runner)
     end_reason = "crashed"  # a process that exits on its own crashed
+    outdated = False  # set when a part it relies on is gone (its draft's peer session)
 
     def memory(self) -> int:
         """Its resident memory now (0 once it is gone)."""

@@ -24,6 +24,7 @@ class Runner(Protocol):
     ready: ReadyEvent | None  # what the runner said once loaded (context, device, memory)
     exited: asyncio.Event  # set once it is gone for good: stopped, killed, crashed
     exit_code: int | None
+    outdated: bool  # still answers, but the next request should get a new runner
     end_reason: str  # what the loads table records when it exits on its own: "crashed", "node lost"
 
     @property

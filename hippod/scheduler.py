@@ -81,6 +81,12 @@ def kv_cache_bytes(details: dict, num_ctx: int, num_parallel: int, layers: int |
             * int(d.get("head_dim") or 0) * num_ctx * int(d.get("kv_dtype_bytes") or 2) * num_parallel)
 
 
+def prompt_cache_bytes(limit: int, details: dict, num_ctx: int, num_parallel: int) -> int:
+    """What a runner's prompt cache may hold: the setting, never more than the batch's own KV
+    term (a cache larger than every slot's context could never fill)."""
+    return min(limit, kv_cache_bytes(details, num_ctx, num_parallel))
+
+
 def estimate_bytes(rec: ModelRecord, num_ctx: int, num_parallel: int) -> int:
     """What loading `rec` will take, before loading it: weights from the safetensors headers
     (recorded at import), the KV cache for the context asked, and a runner's fixed overhead."""
@@ -231,7 +237,7 @@ class Scheduler:
         """estimate_bytes plus what this daemon's engine settings add: the prompt cache (kept
         no larger than the batch's own KV term) and a draft model's weights, when it runs here."""
         d = rec.details or {}
-        cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, num_ctx, num_parallel))
+        cache = prompt_cache_bytes(self.settings.prompt_cache_bytes, d, num_ctx, num_parallel)
         draft = self._draft_here(rec)
         return estimate_bytes(rec, num_ctx, num_parallel) + cache + (_weights(draft) if draft else 0)
 
@@ -255,7 +261,7 @@ class Scheduler:
 
     def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int, draft_here: bool = True) -> list[str]:
         d = rec.details or {}
-        cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(d, ctx, parallel))
+        cache = prompt_cache_bytes(self.settings.prompt_cache_bytes, d, ctx, parallel)
         args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache)]
         draft = self._draft_here(rec) if draft_here else None
         if draft is not None:
@@ -331,7 +337,7 @@ class Scheduler:
     def _ready(self, rec: ModelRecord, ctx: int) -> Loaded | None:
         m = self.loaded.get(rec.name)
         if (m is None or m.unloading or m.draining or m.replacing or not m.runner.alive
-                or getattr(m.runner, "outdated", False)  # e.g. its draft's peer session is gone
+                or m.runner.outdated  # e.g. its draft's peer session is gone
                 or m.record.digest != rec.digest
                 or ctx > max(m.context_length, m.asked_context)):  # reloading would not give more
             return None

@@ -649,6 +649,7 @@ class StandIn:
 
     placement = None
     end_reason = "crashed"
+    outdated = False
 
     def __init__(self, plan, started: list):
         from hippod.protocol import ReadyEvent

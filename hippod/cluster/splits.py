@@ -56,7 +56,8 @@ from hippod.protocol import (
 )
 from hippod.runner_process import RunnerError, RunnerProcess
 from hippod.runners import OnLost, Plan, Runner, RunnerFactory
-from hippod.scheduler import RUNNER_OVERHEAD, NotEnoughMemory, SchedulerError, fmt_bytes, kv_cache_bytes
+from hippod.scheduler import (RUNNER_OVERHEAD, NotEnoughMemory, SchedulerError, fmt_bytes, kv_cache_bytes,
+                              prompt_cache_bytes)
 from hippod.store.records import ModelRecord, PeerRecord
 
 log = logging.getLogger("hippo.splits")
@@ -190,6 +191,8 @@ class SplitRunner:
     successor (`on_lost`: the scheduler re-plans without the lost nodes), then replays its
     prompt plus the tokens it already sent there and goes on: the client sees a pause.
     """
+
+    outdated = False  # a split re-plans itself when a node goes; nothing marks it for reload
 
     def __init__(self, splits: "Splits", split_id: str, plan: Plan, members: list[Member],
                  rank0: RunnerProcess, on_lost: OnLost):
@@ -577,7 +580,7 @@ class Splits:
             raise refusal or SplitError(f"'{rec.name}' needs no split", 400)
         addresses = tuple((p.name, addr) for p, _, addr in offers if p.name in {s.node for s in shares})
         # Rank 0's prompt cache holds its own layers' KV; every other rank keeps the same entries.
-        cache = min(self.settings.prompt_cache_bytes, kv_cache_bytes(rec.details or {}, ctx, parallel))
+        cache = prompt_cache_bytes(self.settings.prompt_cache_bytes, rec.details or {}, ctx, parallel)
         return Plan(rec, ctx, parallel, shares[0].bytes, ("--prompt-cache-bytes", str(cache)),
                     shares=tuple(shares), addresses=addresses)
 
