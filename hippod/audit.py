@@ -4,6 +4,9 @@ A middleware opens a `Trace` for each inference route and puts it in a context v
 Generation (and embed) of that request fill in what only they know (model, tokens, timings)
 without the route handlers passing anything along. So every route that runs a Generation, in
 either API, is audited, and a request refused before it reached a model is audited too.
+
+Rows are written by `Writer`, off the event loop and several to a transaction: a request that
+ends never holds up the requests arriving beside it on an SQLite write.
 """
 
 from __future__ import annotations
@@ -120,6 +123,39 @@ def note_embedding(model: str, inputs: list[str], prompt_tokens: int, load_secon
         trace.prompt = json.dumps(inputs, ensure_ascii=False)[:PROMPT_LIMIT]
 
 
+class Writer:
+    """Audit rows, written from a worker thread in the order they were queued. `flush()`
+    returns once every row queued before it is in the store: readers of the log call it first,
+    and the app's cleanup calls it last, so a row is never lost to a clean shutdown."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.queued: list[RequestRecord] = []
+        self._task: asyncio.Task | None = None
+
+    def add(self, rec: RequestRecord) -> None:
+        """Queue a row (never fails, never waits: it runs as a cancelled request ends too)."""
+        self.queued.append(rec)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self.queued:
+            rows, self.queued = self.queued, []
+            try:
+                await asyncio.to_thread(self.store.add_requests, rows)
+            except Exception:
+                log.exception("could not write %d audit row(s)", len(rows))
+
+    async def flush(self) -> None:
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+
+async def flush_on_cleanup(app: web.Application) -> None:
+    await app["audit"].flush()
+
+
 def _client(request: web.Request) -> str:
     return request.remote or "unknown"
 
@@ -153,11 +189,7 @@ async def audit_middleware(request: web.Request, handler):
         trace.total_seconds = time.perf_counter() - trace.t0
         if trace.status >= 400 and trace.error is None:
             trace.error = "client disconnected" if trace.status == 499 else f"HTTP {trace.status}"
-        # Synchronous on purpose: one small insert, and it must happen even when cancelled.
-        try:
-            request.app["store"].add_request(trace.record())
-        except Exception:
-            log.exception("could not write the audit row for %s %s", request.method, request.path)
+        request.app["audit"].add(trace.record())  # queued even when cancelled
 
 
 def _error_text(resp: web.StreamResponse) -> str | None:

@@ -339,3 +339,32 @@ def test_upgrade_from_the_first_schema_keeps_rows_and_adds_model_source(db: Path
         assert ("ix_requests_time",) in _sql(db, "SELECT name FROM sqlite_master WHERE type='index'")
     finally:
         store.close()
+
+
+def test_model_reads_come_from_memory_yet_every_write_is_seen(db: Path, monkeypatch):
+    """Requests look their model up on every call: reads are served from memory, a write through
+    the same Store is seen at once, and one by another process sharing the file once the short
+    cache time has passed."""
+    from hippod.store import database
+
+    first = Store(db)
+    try:
+        first.put_model(_model(size=1))
+        assert first.get_model("smollm2:135m").size == 1
+        assert first.get_model("smollm2:135m") is first.get_model("smollm2:135m")  # no new read
+        first.put_model(_model(size=2))
+        assert first.get_model("smollm2:135m").size == 2
+        first.set_missing("smollm2:135m", True)
+        assert first.get_model("smollm2:135m").missing
+        assert first.get_model("nosuch:latest") is None
+        first.put_model(_model("nosuch:latest"))
+        assert first.get_model("nosuch:latest") is not None
+        first.delete_model("nosuch:latest")
+        assert first.get_model("nosuch:latest") is None
+
+        with Store(db) as other:  # another process on the same file
+            other.put_model(_model(size=3))
+        monkeypatch.setattr(database, "MODEL_CACHE_SECONDS", 0.0)
+        assert first.get_model("smollm2:135m").size == 3
+    finally:
+        first.close()

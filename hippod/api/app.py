@@ -35,6 +35,8 @@ def build_app(settings: Settings, store: Store, registry: Registry, scheduler: S
     app["allowed_hosts"] = auth.machine_names(settings)
     app["peer_reads"] = asyncio.Semaphore(peer.PEER_READS)
     app["store"] = store
+    app["audit"] = audit.Writer(store)
+    app.on_cleanup.append(audit.flush_on_cleanup)  # after the last handler's row
     app["registry"] = registry
     app["scheduler"] = scheduler
     app["inflight"] = metrics.InFlight()  # operations (issue 8): shutdown drains these

@@ -216,6 +216,7 @@ async def audit_route(request: web.Request) -> web.Response:
     """The audit log, newest first: ?since=1h|ISO&limit=N."""
     limit = query_limit(request.query, 100, 10000)
     since = parse_since(request.query["since"]) if request.query.get("since") else None
+    await request.app["audit"].flush()  # the requests that have ended are in it
     rows = await asyncio.to_thread(request.app["store"].recent_requests, limit, since)
     return web.json_response({"requests": [
         {"id": r.id, "time": iso(r.time), "client": r.client, "route": r.endpoint, "model": r.model,

@@ -118,6 +118,7 @@ def render(app: web.Application, peers: list, requests: list) -> str:
 
 async def page(request: web.Request) -> web.Response:
     store = request.app["store"]
+    await request.app["audit"].flush()
     peers, requests = await asyncio.gather(asyncio.to_thread(store.list_peers),
                                            asyncio.to_thread(store.recent_requests, RECENT))
     return web.Response(text=render(request.app, peers, requests), content_type="text/html",

@@ -191,11 +191,16 @@ class PeerTable:
         matches = [p for p in peers if len(ref) >= 4 and p.node_id.startswith(ref)]
         return matches[0] if len(matches) == 1 else None
 
-    def forget_old(self) -> None:
+    def forget_old(self) -> list[PeerRecord]:
+        """Drop peers unseen for FORGET_AFTER; the ones kept (one read of the table)."""
+        kept = []
         for p in self.store.list_peers():
             if _age(p) > FORGET_AFTER:
                 self.store.delete_peer(p.node_id)
                 self.loaded.pop(p.node_id, None)
+            else:
+                kept.append(p)
+        return kept
 
 
 class Cluster:
@@ -289,8 +294,7 @@ class Cluster:
         while True:
             started = time.monotonic()
             try:
-                self.peers.forget_old()
-                peers = self.peers.store.list_peers()
+                peers = self.peers.forget_old()
                 await asyncio.gather(*(self.probe(p) for p in peers))
             except Exception:
                 log.exception("peer probe round failed")

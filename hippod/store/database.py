@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,9 @@ _PRAGMAS = (
     "PRAGMA foreign_keys=ON",
 )
 _WRITE = "hippo_write"
+# How long a model record read is served from memory. Every write through this Store clears it at
+# once; the limit bounds how long a write by another process sharing the file goes unseen.
+MODEL_CACHE_SECONDS = 2.0
 
 
 def _now() -> datetime:
@@ -144,6 +148,10 @@ class Store:
         event.listen(self._engine, "connect", _on_connect)
         event.listen(self._engine, "begin", _on_begin)
         self._writer = self._engine.execution_options(**{_WRITE: True})
+        # Every request looks up its model (twice); a burst must not queue on SQLite for it.
+        self._models: dict[str, tuple[float, ModelRecord | None]] = {}
+        self._models_version = 0
+        self._models_lock = threading.Lock()
         try:
             self._migrate()
         except BaseException:
@@ -193,12 +201,23 @@ class Store:
 
     # models
 
+    @contextmanager
+    def _model_write(self) -> Iterator[Session]:
+        """A write to the models table: the cached reads go once it is committed (or not)."""
+        try:
+            with self._write() as s:
+                yield s
+        finally:
+            with self._models_lock:
+                self._models_version += 1
+                self._models.clear()
+
     def put_model(self, rec: ModelRecord) -> None:
         """Insert or replace; modified_at becomes now, created_at survives unless rec sets it."""
         now = _now()
         values = asdict(rec)
         values["modified_at"] = now
-        with self._write() as s:
+        with self._model_write() as s:
             row = s.get(Model, rec.name)
             if row is None:
                 values["created_at"] = rec.created_at or now
@@ -210,9 +229,22 @@ class Store:
                 setattr(row, key, value)
 
     def get_model(self, name: str) -> ModelRecord | None:
+        """The model's record (records are frozen: the cached one is shared)."""
+        now = time.monotonic()
+        with self._models_lock:
+            hit = self._models.get(name)
+            version = self._models_version
+        if hit is not None and now - hit[0] < MODEL_CACHE_SECONDS:
+            return hit[1]
         with self._read() as s:
             row = s.get(Model, name)
-            return _model_record(row) if row else None
+            rec = _model_record(row) if row else None
+        with self._models_lock:
+            if version == self._models_version:  # no write came between: the read is current
+                if len(self._models) > 1024:
+                    self._models.clear()
+                self._models[name] = (now, rec)
+        return rec
 
     def list_models(self) -> list[ModelRecord]:
         """Newest change first, as `ollama list` shows them."""
@@ -221,12 +253,12 @@ class Store:
             return [_model_record(r) for r in rows]
 
     def delete_model(self, name: str) -> bool:
-        with self._write() as s:
+        with self._model_write() as s:
             return s.execute(delete(Model).where(Model.name == name)).rowcount > 0
 
     def set_missing(self, name: str, missing: bool) -> bool:
         """Mark a model whose files are gone (or back); False if no such model."""
-        with self._write() as s:
+        with self._model_write() as s:
             result = s.execute(update(Model).where(Model.name == name).values(missing=missing))
             return result.rowcount > 0
 
@@ -343,14 +375,16 @@ class Store:
 
     def add_request(self, rec: RequestRecord) -> int:
         """Append to the audit log; rec.id is ignored, the new id is returned."""
-        values = asdict(rec)
-        values.pop("id")
-        values["time"] = rec.time or _now()
-        row = Request(**values)
+        row = _request_row(rec)
         with self._write() as s:
             s.add(row)
             s.flush()
             return row.id
+
+    def add_requests(self, recs: list[RequestRecord]) -> None:
+        """Append several rows to the audit log in one transaction."""
+        with self._write() as s:
+            s.add_all([_request_row(rec) for rec in recs])
 
     def recent_requests(self, limit: int = 50, since: datetime | None = None) -> list[RequestRecord]:
         """Newest first; only those at or after `since` when given."""
@@ -371,6 +405,13 @@ class Store:
         with self._engine.connect() as connection:
             rows = connection.execute(text("PRAGMA integrity_check")).scalars().all()
         return rows == ["ok"]
+
+
+def _request_row(rec: RequestRecord) -> Request:
+    values = asdict(rec)
+    values.pop("id")
+    values["time"] = rec.time or _now()
+    return Request(**values)
 
 
 def _model_record(row: Model) -> ModelRecord:
