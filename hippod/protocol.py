@@ -43,6 +43,11 @@ class GenerateRequest:
     # and its successor replays them): they are prefilled after the prompt, count as generated,
     # and their text (already sent) is not sent again.
     resume: list[int] | None = None
+    # The daemon numbers the requests it sends one runner (1, 2, ...; 0: not numbered) and says
+    # how many it had numbered when it sent this one: those above this one's number are right
+    # behind it, so the runner can start them with it in one batched prefill (BatchLoop).
+    arrival: int = 0
+    arrived: int = 0
     kind: str = "generate"
 
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import uuid
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -68,6 +69,7 @@ class RunnerProcess:
         self._stderr_tail: deque[str] = deque(maxlen=20)
         self._watchers: list[asyncio.Task] = []
         self._conns: set[asyncio.StreamWriter] = set()
+        self._numbered = 0  # generate requests numbered for this runner (see protocol.GenerateRequest)
         self.stopping = False
 
     @property
@@ -250,9 +252,14 @@ class RunnerProcess:
         return event
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[object]:
-        """Yields TokenEvents then one DoneEvent. Closing the generator cancels the job."""
+        """Yields TokenEvents then one DoneEvent. Closing the generator cancels the job.
+
+        The request is numbered before the connection is made: requests of a burst number
+        themselves while this one connects, so it goes out saying how many are right behind it."""
+        self._numbered += 1
+        number = self._numbered
         async with self._connection() as (reader, writer):
-            writer.write(encode(request))
+            writer.write(encode(replace(request, arrival=number, arrived=self._numbered)))
             await writer.drain()
             while True:
                 event = await self._read_event(reader)

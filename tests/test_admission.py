@@ -158,3 +158,44 @@ def test_a_sequence_left_alone_drafts_again_only_when_the_measured_costs_say_it_
             assert loop.stats.resumes == 0 and loop.stats.resumes_declined > 0
         else:
             assert loop.stats.resumes == 1 and loop.stats.resumes_declined == 0
+
+
+def _numbered(rec: Recorder, name: str, prompt: str, num_predict: int, number: int, told: int) -> Job:
+    """A job as the daemon sends it: its number, and how many it had numbered by then."""
+    from dataclasses import replace
+
+    job = rec.job(name, prompt, num_predict)
+    job.request = replace(job.request, arrival=number, arrived=told)
+    return job
+
+
+def test_a_burst_the_daemon_numbered_goes_in_as_one_insert_however_it_trickles_in(model):
+    rec = Recorder()
+    loop = _loop(model, hold=60.0)  # the rule waits for exact numbers: a long hold costs a burst nothing
+    _run(loop)
+    n = len(PROMPTS)
+    loop.submit(_numbered(rec, "0", PROMPTS[0], 6, 1, 3))  # sent when the daemon had numbered 3
+    for i in range(1, n):  # the rest trickle in, the later ones numbered later
+        rec.done["0"].wait(0.02)
+        loop.submit(_numbered(rec, str(i), PROMPTS[i], 6, i + 1, min(i + 3, n)))
+    rec.wait(*map(str, range(n)))
+    assert loop.stats.solo_starts == 0
+    assert loop.stats.batch_inserts == [n]
+    assert loop.stats.prefill_chunks == [n]
+    assert (loop.stats.arrivals.waits, loop.stats.arrivals.given_up) == (1, 0)
+
+
+def test_a_lone_request_starts_at_once_and_a_lost_one_costs_only_the_hold(model):
+    rec = Recorder()
+    loop = _loop(model, hold=60.0)
+    _run(loop)
+    loop.submit(_numbered(rec, "lone", PROMPTS[0], 4, 1, 1))  # nothing behind it: no wait
+    rec.wait("lone")
+    assert loop.stats.solo_starts == 1 and loop.stats.arrivals.waits == 0
+
+    short = _loop(model, hold=0.05)
+    _run(short)
+    short.submit(_numbered(rec, "a", PROMPTS[1], 4, 1, 2))  # number 2 never comes
+    rec.wait("a")
+    assert short.stats.solo_starts == 1
+    assert (short.stats.arrivals.waits, short.stats.arrivals.given_up) == (1, 1)

@@ -9,7 +9,9 @@ the running one moves into the BatchGenerator with its KV cache, and both contin
 Admission: whatever is queued when the loop picks up work starts together. A request that finds
 the runner idle and nothing else queued starts alone at once (no wait window); requests that
 arrive together (a burst) are inserted into the BatchGenerator in one call, so they share one
-batched prefill instead of the first decoding alone and the rest prefilling behind it. A prompt
+batched prefill instead of the first decoding alone and the rest prefilling behind it. A burst
+reaches the runner a little spread out; the daemon says which requests are right behind the
+ones here (hippod.engine.arrivals), and admission waits for those, a few ms at most. A prompt
 that joins a running batch is prefilled in chunks of `prefill_step_size` tokens, one chunk per
 decoding step, so the streams already running keep producing a token every step.
 
@@ -34,6 +36,7 @@ from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
 from hippod.engine import thinking
+from hippod.engine.arrivals import HOLD_SECONDS, Arrivals
 from hippod.engine.embeddings import embed_texts
 from hippod.engine.grammar import make_grammar_processor
 from hippod.engine.logprobs import TokenTexts, token_entry
@@ -77,10 +80,12 @@ class AdmissionStats:
     resumes: int = 0  # sequences a shrinking batch left to draft again
     resumes_declined: int = 0  # ... and those the measured costs kept in the batch
     costs: ResumeCosts = field(default_factory=ResumeCosts)
+    arrivals: Arrivals = field(default_factory=Arrivals)  # requests the daemon said are coming
 
     def as_dict(self) -> dict:
         return {"solo_starts": self.solo_starts, "batch_inserts": self.batch_inserts[-64:],
-                "prefill_chunks": self.prefill_chunks[-64:], "resumes": self.resumes,
+                "prefill_chunks": self.prefill_chunks[-64:], "held": self.arrivals.waits,
+                "given_up": self.arrivals.given_up, "resumes": self.resumes,
                 "resumes_declined": self.resumes_declined, "draft_costs": self.costs.as_dict()}
 
 
@@ -123,7 +128,8 @@ class _Active:
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
                  info: Callable[[int], object], drafter=None, num_draft: int = 3,
-                 prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP):
+                 prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP,
+                 hold: float = HOLD_SECONDS):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
@@ -141,7 +147,7 @@ class BatchLoop:
         self.batched: dict[int, _Active] = {}
         self.solo: _Active | None = None
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
-        self.stats = AdmissionStats()
+        self.stats = AdmissionStats(arrivals=Arrivals(hold))
         self.generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
@@ -164,7 +170,7 @@ class BatchLoop:
         """`after_step` runs once per decoding step: the runner hands that step's events to its
         event loop in one wake-up instead of one per token."""
         while True:
-            self._take_new(block=not self.running and not self.waiting)
+            self._take_new(self._idle_wait())
             self._drop_cancelled()
             self._admit()
             if self.solo is not None:
@@ -175,9 +181,27 @@ class BatchLoop:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def _take_new(self, block: bool) -> None:
+    def _idle_wait(self) -> float | None:
+        """How long the loop may wait for new work: not at all while something decodes, for
+        good when nothing is queued either, else until the requests on their way are due."""
+        if self.running:
+            return 0.0
+        if not self.waiting:
+            return None
+        return self._held()
+
+    def _held(self) -> float:
+        """Seconds admission still waits for requests the daemon said are right behind the
+        queued ones (only while they would fit beside them)."""
+        if self.running + len(self.waiting) >= self.num_parallel:
+            return 0.0
+        return self.stats.arrivals.wait()
+
+    def _take_new(self, timeout: float | None) -> None:
+        """Route every job in the inbox, waiting up to `timeout` seconds (None: for good) for
+        the first."""
         try:
-            job = self.inbox.get(block=block, timeout=None if block else 0)
+            job = self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -194,6 +218,7 @@ class BatchLoop:
         elif isinstance(req, EmbedRequest):
             self._embed(job)
         else:
+            self.stats.arrivals.came(req.arrival, req.arrived)
             self.waiting.append(job)
 
     def _embed(self, job: Job) -> None:
@@ -220,6 +245,8 @@ class BatchLoop:
             self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
 
     def _admit(self) -> None:
+        if self.waiting and self._held() > 0:
+            return
         starting = self._prepare_waiting()
         if not starting:
             return
@@ -241,7 +268,7 @@ class BatchLoop:
                 if looked_again:
                     break
                 looked_again = True
-                self._take_new(block=False)
+                self._take_new(0)
                 continue
             job = self.waiting.popleft()
             active = self._start(self._prepare, job)
