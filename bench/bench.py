@@ -2,6 +2,7 @@
 
     python bench/bench.py --quick                      # CPU: tiny model, short streams, 512-token prompt
     python bench/bench.py --shape 1b-4bit --tokens 256 # a GPU (about 4-6 min on an H200)
+    python bench/bench.py --smollm2 --tokens 16 --bursts-only --skip-server --skip-peer  # admission, CPU
 
 Each shape is a random-weight Llama with the real SmolLM2 tokenizer (weights do not change
 speed). Rows, each measured for raw mlx_lm (in this process) | mlx_lm.server | hippod:
@@ -48,6 +49,7 @@ SHAPES = {
     "8b-bf16": (32, 4096, 14336, 32, 8, None),
 }
 BURSTS = [("8 together", 8, 0.0), ("8, 100 ms apart", 8, 0.1), ("32 together", 32, 0.0)]
+BURSTS_ONLY = False  # --bursts-only: the burst rows alone (admission work on a slow CPU)
 LONG_PROMPT_TOKENS = 3000
 _counter = iter(range(10**9))
 
@@ -158,6 +160,11 @@ def bench_raw(model_dir: Path, tokens: int, spec_layers: int = 0) -> dict:
     model, tok = load(str(model_dir))
     mx.eval(model.parameters())
     out = {"load_s": time.perf_counter() - t0}
+    if BURSTS_ONLY:
+        for label, n, gap in BURSTS:
+            raw_burst(model, tok, n, 0.0, 16)  # warm-up: compiles this batch size's kernels
+            out[label] = raw_burst(model, tok, n, gap, tokens)
+        return out
     # Warm-ups run as long as the measurement: on CUDA every new cache size compiles kernels.
     for _ in stream_generate(model, tok, tok.encode(fresh_prompt()), max_tokens=tokens):
         pass
@@ -273,10 +280,12 @@ async def bench_http(url: str, model: str, tokens: int, kind: str, prompt_3k: st
     stream = _stream_hippod if kind == "hippod" else _stream_mlx_server
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as s:
         await stream(s, url, model, tokens)  # warm-up (and load), as long as the measurement
-        ttft, span, count = await stream(s, url, model, tokens)
-        out = {"ttft_s": ttft, "decode_tps": (count - 1) / span if span > 0 else 0.0}
-        for p in (prompt_3k.replace("Story", "Tale", 1), prompt_3k):  # the first warms up
-            out["long_ttft_s"] = (await stream(s, url, model, 1, p))[0]
+        out = {}
+        if not BURSTS_ONLY:
+            ttft, span, count = await stream(s, url, model, tokens)
+            out.update(ttft_s=ttft, decode_tps=(count - 1) / span if span > 0 else 0.0)
+            for p in (prompt_3k.replace("Story", "Tale", 1), prompt_3k):  # the first warms up
+                out["long_ttft_s"] = (await stream(s, url, model, 1, p))[0]
         for label, n, gap in BURSTS:
             await http_burst(s, stream, url, model, n, 0.0, 16)  # warm-up
             out[label] = await http_burst(s, stream, url, model, n, gap, tokens)
@@ -333,6 +342,9 @@ def bench_hippod(model_dir: Path, tokens: int, prompt_3k: str, home: Path) -> di
                 raise RuntimeError(f"create failed: {body}")
         out["first_load_s"] = one_token("bench-a")  # no spare exists before the first load
         out.update(asyncio.run(bench_http(d.url, "bench-a", tokens, "hippod", prompt_3k)))
+        out["admission"] = d.admission()
+        if BURSTS_ONLY:
+            return out
         swaps = []
         for i, target in enumerate(("bench-b", "bench-a")):  # A is loaded; B evicts it, and back
             _wait_spare(d, i + 1)
@@ -553,7 +565,7 @@ def print_table(results: dict, device: str, tokens: int) -> None:
 
 
 def main() -> int:
-    global LONG_PROMPT_TOKENS
+    global LONG_PROMPT_TOKENS, BURSTS_ONLY
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", action="append", choices=sorted(SHAPES))
     ap.add_argument("--quick", action="store_true",
@@ -568,9 +580,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-peer", action="store_true", help="leave out the peer-copy row")
+    ap.add_argument("--bursts-only", action="store_true", help="only the burst rows (8, 8 spread, 32)")
     ap.add_argument("--spec-layers", type=int, default=0,
                     help="also measure speculative decoding drafted by the first N layers")
     args = ap.parse_args()
+    BURSTS_ONLY = args.bursts_only
     tokens = args.tokens or (32 if args.quick else 128)
     LONG_PROMPT_TOKENS = args.long_prompt or (512 if args.quick else LONG_PROMPT_TOKENS)
     shapes = args.shape or ([] if args.model_dir or args.smollm2 else ["tiny"])
@@ -594,8 +608,9 @@ def main() -> int:
         step = lambda what: print(f"[{shape} {time.perf_counter() - started:6.1f}s] {what}", flush=True)  # noqa: E731
         step("raw mlx_lm ...")
         raw = bench_raw(model_dir, tokens, args.spec_layers)
-        prompt_3k = raw.pop("long_prompt")
-        raw["cold_first_token_s"] = fresh_process_first_token(model_dir)
+        prompt_3k = raw.pop("long_prompt", "")
+        if not BURSTS_ONLY:
+            raw["cold_first_token_s"] = fresh_process_first_token(model_dir)
         step(f"raw: {json.dumps(raw)}")
         server = {}
         if not args.skip_server:

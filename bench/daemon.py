@@ -98,6 +98,20 @@ class Daemon:
         except psutil.NoSuchProcess:
             return []
 
+    def admission(self) -> dict | None:
+        """A loaded runner's AdmissionStats (inserts into its batch, holds), asked over its
+        socket in this daemon's home (never another daemon's runner); None if none answers."""
+        for path in sorted(self.home.rglob("runner-*.sock")):
+            try:
+                with socket.socket(socket.AF_UNIX) as c:
+                    c.settimeout(10)
+                    c.connect(str(path))
+                    c.sendall(b'{"kind":"info"}\n')
+                    return json.loads(c.makefile().readline()).get("admission")
+            except (OSError, ValueError):
+                continue
+        return None
+
     def request(self, method: str, path: str, body=None, timeout: float = 120.0):
         """(status, parsed JSON or text) — a plain HTTP call for tests of raw behaviour."""
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())

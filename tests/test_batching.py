@@ -129,3 +129,23 @@ def test_create_rejects_a_bad_draft_name(daemon_factory, tiny_dirs):
     status, body = d.request("POST", "/api/create", {"model": "target", "from": str(tiny_dirs["target"]),
                                                      "draft": "../etc", "stream": False})
     assert status == 400 and "invalid model name" in body["error"]
+
+
+def test_requests_waiting_for_the_load_start_as_one_batch(daemon_factory, tiny_dirs):
+    """Eight requests that arrive while their model loads reach the runner one connection each,
+    a little apart; the daemon's numbers tell the runner to take them in one insert (one batched
+    prefill), and a later lone request still starts alone."""
+    d = daemon_factory("together", env={"HIPPO_NUM_PARALLEL": "8"})
+    _create(d, "target", tiny_dirs["target"])
+    prompts = [f"{w} went up the {w}" for w in ("hill", "stair", "tree", "tower", "ramp", "rope", "cliff", "mast")]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: _generate(d, p, num_predict=8)["response"], prompts))
+    stats = d.admission()
+    assert stats["numbered"] == 8, stats  # the daemon numbered every request it sent this runner
+    stalled = stats["given_up"] > 0  # a loaded machine kept some past the runner's hold (25 ms)
+    assert (stats["batch_inserts"] == [8] and stats["solo_starts"] == 0) or stalled, stats
+    _generate(d, "alone at last", num_predict=4)
+    after = d.admission()
+    assert after["solo_starts"] == stats["solo_starts"] + 1 and after["numbered"] == 9, after
+    assert after["batch_inserts"] == stats["batch_inserts"] and after["held"] == stats["held"], after
+    assert together == [_generate(d, p, num_predict=8)["response"] for p in prompts]

@@ -84,7 +84,7 @@ class AdmissionStats:
 
     def as_dict(self) -> dict:
         return {"solo_starts": self.solo_starts, "batch_inserts": self.batch_inserts[-64:],
-                "prefill_chunks": self.prefill_chunks[-64:], "held": self.arrivals.waits,
+                "prefill_chunks": self.prefill_chunks[-64:], "numbered": self.arrivals.told, "held": self.arrivals.waits,
                 "given_up": self.arrivals.given_up, "resumes": self.resumes,
                 "resumes_declined": self.resumes_declined, "draft_costs": self.costs.as_dict()}
 
