@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import asdict
 
 from aiohttp import web
@@ -29,6 +30,7 @@ PEER_MAX_BODY = 1 << 20  # the largest peer message (a hello listing many models
 PEER_READS = 16  # bodies read before their signature is checked, at once: <= 16 MiB in memory
 PEER_READ_TIMEOUT = 30.0  # seconds a body may take to arrive
 PEER_SLOT_WAIT = 10.0  # seconds a request waits for a reading slot before a 503
+BYTE_RANGE = re.compile(r"bytes=(?:(\d{1,19})-(\d{0,19})|-(\d{1,19}))")  # one range, as copies ask
 
 routes = web.RouteTableDef()
 
@@ -139,5 +141,22 @@ async def blob(request: web.Request) -> web.StreamResponse:
     path = registry.blob_path(sha256)
     if registry.store.get_blob(sha256) is None or not path.is_file():
         raise BadRequest(f"no blob sha256-{sha256} here", status=404)
+    wanted = request.headers.get("Range")
+    if wanted is not None and not _satisfiable(wanted, path.stat().st_size):
+        resp = error_response(request, 416, f"range {wanted[:80]!r} is not one satisfiable byte range")
+        resp.headers["Content-Range"] = f"bytes */{path.stat().st_size}"
+        return resp
     # sendfile(2) where the platform has it; 4 MB reads where it does not.
     return web.FileResponse(path, chunk_size=4 << 20, headers={"Content-Type": "application/octet-stream"})
+
+
+def _satisfiable(header: str, size: int) -> bool:
+    """One byte range that overlaps the blob (what aiohttp would otherwise take loosely: "-0"
+    is not the whole file)."""
+    m = BYTE_RANGE.fullmatch(header)
+    if m is None:
+        return False
+    if m[3] is not None:
+        return int(m[3]) > 0 and size > 0
+    start = int(m[1])
+    return start < size and (not m[2] or int(m[2]) >= start)
