@@ -353,6 +353,7 @@ def bench_peer_copy(model_dir: Path, work: Path) -> dict:
     mb = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) >> 20
     r = one_fs("tmpfs", TMPFS, model_dir, work, 1, None, 2 * mb + 256)
     return {"peer_MBps": r["pull"][0], "raw_MBps": r["raw_null"][0], "raw_file_MBps": r["raw_file"][0],
+            "cpu_s_per_GB": {k: v[0] for k, v in r["cpu"].items()},
             "peer_bytes": r["bytes"], "sha256_MBps": r["sha256"], "copy_MBps": (r["copy"] or [None])[0]}
 
 

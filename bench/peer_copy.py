@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import statistics
@@ -60,10 +61,24 @@ def make_model(dst: Path, total: int, shards: int) -> Path:
     return dst
 
 
-def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path: Path, sink: Path | None) -> float:
-    """MB/s of one TCP connection sending `path`, the bytes dropped or written to `sink`."""
+def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path: Path, sink: Path | None
+            ) -> tuple[float, float]:
+    """(MB/s, CPU seconds per GB of sender and receiver together) of one TCP connection sending
+    `path`, the bytes dropped or written to `sink`. Both ends are threads of this process."""
+    c0 = own_cpu()
     n, seconds = netns_raw_tcp(sender_ns, address, receiver_ns, path, sink)
-    return n / seconds / 1e6
+    return n / seconds / 1e6, (own_cpu() - c0) / (n / 1e9)
+
+
+def own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def warm(mb: int) -> None:
@@ -102,7 +117,8 @@ def one_fs(label: str, recv_root: Path, model_dir: Path, work: Path, repeat: int
            prof: Path | None, warm_mb: int) -> dict:
     """Two daemons, the receiver's home under `recv_root`; the raw rows and `repeat` pulls."""
     secret = secrets.token_hex(16)
-    res: dict = {"fs": label, "warm_MB": warm_mb, "raw_null": [], "raw_file": [], "pull": [], "copy": []}
+    res: dict = {"fs": label, "warm_MB": warm_mb, "raw_null": [], "raw_file": [], "pull": [], "copy": [],
+                 "cpu": {"raw_null": [], "raw_file": [], "pull": []}}
     with lan(2, subnet="10.79.0") as net:
         homes = {"alpha": work / "alpha", "beta": recv_root / f"hippo-peer-beta-{os.getpid()}"}
         daemons = []
@@ -128,20 +144,23 @@ def one_fs(label: str, recv_root: Path, model_dir: Path, work: Path, repeat: int
             res["bytes"], res["blobs"] = total, len(blobs)
             sink = b.home / "blobs" / ".bench-raw"
             for i in range(repeat):
-                warm(warm_mb)
-                res["raw_null"].append(raw_tcp(na.ns, na.address, nb.ns, blobs[-1], None))
-                warm(warm_mb)
-                res["raw_file"].append(raw_tcp(na.ns, na.address, nb.ns, blobs[-1], sink))
+                for row, to in (("raw_null", None), ("raw_file", sink)):
+                    warm(warm_mb)
+                    rate, cpu = raw_tcp(na.ns, na.address, nb.ns, blobs[-1], to)
+                    res[row].append(rate)
+                    res["cpu"][row].append(cpu)
                 spies = []
                 if prof and i == repeat - 1:
                     guess = max(2.0, total / 150e6)
                     spies = [profile(d.proc.pid, prof / f"{label}-{n}.txt", guess)
                              for d, n in ((a, "sender"), (b, "receiver"))]
                 warm(warm_mb)
+                c0 = proc_cpu(a.proc.pid) + proc_cpu(b.proc.pid)
                 t0 = time.perf_counter()
                 status, body = in_netns(nb.ns, b.request, "POST", "/api/hippo/pull",
                                         {"model": "bench", "from": "alpha", "stream": False}, 600)
                 seconds = time.perf_counter() - t0
+                res["cpu"]["pull"].append((proc_cpu(a.proc.pid) + proc_cpu(b.proc.pid) - c0) / (total / 1e9))
                 if status != 200:
                     raise RuntimeError(f"peer pull failed: {body}")
                 for s in spies:
@@ -163,25 +182,29 @@ def one_fs(label: str, recv_root: Path, model_dir: Path, work: Path, repeat: int
 
 
 def print_table(results: list[dict]) -> None:
-    def cell(xs: list[float]) -> str:
+    def cell(xs: list[float], digits: int = 0) -> str:
         if not xs:
             return "-"
-        return f"{statistics.median(xs):.0f}" + (f" ({min(xs):.0f}-{max(xs):.0f})" if len(xs) > 1 else "")
+        fmt = lambda x: f"{x:.{digits}f}"  # noqa: E731
+        return fmt(statistics.median(xs)) + (f" ({fmt(min(xs))}-{fmt(max(xs))})" if len(xs) > 1 else "")
 
     print(f"\npeer copy vs raw TCP, one veth, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, "
-          f"{results[0]['warm_MB']} MB warmed before each transfer "
-          "(MB/s, median (min-max); ratio: the pull's median over the row's)")
-    lines = [("receiver fs", "row", "MB/s", "pull vs row")]
+          f"{results[0]['warm_MB']} MB warmed before each transfer (median (min-max); ratio: the "
+          "pull's MB/s over the row's; CPU s/GB: both ends, user+system, whatever else the box runs)")
+    lines = [("receiver fs", "row", "MB/s", "pull vs row", "CPU s/GB")]
     for r in results:
         pull = statistics.median(r["pull"])
         mb = r["bytes"] / 1e6
-        rows = [(f"pull ({r['blobs']} blobs, {mb:.0f} MB)", r["pull"]), ("copy alone (daemon's log)", r["copy"]),
-                ("raw TCP -> /dev/null", r["raw_null"]), ("raw TCP -> target fs", r["raw_file"]),
-                ("sha256, one core", [r["sha256"]])]
-        for row, xs in rows:
+        cpu = r.get("cpu", {})
+        rows = [(f"pull ({r['blobs']} blobs, {mb:.0f} MB)", r["pull"], cpu.get("pull")),
+                ("copy alone (daemon's log)", r["copy"], None),
+                ("raw TCP -> /dev/null", r["raw_null"], cpu.get("raw_null")),
+                ("raw TCP -> target fs", r["raw_file"], cpu.get("raw_file")),
+                ("sha256, one core", [r["sha256"]], [1e3 / r["sha256"]])]
+        for row, xs, c in rows:
             ratio = f"{pull / statistics.median(xs):.2f}" if xs and not row.startswith("pull") else "-"
-            lines.append((r["fs"], row, cell(xs), ratio))
-    widths = [max(len(x[i]) for x in lines) for i in range(4)]
+            lines.append((r["fs"], row, cell(xs), ratio, cell(c or [], 2)))
+    widths = [max(len(x[i]) for x in lines) for i in range(len(lines[0]))]
     for j, line in enumerate(lines):
         print("| " + " | ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))) + " |")
         if j == 0:

@@ -216,14 +216,17 @@ class _Hasher(threading.Thread):
         self.closing = False
         self.error: BaseException | None = None
 
-    def feed(self, offset: int, data: memoryview) -> None:
-        """`data` was just written at `offset`: hash it from memory if the frontier is there."""
+    def feed(self, offset: int, data: memoryview) -> bool:
+        """`data` was just written at `offset`: hash it from memory if the frontier is there.
+        False when it was not (this thread is to read it back: nudge it)."""
         if offset != self.at:  # `at` only grows: a stale read just skips the fast path
-            return
+            return False
         with self.lock:
             if offset == self.at:
                 self.digest.update(data)
                 self.at += len(data)
+                return True
+        return False
 
     def nudge(self) -> None:
         with self.moved:
@@ -322,8 +325,9 @@ def _fetch_ranges(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path
     reported = [plan.done_bytes()]
     report_lock = threading.Lock()
 
-    def moved() -> None:
-        hasher.nudge()
+    def moved(hashed: bool) -> None:
+        if not hashed:  # bytes ahead of the frontier, or a range's end: there may be reading back
+            hasher.nudge()
         done = plan.done_bytes()
         with report_lock:
             if done - reported[0] >= PROGRESS_EVERY or done == plan.size:
@@ -362,7 +366,7 @@ def _fetch_ranges(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path
 
 
 def _fetch_range(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path, plan: _Plan,
-                 r: list[int], moved: Callable[[], None], feed: Callable[[int, memoryview], None],
+                 r: list[int], moved: Callable[[bool], None], feed: Callable[[int, memoryview], bool],
                  cancel: threading.Event, stop: threading.Event) -> None:
     """Receive one range into its place in `partial`, recording its progress as it goes."""
     start, end, offset = r
@@ -386,14 +390,14 @@ def _fetch_range(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path,
                 written = 0
                 while written < n:
                     written += os.pwrite(fd, view[written:n], offset + written)
-                feed(offset, view[:n])  # before the plan says it is there: hashed from memory
+                hashed = feed(offset, view[:n])  # before the plan has it: hashed from memory
                 offset += n
                 with plan.lock:
                     r[2] = offset
                 if offset - saved >= SAVE_EVERY:
                     plan.save()
                     saved = offset
-                moved()
+                moved(hashed and offset < end)
         finally:
             os.close(fd)
     except (OSError, http.client.HTTPException) as e:
