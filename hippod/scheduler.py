@@ -22,7 +22,7 @@ import platform
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import AsyncIterator, Callable, Protocol
 from datetime import datetime, timedelta, timezone
 
 import psutil
@@ -32,7 +32,7 @@ from hippod.config import Settings, fmt_bytes
 from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-exported)
 from hippod.registry.registry import Registry, RegistryError
 from hippod.runner_process import RunnerProcess
-from hippod.runners import OnLost, Plan, Runner, RunnerFactory
+from hippod.runners import Forward, OnLost, Plan, Runner, RunnerFactory
 from hippod.spare import SparePool
 from hippod.store.database import Store
 from hippod.store.records import ModelRecord
@@ -173,6 +173,13 @@ class Placer(Protocol):
     async def fetch(self, name: str) -> ModelRecord | None:
         """Copy a model this node lacks from a trusted peer that has it; None if none has."""
 
+    async def locate(self, name: str, num_ctx: int | None) -> ModelRecord | Forward | None:
+        """A model this node lacks: copied (as `fetch`) when it fits here or as a split, else a
+        trusted peer that holds it and can run it; None if no peer has it."""
+
+    def forward(self, target: Forward, model: str, request, keep_alive) -> AsyncIterator[object]:
+        """The events of the generation `target` runs for us: a ForwardStart, then as a runner's."""
+
     async def plan(self, rec: ModelRecord, ctx: int, local_free: int, *,
                    forced: list[str] | None = None, refusal: NotEnoughMemory | None = None,
                    exclude: frozenset[str] = frozenset()) -> Plan: ...
@@ -299,9 +306,34 @@ class Scheduler:
             rec = await self.placer.fetch(self.registry.normalize(name))
             if rec is None:
                 raise
-            peer = rec.source.removeprefix("peer:") if rec.source.startswith("peer:") else "a peer"
-            audit.note_model_source(f"copied from peer {peer}")
+            audit.note_model_source(f"copied from peer {_peer_of(rec)}")
             return rec
+
+    async def where(self, name: str, num_ctx: int | None = None, *, forward: bool = True
+                    ) -> ModelRecord | Forward:
+        """Where a request for `name` is served: here (its record; a model that only a trusted
+        peer holds is copied first when it fits here or as a split), or, when neither fits, on a
+        trusted peer that holds it and can run it (`forward` False: never; a forwarded request
+        is not forwarded again)."""
+        if not forward or self.placer is None:
+            return await self.record(name)
+        try:
+            return self.registry.get(name)
+        except RegistryError as e:
+            if e.status != 404:
+                raise
+            found = await self.placer.locate(self.registry.normalize(name), num_ctx)
+            if found is None:
+                raise
+        if isinstance(found, Forward):
+            audit.note_model_source(f"forwarded to {found.peer}")
+        else:
+            audit.note_model_source(f"copied from peer {_peer_of(found)}")
+        return found
+
+    def forward(self, target: Forward, model: str, request, keep_alive) -> AsyncIterator[object]:
+        assert self.placer is not None
+        return self.placer.forward(target, model, request, keep_alive)
 
     async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
         rec = await self.record(name)
@@ -765,6 +797,10 @@ class Scheduler:
 
 class _StillBusy(Exception):
     """The model to evict kept serving requests past busy_wait."""
+
+
+def _peer_of(rec: ModelRecord) -> str:
+    return rec.source.removeprefix("peer:") if rec.source.startswith("peer:") else "a peer"
 
 
 def _weights(rec: ModelRecord) -> int:
