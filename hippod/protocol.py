@@ -142,9 +142,20 @@ class SpareReadyEvent:
     type: str = "spare"
 
 
+@dataclass
+class SpareWarmEvent:
+    """Printed by a spare runner when its kernel warm-up ran to the end (a handoff that stops
+    it earlier prints nothing): from then on a load into it finds its kernels compiled."""
+
+    steps: int
+    seconds: float
+    type: str = "spare_warm"
+
+
 _REQUESTS = {"generate": GenerateRequest, "embed": EmbedRequest, "info": InfoRequest}
 _EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorEvent, "embeddings": EmbedResult,
-           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent}
+           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent,
+           "spare_warm": SpareWarmEvent}
 
 
 def encode(message: Any) -> bytes:
