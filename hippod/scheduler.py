@@ -571,6 +571,8 @@ class Scheduler:
             return
         async with self._load_lock:
             while need > self.available():
+                if await self.spares.discard(f"to make room for {label}"):
+                    continue  # the spare (and its warm-up allowance) goes before any model
                 idle = [m for m in self.loaded.values()
                         if not m.pinned and m.refs == 0 and m.replacing is None and not m.unloading]
                 if not idle:

@@ -2,7 +2,9 @@
 
 After a load a spare runner starts; the next load hands it the model (the runner's pid is the
 spare's) and another spare starts. The guard counts the spare: it never makes a load evict a
-model (its memory is the next load's own), and no spare starts when the budget has no room. (How much faster a warm load is: bench/hotswap.py.)
+model (its memory is the next load's own), and no spare starts when the budget has no room. A
+spare that outruns its start timeout is started again with twice the time. (How much faster a
+warm load is: bench/hotswap.py.)
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def test_a_spare_that_outruns_its_start_timeout_is_tried_again_with_twice_the_ti
 
 
 def test_the_status_shows_the_spare_and_its_warm_up(tmp_path, models):
-    d = _start(tmp_path / "h", 8 * 2**30, models)
+    d = _start(tmp_path / "h", 8 * 2**30, models, HIPPO_SPARE_WARM_BYTES="64MiB")
     try:
         _, st = d.request("GET", "/api/hippo/status")
         assert st["spare"]["state"] == "none"  # nothing loaded yet: no spare
@@ -145,6 +147,9 @@ def test_the_status_shows_the_spare_and_its_warm_up(tmp_path, models):
         st = wait_for(lambda: (s := d.request("GET", "/api/hippo/status")[1])["spare"]["state"] == "warm" and s)
         spare = st["spare"]
         assert spare["pid"] in spare_pids(d) and spare["warm_steps"] > 0
+        assert spare["warm_max_bytes"] == 64 * 2**20  # the setting: the budget has far more room
+        argv = psutil.Process(spare["pid"]).cmdline()
+        assert argv[argv.index("--warm-max-bytes") + 1] == str(64 * 2**20)
         # Until its warm-up was done the guard counted its allowance; now its measured memory.
         assert 0 < spare["bytes"] < spare["warm_max_bytes"] + SPARE_ESTIMATE
         assert st["memory_used"] >= spare["bytes"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import psutil
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
@@ -114,6 +115,16 @@ def test_stop_interrupts_the_warm_up_between_steps(smol):
     assert 5 <= done[0] < total
 
 
+def test_with_no_hint_that_fits_the_common_kernels_are_warmed(smol):
+    from hippod.engine.runner import warm_steps
+
+    common = sum(1 for _ in warm_steps())
+    assert warm_up() == common
+    assert warm_up(like=[smol], max_bytes=10**6) == 1 + common  # read, too big; then the common ones
+    calls = iter(range(100))
+    assert warm_up(lambda: next(calls) >= 2) == 2
+
+
 def test_hints_that_cannot_be_built_are_skipped(tmp_path, smol):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture", "vocab_size": 10}')
     (tmp_path / "bad").mkdir()
@@ -122,10 +133,27 @@ def test_hints_that_cannot_be_built_are_skipped(tmp_path, smol):
     assert [s.source for s in shapes] == [smol]  # once, however often it is named
 
 
+def _hints(pid: int) -> list[Path]:
+    """The model dirs a spare process was told to warm for (its --warm-like arguments)."""
+    argv = psutil.Process(pid).cmdline()
+    rest = argv[argv.index("--warm-like") + 1:]
+    return [Path(x) for x in rest[:next((i for i, x in enumerate(rest) if x.startswith("--")), len(rest))]]
+
+
+def _same_weights(model_dir: Path) -> Path | None:
+    """Which of the test's source models `model_dir` (inside hippod's home) holds."""
+    data = (model_dir / "model.safetensors").read_bytes()
+    return next((src for src in _SOURCES if (src / "model.safetensors").read_bytes() == data), None)
+
+
+_SOURCES: list[Path] = []
+
+
 @pytest.mark.slow
 def test_a_swap_into_a_spare_warmed_for_it_generates_what_mlx_lm_does(tmp_path):
     a, b = (make_tiny_llama(tmp_path / n, num_layers=2, hidden_size=128, intermediate_size=256,
                             seed=i) for i, n in enumerate("ab"))
+    _SOURCES[:] = [a, b]
     d = Daemon(tmp_path / "home", env={"HIPPO_SPARE_RUNNER": "1", "HIPPO_MAX_LOADED_MODELS": "1",
                                        "HIPPO_MEMORY_BUDGET": "8GB", "HIPPO_NUM_CTX": "1024"}).start()
     try:
@@ -144,6 +172,7 @@ def test_a_swap_into_a_spare_warmed_for_it_generates_what_mlx_lm_does(tmp_path):
         assert spare["state"] == "warm" and spare["warm_max_bytes"] > 0, spare
         runners_log = (tmp_path / "home" / "logs" / "runners.log").read_text()
         assert "spare warm-up: like" in runners_log  # it warmed a one-layer copy of a
+        assert [_same_weights(h) for h in _hints(spare["pid"])] == [a]
 
         prompt = "The lighthouse keeper climbed"
         status, body = d.request("POST", "/api/generate", {
@@ -152,6 +181,11 @@ def test_a_swap_into_a_spare_warmed_for_it_generates_what_mlx_lm_does(tmp_path):
         assert status == 200 and body["eval_count"] == 8, body
         _, ps = d.request("GET", "/api/ps")
         assert [m["hippo"]["pid"] for m in ps["models"]] == [spare["pid"]]  # b went into the spare
+        while (nxt := d.request("GET", "/api/hippo/status")[1]["spare"]).get("pid") in (None, spare["pid"]):
+            assert time.monotonic() < deadline + 180
+            time.sleep(0.2)
+        # The next spare warms for b first (loaded last), then a (unloaded before it).
+        assert [_same_weights(h) for h in _hints(nxt["pid"])] == [b, a]
     finally:
         d.stop()
     from mlx_lm import generate

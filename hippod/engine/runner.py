@@ -289,19 +289,26 @@ def warm_steps():
 
 def warm_up(stop=lambda: False, like: list[Path] = (), max_bytes: int = 0) -> int:
     """Warm the kernels of the models `like` (a one-layer model of each, within `max_bytes`),
-    then the common ones, until `stop()` says a model is waiting; the number of steps run."""
+    or, when none of them could be warmed, the common ones, until `stop()` says a model is
+    waiting; the number of steps run."""
     from hippod.engine import warm
 
+    done = _run_steps(warm.warm_steps(list(like), max_bytes), stop)
+    if done <= len(like):  # no hinted model was warmed (read at most); a stop ends it at once
+        done += _run_steps(warm_steps(), stop)
+    return done
+
+
+def _run_steps(steps, stop) -> int:
     done = 0
-    for steps in (warm.warm_steps(list(like), max_bytes), warm_steps()):
-        try:
-            for step in steps:
-                if stop():
-                    return done
-                step()
-                done += 1
-        finally:
-            steps.close()  # frees a warm model left half-used
+    try:
+        for step in steps:
+            if stop():
+                break
+            step()
+            done += 1
+    finally:
+        steps.close()  # frees a warm model left half-used
     return done
 
 
