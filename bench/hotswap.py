@@ -36,12 +36,13 @@ ONE_TOKEN = {"prompt": PROMPT, "raw": True, "stream": False, "options": {"num_pr
 
 
 def wait_warm_spare(d: Daemon, timeout: float = 900) -> dict:
-    """The spare's status once its warm-up is done (or whatever it is at the timeout)."""
+    """The spare's status once its warm-up is done; at once when there is none (no room for
+    it, or a start that failed: a load starts one before it answers), else at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
         _, st = d.request("GET", "/api/hippo/status")
         spare = st.get("spare") or {}
-        if spare.get("state") == "warm" or time.monotonic() > deadline:
+        if spare.get("state") in ("warm", "none", "off", None) or time.monotonic() > deadline:
             return spare
         time.sleep(0.2)
 

@@ -340,18 +340,17 @@ def spare_main(argv: list[str] = ()) -> int:
         except Exception:  # the load will say what is wrong; the spare only loses its head start
             log.exception("spare runner could not import MLX")
         imported.set()
+        steps, t1 = 0, time.perf_counter()
         try:
-            t1 = time.perf_counter()
             steps = warm_up(stop=named.is_set, like=args.warm_like,
                             max_bytes=args.warm_max_bytes)
-            seconds = time.perf_counter() - t1
-            log.info("spare warm-up: %d kernel steps in %.2fs", steps, seconds)
-            with say:
-                if not named.is_set():
-                    sys.stdout.write(encode(SpareWarmEvent(steps, seconds)).decode())
-                    sys.stdout.flush()
+            log.info("spare warm-up: %d kernel steps in %.2fs", steps, time.perf_counter() - t1)
         except Exception:  # a failed warm-up only costs the load its speed-up
             log.exception("spare runner warm-up failed")
+        with say:  # done either way: its warm-up model is gone
+            if not named.is_set():
+                sys.stdout.write(encode(SpareWarmEvent(steps, time.perf_counter() - t1)).decode())
+                sys.stdout.flush()
         target = handoff.get()
         if target is not None:
             target()
