@@ -153,9 +153,20 @@ class ForwardStart:
     type: str = "start"
 
 
+@dataclass
+class SpareWarmEvent:
+    """Printed by a spare runner when its kernel warm-up ran to the end (a handoff that stops
+    it earlier prints nothing): from then on a load into it finds its kernels compiled."""
+
+    steps: int
+    seconds: float
+    type: str = "spare_warm"
+
+
 _REQUESTS = {"generate": GenerateRequest, "embed": EmbedRequest, "info": InfoRequest}
 _EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorEvent, "embeddings": EmbedResult,
-           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent, "start": ForwardStart}
+           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent, "start": ForwardStart,
+           "spare_warm": SpareWarmEvent}
 
 
 def encode(message: Any) -> bytes:

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import psutil
 
@@ -44,6 +45,7 @@ log = logging.getLogger("hippo.scheduler")
 # safetensors bytes was 135 MiB right after load and 140 MiB after generating, for a 6 MB random
 # llama and for SmolLM2-135M 4-bit alike; rounded up to leave a little headroom.
 RUNNER_OVERHEAD = 150 * 2**20
+WARM_HINTS = 4  # model dirs a spare warms kernels for, the last used first
 # Ollama turns keep_alive < 0 into the longest Go duration (2^63 ns, ~292 years): /api/ps shows
 # that far-future time, and so do we.
 LONGEST_KEEP_ALIVE = timedelta(microseconds=2**63 // 1000)
@@ -207,7 +209,10 @@ class Scheduler:
         self.hosts: list[Callable[[], int]] = []  # bytes of other things run for peers (drafts)
         self.drafts = None  # where models' drafts run (cluster.remote_drafts), when clustered
         self.spares = SparePool(settings.run_dir, settings.logs_dir / "runners.log",
-                                python=settings.runner_python, enabled=settings.spare_runner)
+                                python=settings.runner_python, enabled=settings.spare_runner,
+                                start_timeout=settings.spare_start_timeout,
+                                warm_max_bytes=settings.spare_warm_bytes)
+        self.recent: deque[Path] = deque(maxlen=WARM_HINTS)  # model dirs loaded or unloaded last
 
     @property
     def active(self) -> int:
@@ -598,6 +603,8 @@ class Scheduler:
             return
         async with self._load_lock:
             while need > self.available():
+                if await self.spares.discard(f"to make room for {label}"):
+                    continue  # the spare (and its warm-up allowance) goes before any model
                 idle = [m for m in self.loaded.values()
                         if not m.pinned and m.refs == 0 and m.replacing is None and not m.unloading]
                 if not idle:
@@ -659,7 +666,8 @@ class Scheduler:
                    keep_alive=keep, asked_context=plan.num_ctx, measured=measured)
         self.loaded[rec.name] = m
         self._spawn(self._watch(m))
-        self.spares.refill(self.available())
+        self._used(rec)
+        self.spares.refill(self.available(), list(self.recent))
         log.info("loaded %s in %.2fs (pid %s, counted %s)", rec.name, seconds, runner.pid,
                  fmt_bytes(m.size))
         return m
@@ -720,6 +728,16 @@ class Scheduler:
             m.replacing = None
             self._notify()
 
+    def _used(self, rec: ModelRecord) -> None:
+        """`rec` was loaded or unloaded just now: the next spare warms for it first."""
+        try:
+            path = self.registry.model_dir(rec)
+        except Exception:  # a model whose files are gone: nothing to warm for
+            return
+        if path in self.recent:
+            self.recent.remove(path)
+        self.recent.appendleft(path)
+
     # -- unloading --------------------------------------------------------------------------
 
     async def unload(self, name: str, reason: str) -> bool:
@@ -731,6 +749,7 @@ class Scheduler:
         if m.expiry:
             m.expiry.cancel()
             m.expiry = None
+        self._used(m.record)
         self._stopping.add(m)
         try:
             # Shielded: a caller that goes away must not leave a half-stopped runner behind.
