@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.daemon import Daemon, free_port  # noqa: E402
+from bench.hotswap import wait_warm_spare  # noqa: E402
 
 SHAPES = {
     # name: (layers, hidden, intermediate, heads, kv_heads, quantize bits or None)
@@ -299,16 +300,6 @@ def bench_mlx_server(model_dir: Path, tokens: int, prompt_3k: str, log: Path) ->
         proc.wait(30)
 
 
-def _spares_ready(d: Daemon) -> int:
-    return len(re.findall(r"spare runner ready", d.log()))
-
-
-def _wait_spare(d: Daemon, count: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while _spares_ready(d) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 def bench_hippod(model_dir: Path, tokens: int, prompt_3k: str, home: Path) -> dict:
     most = max(n for _, n, _ in BURSTS)
     env = {"HIPPO_NUM_PARALLEL": str(most), "HIPPO_MAX_LOADED_MODELS": "1",
@@ -333,12 +324,14 @@ def bench_hippod(model_dir: Path, tokens: int, prompt_3k: str, home: Path) -> di
                 raise RuntimeError(f"create failed: {body}")
         out["first_load_s"] = one_token("bench-a")  # no spare exists before the first load
         out.update(asyncio.run(bench_http(d.url, "bench-a", tokens, "hippod", prompt_3k)))
-        swaps = []
-        for i, target in enumerate(("bench-b", "bench-a")):  # A is loaded; B evicts it, and back
-            _wait_spare(d, i + 1)
+        swaps, used = [], []
+        for target in ("bench-b", "bench-a"):  # A is loaded; B evicts it, and back
+            spare = wait_warm_spare(d)  # a swap is timed into a spare whose warm-up is done
             swaps.append(one_token(target))
+            _, ps = d.request("GET", "/api/ps")
+            used.append(bool(spare.get("pid")) and [m["hippo"]["pid"] for m in ps["models"]] == [spare["pid"]])
         out["swap_s"] = statistics.mean(swaps)
-        out["swap_used_spare"] = _spares_ready(d) >= 2
+        out["swap_used_spare"] = all(used)
     return out
 
 

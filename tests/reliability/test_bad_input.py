@@ -201,6 +201,9 @@ def templates(f: Fuzzed) -> dict[tuple[str, str], dict]:
         ("POST", "/api/hippo/peer/draft/open"): {"model": MODEL, "digest": "0" * 64, "context_length": 64},
         ("POST", "/api/hippo/peer/draft/ping"): {"session": "s1"},
         ("POST", "/api/hippo/peer/draft/close"): {"session": "s1"},
+        ("POST", "/api/hippo/peer/forward"): {"model": MODEL, "keep_alive": "30m", "request": {
+            "prompt": "hi", "raw": False, "system": "s", "options": {"num_predict": 2}, "think": False,
+            "messages": None, "tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": 1}},
     }
 
 
@@ -252,7 +255,8 @@ ROUTES = [("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embed
           ("POST", "/v1/completions"), ("POST", "/v1/embeddings")]
 PEER_ROUTES = [("POST", "/api/hippo/peer/hello"), ("POST", "/api/hippo/peer/split/budget"),
                ("POST", "/api/hippo/peer/split/prepare"), ("POST", "/api/hippo/peer/split/start"),
-               ("POST", "/api/hippo/peer/split/ping"), ("POST", "/api/hippo/peer/split/stop")]
+               ("POST", "/api/hippo/peer/split/ping"), ("POST", "/api/hippo/peer/split/stop"),
+               ("POST", "/api/hippo/peer/forward")]
 
 
 @pytest.mark.parametrize("method,path", ROUTES, ids=[p for _, p in ROUTES])
