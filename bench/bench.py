@@ -13,7 +13,8 @@ speed). Rows, each measured for raw mlx_lm (in this process) | mlx_lm.server | h
   3,000-token prompt  time to first token
   swap A->B + 1 token hippod's hot swap (warm spare runner) against mlx_lm.load(B) + one token
                       in-process; hippod's first load (no spare yet) beside it
-  peer copy           hippod pulling the model from a peer against raw TCP on the same veth
+  peer copy           hippod pulling the model from a peer against raw TCP on the same veth,
+                      dropped and written to the same tmpfs as the receiving home
                       (two network namespaces; needs root and iproute2, else the row is empty)
 """
 
@@ -26,7 +27,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.daemon import Daemon, free_port  # noqa: E402
+from bench.hotswap import wait_warm_spare  # noqa: E402
 
 SHAPES = {
     # name: (layers, hidden, intermediate, heads, kv_heads, quantize bits or None)
@@ -308,16 +309,6 @@ def bench_mlx_server(model_dir: Path, tokens: int, prompt_3k: str, log: Path) ->
         proc.wait(30)
 
 
-def _spares_ready(d: Daemon) -> int:
-    return len(re.findall(r"spare runner ready", d.log()))
-
-
-def _wait_spare(d: Daemon, count: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while _spares_ready(d) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 def bench_hippod(model_dir: Path, tokens: int, prompt_3k: str, home: Path) -> dict:
     most = max(n for _, n, _ in BURSTS)
     env = {"HIPPO_NUM_PARALLEL": str(most), "HIPPO_MAX_LOADED_MODELS": "1",
@@ -345,95 +336,30 @@ def bench_hippod(model_dir: Path, tokens: int, prompt_3k: str, home: Path) -> di
         out["admission"] = d.admission()
         if BURSTS_ONLY:
             return out
-        swaps = []
-        for i, target in enumerate(("bench-b", "bench-a")):  # A is loaded; B evicts it, and back
-            _wait_spare(d, i + 1)
+        swaps, used = [], []
+        for target in ("bench-b", "bench-a"):  # A is loaded; B evicts it, and back
+            spare = wait_warm_spare(d)  # a swap is timed into a spare whose warm-up is done
             swaps.append(one_token(target))
+            _, ps = d.request("GET", "/api/ps")
+            used.append(bool(spare.get("pid")) and [m["hippo"]["pid"] for m in ps["models"]] == [spare["pid"]])
         out["swap_s"] = statistics.mean(swaps)
-        out["swap_used_spare"] = _spares_ready(d) >= 2
+        out["swap_used_spare"] = all(used)
     return out
-
-
-def _sha256_rate(path: Path) -> float:
-    """One core's sha256 over the blob (from the page cache): a verified copy's ceiling."""
-    import hashlib
-
-    data = path.read_bytes()
-    t0 = time.perf_counter()
-    hashlib.sha256(data).hexdigest()
-    return len(data) / (time.perf_counter() - t0) / 1e6
-
-
-def _write_rate(path: Path, where: Path) -> float:
-    """Writing the blob's bytes into the receiver's blob directory in 4 MB pieces, as the copy
-    does (no fsync): the receiving disk's ceiling."""
-    data = memoryview(path.read_bytes())
-    target = where / ".bench-write"
-    t0 = time.perf_counter()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        for at in range(0, len(data), 4 << 20):
-            os.pwrite(fd, data[at:at + (4 << 20)], at)
-    finally:
-        os.close(fd)
-    seconds = time.perf_counter() - t0
-    target.unlink()
-    return len(data) / seconds / 1e6
 
 
 def bench_peer_copy(model_dir: Path, work: Path) -> dict:
     """Two hippods in two network namespaces joined by a veth; the second pulls the model from
-    the first. Against: one TCP connection sending the largest blob over the same veth."""
+    the first, its home on a tmpfs. Against: one TCP connection sending the largest blob over the
+    same veth, dropped and written to the same tmpfs (bench/peer_copy.py has the whole table)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return {}
-    from bench.netns import in_netns, lan, raw_tcp
+    from bench.peer_copy import TMPFS, one_fs
 
-    secret = secrets.token_hex(16)
-    out: dict = {}
-    with lan(2, subnet="10.78.0") as net:
-        nodes = []
-        for name, node in zip(("alpha", "beta"), net.nodes):
-            d = Daemon(work / f"peer-{name}", host=node.address, netns=node.ns, args=["--insecure"],
-                       env={"HIPPO_DISCOVERY": "true", "HIPPO_NODE_NAME": name,
-                            "HIPPO_CLUSTER_SECRET": secret})
-            nodes.append((d.start(timeout=60), node))
-        (a, na), (b, nb) = nodes
-        try:
-            status, body = in_netns(na.ns, a.request, "POST", "/api/create",
-                                    {"model": "bench", "from": str(model_dir), "stream": False}, 600)
-            if status != 200:
-                raise RuntimeError(f"create failed: {body}")
-
-            def sees_it() -> bool:
-                _, body = in_netns(nb.ns, b.request, "GET", "/api/hippo/nodes")
-                return any(n.get("trusted") and not n.get("stale") and "bench:latest" in n.get("models", [])
-                           for n in body.get("nodes", []))
-
-            deadline = time.monotonic() + 60
-            while not sees_it():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the peers did not find each other")
-                time.sleep(0.2)
-            t0 = time.perf_counter()
-            status, body = in_netns(nb.ns, b.request, "POST", "/api/hippo/pull",
-                                    {"model": "bench", "from": "alpha", "stream": False}, 600)
-            seconds = time.perf_counter() - t0
-            if status != 200:
-                raise RuntimeError(f"peer pull failed: {body}")
-            blobs = sorted((a.home / "blobs").glob("sha256-*"), key=lambda p: p.stat().st_size)
-            total = sum(p.stat().st_size for p in blobs)  # alpha holds this one model
-            n, raw_seconds = raw_tcp(na.ns, na.address, nb.ns, blobs[-1])
-            out = {"peer_MBps": total / seconds / 1e6, "raw_MBps": n / raw_seconds / 1e6,
-                   "peer_bytes": total}
-            out["sha256_MBps"] = _sha256_rate(blobs[-1])
-            out["disk_MBps"] = _write_rate(blobs[-1], b.home / "blobs")
-            said = re.findall(r"copied bench:latest from peer alpha: (\d+) bytes in ([\d.]+)s", b.log())
-            if said:  # the copy alone, without the pull request's own work (manifest, record)
-                out["copy_MBps"] = int(said[-1][0]) / max(float(said[-1][1]), 1e-9) / 1e6
-        finally:
-            a.stop()
-            b.stop()
-    return out
+    mb = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) >> 20
+    r = one_fs("tmpfs", TMPFS, model_dir, work, 1, None, 2 * mb + 256)
+    return {"peer_MBps": r["pull"][0], "raw_MBps": r["raw_null"][0], "raw_file_MBps": r["raw_file"][0],
+            "cpu_s_per_GB": {k: v[0] for k, v in r["cpu"].items()},
+            "peer_bytes": r["bytes"], "sha256_MBps": r["sha256"], "copy_MBps": (r["copy"] or [None])[0]}
 
 
 def wait_http(url: str, path: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -529,8 +455,8 @@ def rows_for(r: dict) -> list[tuple[str, str, object, object, object, str]]:
                   peer.get("copy_MBps"), "ratio"),
                  ("sha256, one core", "MB/s (verify ceiling)", peer["raw_MBps"], None,
                   peer.get("sha256_MBps"), "ratio"),
-                 ("write to blob dir", "MB/s (disk ceiling)", peer["raw_MBps"], None,
-                  peer.get("disk_MBps"), "ratio")]
+                 ("peer copy vs raw -> fs", "MB/s (raw: TCP written to the tmpfs)", peer.get("raw_file_MBps"),
+                  None, peer["peer_MBps"], "ratio")]
     if raw.get("spec_decode_tps"):
         rows.append(("speculative", "decode tok/s", raw["spec_decode_tps"], None,
                      hip.get("spec_decode_tps"), "ratio"))

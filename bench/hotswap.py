@@ -1,17 +1,19 @@
-"""Hot-swap A -> B through hippod vs mlx_lm.load(B) in-process, measured in the same run.
+"""Hot-swap A -> B + first token through hippod vs mlx_lm.load(B) + first token in-process, same run.
 
-    python bench/hotswap.py                 # tiny random llamas and SmolLM2-135M (4-bit)
-    python bench/hotswap.py --rounds 5
+    python bench/hotswap.py                                         # CPU: a tiny llama and SmolLM2-135M
+    python bench/hotswap.py --shape 1b-4bit --tokenizer DIR --rounds 3   # a GPU (random 1B, 4-bit)
+    python bench/hotswap.py --model DIR --skip-cold                 # an MLX model directory
 
-For each pair a real hippod gets a memory budget that holds one of the two models, so asking for
-B while A is loaded makes the scheduler evict A and start a runner for B: once with the warm
-spare runner (B goes into a process started ahead, MLX imported), once without. Timed per swap:
-  swap     the load-only request for B (empty prompt), from send to answer
-  runner   the runner's start as the loads table records it (spawn, imports, mlx_lm.load, ready)
-  evict    the rest: stopping A's runner, bookkeeping, HTTP
-and, in this process (mlx and mlx_lm already imported): mlx_lm.load(B) + evaluating its
-weights, what the runner does once it has started; and a fresh `python -c "mlx_lm.load(B)"`
-process, what any cold process pays (interpreter, imports, load).
+A and B are the same files under two names (each its own runner, its own load). A real hippod
+gets HIPPO_MAX_LOADED_MODELS=1, so asking for B while A is loaded evicts A and loads B: with the
+warm spare runner (each swap first waits until the spare says its warm-up is done, through
+/api/hippo/status), and, unless --skip-cold, without it. Timed per swap:
+  swap     a one-token request for B (raw prompt "hi"), from send to answer: eviction, load, first token
+  runner   the runner's start as the loads table records it (spawn or handoff, imports, load)
+  spare    whether B went into the spare's process (its pid)
+and, in this process, after one untimed load and token of A (so, like a swap, the kernels of the
+shape may already be compiled here): mlx_lm.load(B) + its first token; with --skip-cold left
+out, also a fresh `python -c` process doing the same, what any cold process pays.
 """
 
 from __future__ import annotations
@@ -27,111 +29,147 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hippod.registry.modelinfo import inspect_model_dir  # noqa: E402
-from hippod.scheduler import RUNNER_OVERHEAD, kv_cache_bytes  # noqa: E402
 from bench.daemon import Daemon  # noqa: E402
-from bench.models import make_tiny_llama, smollm2_mlx_dir  # noqa: E402
 
-NUM_CTX, NUM_PARALLEL = 2048, 4
-
-
-def estimate(model_dir: Path) -> int:
-    info = inspect_model_dir(model_dir)
-    ctx = min(NUM_CTX, info.context_length or NUM_CTX)
-    return info.weights_bytes + kv_cache_bytes(info.as_details(), ctx, NUM_PARALLEL) + RUNNER_OVERHEAD
+PROMPT = "hi"
+ONE_TOKEN = {"prompt": PROMPT, "raw": True, "stream": False, "options": {"num_predict": 1}}
 
 
-def through_hippod(a: Path, b: Path, rounds: int, home: Path, spare: bool) -> list[dict]:
-    """Swaps with the warm spare runner on (each swap waits until the spare is ready) or off."""
-    budget = int(max(estimate(a), estimate(b)) * 1.5)
-    env = {"HIPPO_MEMORY_BUDGET": str(budget), "HIPPO_NUM_CTX": str(NUM_CTX),
-           "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL), "HIPPO_SPARE_RUNNER": "1" if spare else "0"}
+def wait_warm_spare(d: Daemon, timeout: float = 900) -> dict:
+    """The spare's status once its warm-up is done; at once when there is none (no room for
+    it, or a start that failed: a load starts one before it answers), else at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, st = d.request("GET", "/api/hippo/status")
+        spare = st.get("spare") or {}
+        if spare.get("state") in ("warm", "none", "off", None) or time.monotonic() > deadline:
+            return spare
+        time.sleep(0.2)
+
+
+def through_hippod(model: Path, rounds: int, home: Path, spare: bool) -> list[dict]:
+    env = {"HIPPO_MAX_LOADED_MODELS": "1", "HIPPO_SPARE_RUNNER": "1" if spare else "0",
+           "HIPPO_NUM_PARALLEL": "4", "HIPPO_NUM_CTX": "2048"}
     swaps = []
     with Daemon(home, env=env) as d:
-        for name, path in (("a", a), ("b", b)):
-            status, body = d.request("POST", "/api/create", {"model": name, "from": str(path),
+        for name in ("a", "b"):
+            status, body = d.request("POST", "/api/create", {"model": name, "from": str(model),
                                                              "stream": False}, timeout=600)
             assert status == 200, body
-        status, body = d.request("POST", "/api/generate", {"model": "a", "prompt": ""})
+        status, body = d.request("POST", "/api/generate", {"model": "a", **ONE_TOKEN}, timeout=900)
         assert status == 200, body
         target = "b"
-        for i in range(rounds):
-            deadline = time.monotonic() + 120
-            while spare and d.log().count("spare runner ready") <= i and time.monotonic() < deadline:
-                time.sleep(0.1)
+        for _ in range(rounds):
+            ready = wait_warm_spare(d) if spare else {}
             t0 = time.perf_counter()
-            status, body = d.request("POST", "/api/generate", {"model": target, "prompt": ""},
-                                     timeout=600)
+            status, body = d.request("POST", "/api/generate", {"model": target, **ONE_TOKEN}, timeout=900)
             swap = time.perf_counter() - t0
-            assert status == 200 and body["done_reason"] == "load", body
+            assert status == 200 and body.get("eval_count") == 1, body
+            _, ps = d.request("GET", "/api/ps")
+            pid = next(m["hippo"]["pid"] for m in ps["models"] if m["name"].startswith(target))
             _, rows = d.request("GET", "/api/hippo/loads?limit=2")
             new, old = rows["loads"][0], rows["loads"][1]
             assert new["model"].startswith(target) and old["end_reason"] == "evicted", rows
             swaps.append({"swap": swap, "runner": new["load_seconds"],
-                          "evict": swap - new["load_seconds"]})
+                          "spare": bool(ready.get("pid")) and pid == ready.get("pid"),
+                          "spare_state": ready.get("state", "off"), "warm_s": ready.get("warm_seconds")})
             target = "a" if target == "b" else "b"
     return swaps
 
 
-def in_process(b: Path, rounds: int) -> list[float]:
+def in_process(model: Path, rounds: int) -> list[float]:
+    """mlx_lm.load + the first token, after one untimed load + token (A's)."""
     import gc
 
     import mlx.core as mx
-    from mlx_lm import load
+    from mlx_lm import generate, load
 
     times = []
-    for _ in range(rounds):
+    for i in range(rounds + 1):
         t0 = time.perf_counter()
-        model, _tok = load(str(b))
-        mx.eval(model.parameters())
-        times.append(time.perf_counter() - t0)
-        del model, _tok
+        m, tok = load(str(model))
+        generate(m, tok, PROMPT, max_tokens=1)
+        if i:
+            times.append(time.perf_counter() - t0)
+        del m, tok
         gc.collect()
         mx.clear_cache()
     return times
 
 
-def cold_process(b: Path, rounds: int) -> list[float]:
-    code = ("import mlx.core as mx; from mlx_lm import load; "
-            f"m, t = load({str(b)!r}); mx.eval(m.parameters())")
+def cold_process(model: Path, rounds: int) -> list[float]:
+    code = ("import sys; from mlx_lm import load, generate; m, t = load(sys.argv[1]); "
+            f"generate(m, t, {PROMPT!r}, max_tokens=1)")
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-c", code, str(model)], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - t0)
     return times
 
 
+def models(args, tmp: Path) -> dict[str, Path]:
+    if args.model:
+        return {args.model.name: args.model}
+    if args.shape:
+        from bench.bench import make_model
+        from bench.models import smollm2_mlx_dir
+
+        tokenizer = args.tokenizer or smollm2_mlx_dir()
+        return {s: make_model(s, args.work / s, tokenizer) for s in args.shape}
+    from bench.models import make_tiny_llama, smollm2_mlx_dir
+
+    return {"tiny (6 MB fp16)": make_tiny_llama(tmp / "tiny", seed=1),
+            "SmolLM2-135M 4-bit (98 MB)": smollm2_mlx_dir()}
+
+
 def main() -> int:
+    from bench.bench import SHAPES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", action="append", choices=sorted(SHAPES),
+                    help="a random-weight llama of this shape (bench/bench.py's shapes)")
+    ap.add_argument("--tokenizer", type=Path, help="dir with tokenizer.json for --shape (default: SmolLM2's)")
+    ap.add_argument("--model", type=Path, help="an MLX model directory to swap")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-cold", action="store_true",
+                    help="leave out the swaps without a spare and the fresh-process runs")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hippo-bench")
     args = ap.parse_args()
     med = statistics.median
+    results = []
     with tempfile.TemporaryDirectory(prefix="hippo-hotswap-") as tmp:
         tmp = Path(tmp)
-        smol = smollm2_mlx_dir()
-        pairs = {
-            "tiny (6 MB fp16)": (make_tiny_llama(tmp / "tiny-a", seed=1),
-                                 make_tiny_llama(tmp / "tiny-b", seed=2)),
-            # B is the same SmolLM2 files under another name: its own runner, its own load.
-            "SmolLM2-135M 4-bit (98 MB)": (smol, smol),
-        }
-        rows = []
-        for label, (a, b) in pairs.items():
-            warm_swaps = through_hippod(a, b, args.rounds, tmp / f"home-{len(rows)}", spare=True)
-            swaps = through_hippod(a, b, args.rounds, tmp / f"home-{len(rows)}-cold", spare=False)
-            rows.append((label, warm_swaps, swaps, in_process(b, args.rounds),
-                         cold_process(b, args.rounds)))
-    print(f"\nhot-swap A -> B, median of {args.rounds} (Python {sys.version.split()[0]}, "
-          f"{sys.platform})\n")
-    print("| model | swap, warm spare | swap, no spare | runner start (no spare) | evict + rest "
-          "| mlx_lm.load(B) in-process | fresh python + mlx_lm.load(B) | spare swap / in-process |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, warm_swaps, swaps, warm, cold in rows:
-        fast, swap = med(s["swap"] for s in warm_swaps), med(s["swap"] for s in swaps)
-        print(f"| {label} | {fast:.2f} s | {swap:.2f} s | {med(s['runner'] for s in swaps):.2f} s | "
-              f"{med(s['evict'] for s in swaps):.2f} s | {med(warm):.3f} s | {med(cold):.2f} s | "
-              f"{fast / med(warm):.1f}x |")
+        for i, (label, model) in enumerate(models(args, tmp).items()):
+            print(f"[{label}] hippod with the spare ...", flush=True)
+            warm = through_hippod(model, args.rounds, tmp / f"home-{i}", spare=True)
+            cold = [] if args.skip_cold else through_hippod(model, args.rounds, tmp / f"home-{i}-cold", spare=False)
+            print(f"[{label}] in-process mlx_lm ...", flush=True)
+            raw = in_process(model, args.rounds)
+            fresh = [] if args.skip_cold else cold_process(model, args.rounds)
+            results.append((label, warm, cold, raw, fresh))
+    import mlx.core as mx
+
+    print(f"\nhot swap A -> B + first token, {args.rounds} rounds, device {mx.default_device()} "
+          f"(Python {sys.version.split()[0]}, {sys.platform}); target: swap <= 1.5x in-process\n")
+    print("| model | round | swap, spare on | spare used | spare state before | runner start | "
+          "in-process load + token | swap / in-process |")
+    print("|---|---:|---:|---|---|---:|---:|---:|")
+    for label, warm, _, raw, _ in results:
+        for r, (s, t) in enumerate(zip(warm, raw), 1):
+            print(f"| {label} | {r} | {s['swap']:.2f} s | {'yes' if s['spare'] else 'no'} | "
+                  f"{s['spare_state']} | {s['runner']:.2f} s | {t:.3f} s | {s['swap'] / t:.2f}x |")
+    print("\n| model | swap, spare (median) | swap, no spare | in-process load + token | "
+          "fresh python + load + token | spare swap / in-process | spare used |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for label, warm, cold, raw, fresh in results:
+        fast = med(s["swap"] for s in warm)
+        slow = f"{med(s['swap'] for s in cold):.2f} s" if cold else "-"
+        fresh_s = f"{med(fresh):.2f} s" if fresh else "-"
+        used = sum(s["spare"] for s in warm)
+        print(f"| {label} | {fast:.2f} s | {slow} | {med(raw):.3f} s | {fresh_s} | "
+              f"{fast / med(raw):.2f}x | {used}/{len(warm)} |")
     return 0
 
 

@@ -160,10 +160,11 @@ def shaped(ns: str, ifname: str, rate: str) -> Iterator[None]:
                        capture_output=True)
 
 
-def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path) -> tuple[int, float]:
+def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path, sink=None) -> tuple[int, float]:
     """Send a file over one TCP connection from `sender_ns` (listening on `address`) to
-    `receiver_ns` (sendfile -> recv, no disk, no hash): the link's own speed, for comparison.
-    Returns (bytes, seconds at the receiver)."""
+    `receiver_ns` (sendfile -> recv, no hash): the link's own speed, for comparison. The receiver
+    drops the bytes, or with `sink` (a path) writes each buffer to that file, as a copy must
+    (the file is removed after). Returns (bytes, seconds at the receiver)."""
     import socket
 
     with socket.socket() as probe:  # a free port; inside a fresh namespace every port is
@@ -187,13 +188,21 @@ def raw_tcp(sender_ns: str, address: str, receiver_ns: str, path) -> tuple[int, 
         raise RuntimeError("the raw TCP sender did not start")
 
     def receive():
-        buf = bytearray(1 << 20)
+        view = memoryview(bytearray(4 << 20))
         n = 0
-        with socket.create_connection((address, port), timeout=30) as s:
-            start = time.perf_counter()
-            while got := s.recv_into(buf):
-                n += got
-            return n, time.perf_counter() - start
+        fd = os.open(sink, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if sink else -1
+        try:
+            with socket.create_connection((address, port), timeout=30) as s:
+                start = time.perf_counter()
+                while got := s.recv_into(view):
+                    if fd >= 0:
+                        os.write(fd, view[:got])
+                    n += got
+                return n, time.perf_counter() - start
+        finally:
+            if fd >= 0:
+                os.close(fd)
+                os.unlink(sink)
 
     n, seconds = in_netns(receiver_ns, receive)
     sender.join(30)

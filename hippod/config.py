@@ -66,7 +66,17 @@ class Settings:
     # Runner
     runner_python: str | None = None  # interpreter for runner processes; default: this one
     spare_runner: bool = True  # keep one warm runner process ready for the next load
+    spare_start_timeout: float = 120.0  # seconds for a spare to start; doubled after a timeout (to 600)
+    # The most a spare's warm-up model (one layer of the models used last) may hold
+    spare_warm_bytes: int = 1 * 2**30
     log_level: str = "info"
+
+    @property
+    def cache_root(self) -> Path:
+        """Downloads and compiled kernels kept across homes (cache_dir, default ~/.cache/hippo)."""
+        if self.cache_dir:
+            return Path(os.path.expanduser(self.cache_dir))
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hippo"
 
     @property
     def models_dir(self) -> Path:
@@ -122,7 +132,7 @@ def _coerce(name: str, typ: str, value: Any) -> Any:
     if value is None:
         return None
     try:
-        if name in ("memory_budget", "prompt_cache_bytes"):
+        if name in ("memory_budget", "prompt_cache_bytes", "spare_warm_bytes"):
             return parse_bytes(value)
         if name == "home":
             return Path(os.path.expanduser(str(value)))
@@ -226,6 +236,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         raise ConfigError(f"setting port: {s.port} is not a TCP port")
     if s.num_parallel < 1 or s.max_loaded_models < 1 or s.max_queue < 1:
         raise ConfigError("num_parallel, max_loaded_models and max_queue must be at least 1")
+    if s.spare_start_timeout <= 0 or s.spare_warm_bytes < 0:
+        raise ConfigError("spare_start_timeout must be positive and spare_warm_bytes not negative")
     if s.shutdown_grace < 0 or s.audit_retention_days < 0:
         raise ConfigError("shutdown_grace and audit_retention_days must not be negative")
     return s

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from hippod import __version__
 from hippod.config import ConfigError, Settings, is_loopback, load_settings
+from hippod.runner_process import kernel_cache_env
 
 log = logging.getLogger("hippo")
 
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings.ensure_dirs()
     setup_logging(settings)
+    for key, value in kernel_cache_env(settings.cache_root).items():  # for every runner started
+        os.environ.setdefault(key, value)
     try:
         asyncio.run(serve(settings, started))
     except KeyboardInterrupt:

@@ -147,9 +147,31 @@ class SpareReadyEvent:
     type: str = "spare"
 
 
+@dataclass
+class ForwardStart:
+    """First event of a generation a peer runs for another node's client: the model that
+    answers, as that peer names it, and how long the request waited for it there."""
+
+    model: str
+    digest: str
+    load_seconds: float = 0.0
+    type: str = "start"
+
+
+@dataclass
+class SpareWarmEvent:
+    """Printed by a spare runner when its kernel warm-up ran to the end (a handoff that stops
+    it earlier prints nothing): from then on a load into it finds its kernels compiled."""
+
+    steps: int
+    seconds: float
+    type: str = "spare_warm"
+
+
 _REQUESTS = {"generate": GenerateRequest, "embed": EmbedRequest, "info": InfoRequest}
 _EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorEvent, "embeddings": EmbedResult,
-           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent}
+           "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent, "start": ForwardStart,
+           "spare_warm": SpareWarmEvent}
 
 
 def encode(message: Any) -> bytes:
@@ -313,3 +335,106 @@ def split_body(record) -> dict:
             continue
         out[name] = value.json() if isinstance(value, LayerRange) else value
     return out
+
+
+# -- forwarded generations: a peer runs a request for another node's client --------------------
+# The body of /api/hippo/peer/forward is a ForwardRequest; the answer is NDJSON ForwardFrames,
+# each carrying one event above (start, token, done or error) and an HMAC (cluster/forward.py).
+
+
+FORWARD_PATH = "/api/hippo/peer/forward"
+
+
+@dataclass
+class ForwardRequest:
+    """Node -> peer: run this generation (the client's request before any model defaults: the
+    peer applies its own) and stream its events back."""
+
+    model: str
+    request: GenerateRequest
+    keep_alive: str | int | float | None = None
+
+
+@dataclass
+class ForwardFrame:
+    """One line of a forwarded answer: `data` is one encoded event, `seq` its place in the
+    stream (0 first), `mac` the sender's HMAC over (request nonce, seq, data)."""
+
+    seq: int
+    data: str
+    mac: str
+
+
+# GenerateRequest field -> the JSON types it may hold (None always allowed unless listed).
+_GENERATE_FIELDS: dict[str, tuple] = {
+    "prompt": (str,), "messages": (list,), "system": (str,), "raw": (bool,), "tools": (list,),
+    "tool_choice": (str, dict), "options": (dict,), "grammar": (dict,), "logprobs": (int,),
+    "think": (bool, str),
+}
+
+
+def _message(m: Any) -> bool:
+    """A chat message as the API layer leaves it: text fields, and the calls of earlier turns."""
+    return (isinstance(m, dict) and isinstance(m.get("role"), str)
+            and all(isinstance(v, str) or (k == "tool_calls" and isinstance(v, list)
+                                           and all(isinstance(c, dict) for c in v)) for k, v in m.items()))
+
+
+def _generate_request(body: Any) -> GenerateRequest:
+    if not isinstance(body, dict):
+        raise SplitRecordError("request must be a JSON object", "request")
+    unknown = {k for k, v in body.items() if v is not None} - set(_GENERATE_FIELDS) - {"kind"}
+    if unknown:  # resume among them: replayed tokens are a split's own business
+        raise SplitRecordError(f"request has unknown field(s): {', '.join(sorted(unknown))}", "request")
+    values = {}
+    for name, types in _GENERATE_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (int in types and isinstance(value, bool)):
+            raise SplitRecordError(f"request.{name} has the wrong type", f"request.{name}")
+        if name == "messages" and not all(_message(m) for m in value):
+            raise SplitRecordError("request.messages must be objects with a role and text fields",
+                                   "request.messages")
+        if name == "grammar" and not (set(value) <= {"json_schema", "json_object"}
+                                      and isinstance(value.get("json_schema", {}), dict)
+                                      and isinstance(value.get("json_object", True), bool)):
+            raise SplitRecordError("request.grammar must be {json_schema: {...}} or {json_object: true}",
+                                   "request.grammar")
+        if name == "tool_choice" and not (value in ("auto", "none", "required") or (
+                isinstance(value, dict) and isinstance(value.get("function"), dict)
+                and isinstance(value["function"].get("name"), str))):
+            raise SplitRecordError("request.tool_choice must be auto, none, required or a named function",
+                                   "request.tool_choice")
+        values[name] = value
+    return GenerateRequest(**values)
+
+
+def decode_forward(body: Any) -> ForwardRequest:
+    """A ForwardRequest from a JSON body, its shape checked (the peer's API layer then checks
+    the options and tools as it does a client's)."""
+    if not isinstance(body, dict):
+        raise SplitRecordError("the body must be a JSON object")
+    model, keep_alive = body.get("model"), body.get("keep_alive")
+    if not (isinstance(model, str) and 0 < len(model) <= 300):
+        raise SplitRecordError("model must be a non-empty string", "model")
+    if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))):
+        raise SplitRecordError("keep_alive must be a duration", "keep_alive")
+    return ForwardRequest(model, _generate_request(body.get("request")), keep_alive)
+
+
+def forward_body(record: ForwardRequest) -> dict:
+    request = {k: v for k, v in vars(record.request).items() if v is not None and k != "kind"}
+    return {"model": record.model, "request": request, "keep_alive": record.keep_alive}
+
+
+def decode_frame(line: bytes) -> ForwardFrame:
+    """A ForwardFrame from one NDJSON line (its MAC is not checked here); ValueError if malformed."""
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError("a frame must be a JSON object")
+    seq, payload, mac = data.get("seq"), data.get("data"), data.get("mac")
+    if not (isinstance(seq, int) and not isinstance(seq, bool) and isinstance(payload, str)
+            and isinstance(mac, str) and len(mac) <= 128):
+        raise ValueError("a frame needs seq, data and mac")
+    return ForwardFrame(seq, payload, mac)

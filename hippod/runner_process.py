@@ -31,11 +31,25 @@ from hippod.protocol import (
     InfoResult,
     ReadyEvent,
     SpareReadyEvent,
+    SpareWarmEvent,
     decode_event,
     encode,
 )
 
 log = logging.getLogger("hippo.runner")
+
+
+def kernel_cache_env(cache_root: Path) -> dict[str, str]:
+    """Where runner processes keep the kernels they compile, one place for all of them (and
+    per MLX version): on CUDA a spare's compiled kernels are then the next runner's too."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mlx = version("mlx")
+    except PackageNotFoundError:
+        mlx = "unknown"
+    root = Path(cache_root) / "kernels"
+    return {"MLX_PTX_CACHE_DIR": str(root / f"mlx-{mlx}" / "ptx"), "CUDA_CACHE_PATH": str(root / "cuda")}
 
 
 class RunnerError(Exception):
@@ -71,6 +85,8 @@ class RunnerProcess:
         self._conns: set[asyncio.StreamWriter] = set()
         self._numbered = 0  # generate requests numbered for this runner (see protocol.GenerateRequest)
         self.stopping = False
+        self.warmed: SpareWarmEvent | None = None  # a spare whose kernel warm-up ran to the end
+        self._spare_watch: asyncio.Task | None = None
 
     @property
     def pid(self) -> int | None:
@@ -105,6 +121,7 @@ class RunnerProcess:
                 "--num-parallel", str(self.num_parallel), "--context-length", str(self.context_length),
                 *self.extra_args]
         if spare is not None and spare.alive and not self.extra_env:
+            await spare._stop_watching()
             self._adopt(spare)
             self.proc.stdin.write(json.dumps({"argv": argv}).encode() + b"\n")
         else:
@@ -146,9 +163,10 @@ class RunnerProcess:
         )
         self._watchers.append(asyncio.ensure_future(self._pump(self.proc.stderr)))
 
-    async def start_spare(self, timeout: float) -> SpareReadyEvent:
-        """Start a runner with no model (`--spare`); `start(spare=this)` later names the model."""
-        await self._spawn(["--spare"])
+    async def start_spare(self, timeout: float, args: list[str] = ()) -> SpareReadyEvent:
+        """Start a runner with no model (`--spare`, warm-up `args`); `start(spare=this)` later
+        names the model. Until then its stdout is read for the end of its warm-up."""
+        await self._spawn(["--spare", *args])
         try:
             event = await asyncio.wait_for(self._read_ready(), timeout)
         except BaseException:
@@ -158,7 +176,23 @@ class RunnerProcess:
             await self.kill()
             raise RunnerError("spare runner did not start: " + self.stderr_tail())
         self._watchers.append(asyncio.ensure_future(self._watch_exit()))
+        self._spare_watch = asyncio.ensure_future(self._watch_warm())
         return event
+
+    async def _watch_warm(self) -> None:
+        while True:
+            event = await self._read_ready((SpareWarmEvent,))
+            if event is None:
+                return
+            self.warmed = event
+
+    async def _stop_watching(self) -> None:
+        """Stop reading a spare's stdout, so the load that adopts it reads its ready line."""
+        task, self._spare_watch = self._spare_watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def _adopt(self, spare: RunnerProcess) -> None:
         """Take over the spare's process, its stderr pump and what it said so far."""
@@ -166,8 +200,9 @@ class RunnerProcess:
         self._watchers, spare._watchers = spare._watchers, []
         self._stderr_tail = spare._stderr_tail
 
-    async def _read_ready(self) -> ReadyEvent | SpareReadyEvent | ErrorEvent | None:
-        """The first protocol line on stdout; other output (a library's print) goes to the log."""
+    async def _read_ready(self, kinds: tuple = (ReadyEvent, SpareReadyEvent, ErrorEvent)):
+        """The first protocol line of `kinds` on stdout (None at its end); other output (a
+        library's print, a spare's warm-up line) goes to the log."""
         while True:
             try:
                 line = await self.proc.stdout.readline()
@@ -180,7 +215,7 @@ class RunnerProcess:
             except (ValueError, KeyError, TypeError):
                 self._log_line(line)
                 continue
-            if isinstance(event, (ReadyEvent, SpareReadyEvent, ErrorEvent)):
+            if isinstance(event, kinds):
                 return event
             self._log_line(line)
 

@@ -82,6 +82,14 @@ class Plan:
         return [s.node for s in self.shares]
 
 
+@dataclass(frozen=True)
+class Forward:
+    """A request for a model this node lacks and can run neither alone nor split: a trusted
+    peer that holds it (and can run it) answers instead, streaming back over the peer API."""
+
+    peer: str  # the peer's node name
+
+
 # A runner that lost a node asks the scheduler for its successor: the scheduler re-plans the
 # model without those nodes (evicting idle models here if that lets it fit) and answers with a
 # started runner, which it has registered in the old one's place.

@@ -22,8 +22,9 @@ import platform
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import AsyncIterator, Callable, Protocol
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import psutil
 
@@ -32,7 +33,7 @@ from hippod.config import Settings, fmt_bytes
 from hippod.durations import FOREVER, parse_keep_alive  # noqa: F401  (re-exported)
 from hippod.registry.registry import Registry, RegistryError
 from hippod.runner_process import RunnerProcess
-from hippod.runners import OnLost, Plan, Runner, RunnerFactory
+from hippod.runners import Forward, OnLost, Plan, Runner, RunnerFactory
 from hippod.spare import SparePool
 from hippod.store.database import Store
 from hippod.store.records import ModelRecord
@@ -44,6 +45,7 @@ log = logging.getLogger("hippo.scheduler")
 # safetensors bytes was 135 MiB right after load and 140 MiB after generating, for a 6 MB random
 # llama and for SmolLM2-135M 4-bit alike; rounded up to leave a little headroom.
 RUNNER_OVERHEAD = 150 * 2**20
+WARM_HINTS = 4  # model dirs a spare warms kernels for, the last used first
 # Ollama turns keep_alive < 0 into the longest Go duration (2^63 ns, ~292 years): /api/ps shows
 # that far-future time, and so do we.
 LONGEST_KEEP_ALIVE = timedelta(microseconds=2**63 // 1000)
@@ -173,6 +175,13 @@ class Placer(Protocol):
     async def fetch(self, name: str) -> ModelRecord | None:
         """Copy a model this node lacks from a trusted peer that has it; None if none has."""
 
+    async def locate(self, name: str, num_ctx: int | None) -> ModelRecord | Forward | None:
+        """A model this node lacks: copied (as `fetch`) when it fits here or as a split, else a
+        trusted peer that holds it and can run it; None if no peer has it."""
+
+    def forward(self, target: Forward, model: str, request, keep_alive) -> AsyncIterator[object]:
+        """The events of the generation `target` runs for us: a ForwardStart, then as a runner's."""
+
     async def plan(self, rec: ModelRecord, ctx: int, local_free: int, *,
                    forced: list[str] | None = None, refusal: NotEnoughMemory | None = None,
                    exclude: frozenset[str] = frozenset()) -> Plan: ...
@@ -200,7 +209,10 @@ class Scheduler:
         self.hosts: list[Callable[[], int]] = []  # bytes of other things run for peers (drafts)
         self.drafts = None  # where models' drafts run (cluster.remote_drafts), when clustered
         self.spares = SparePool(settings.run_dir, settings.logs_dir / "runners.log",
-                                python=settings.runner_python, enabled=settings.spare_runner)
+                                python=settings.runner_python, enabled=settings.spare_runner,
+                                start_timeout=settings.spare_start_timeout,
+                                warm_max_bytes=settings.spare_warm_bytes)
+        self.recent: deque[Path] = deque(maxlen=WARM_HINTS)  # model dirs loaded or unloaded last
 
     @property
     def active(self) -> int:
@@ -299,9 +311,34 @@ class Scheduler:
             rec = await self.placer.fetch(self.registry.normalize(name))
             if rec is None:
                 raise
-            peer = rec.source.removeprefix("peer:") if rec.source.startswith("peer:") else "a peer"
-            audit.note_model_source(f"copied from peer {peer}")
+            audit.note_model_source(f"copied from peer {_peer_of(rec)}")
             return rec
+
+    async def where(self, name: str, num_ctx: int | None = None, *, forward: bool = True
+                    ) -> ModelRecord | Forward:
+        """Where a request for `name` is served: here (its record; a model that only a trusted
+        peer holds is copied first when it fits here or as a split), or, when neither fits, on a
+        trusted peer that holds it and can run it (`forward` False: never; a forwarded request
+        is not forwarded again)."""
+        if not forward or self.placer is None:
+            return await self.record(name)
+        try:
+            return self.registry.get(name)
+        except RegistryError as e:
+            if e.status != 404:
+                raise
+            found = await self.placer.locate(self.registry.normalize(name), num_ctx)
+            if found is None:
+                raise
+        if isinstance(found, Forward):
+            audit.note_model_source(f"forwarded to {found.peer}")
+        else:
+            audit.note_model_source(f"copied from peer {_peer_of(found)}")
+        return found
+
+    def forward(self, target: Forward, model: str, request, keep_alive) -> AsyncIterator[object]:
+        assert self.placer is not None
+        return self.placer.forward(target, model, request, keep_alive)
 
     async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
         rec = await self.record(name)
@@ -566,6 +603,8 @@ class Scheduler:
             return
         async with self._load_lock:
             while need > self.available():
+                if await self.spares.discard(f"to make room for {label}"):
+                    continue  # the spare (and its warm-up allowance) goes before any model
                 idle = [m for m in self.loaded.values()
                         if not m.pinned and m.refs == 0 and m.replacing is None and not m.unloading]
                 if not idle:
@@ -627,7 +666,8 @@ class Scheduler:
                    keep_alive=keep, asked_context=plan.num_ctx, measured=measured)
         self.loaded[rec.name] = m
         self._spawn(self._watch(m))
-        self.spares.refill(self.available())
+        self._used(rec)
+        self.spares.refill(self.available(), list(self.recent))
         log.info("loaded %s in %.2fs (pid %s, counted %s)", rec.name, seconds, runner.pid,
                  fmt_bytes(m.size))
         return m
@@ -688,6 +728,16 @@ class Scheduler:
             m.replacing = None
             self._notify()
 
+    def _used(self, rec: ModelRecord) -> None:
+        """`rec` was loaded or unloaded just now: the next spare warms for it first."""
+        try:
+            path = self.registry.model_dir(rec)
+        except Exception:  # a model whose files are gone: nothing to warm for
+            return
+        if path in self.recent:
+            self.recent.remove(path)
+        self.recent.appendleft(path)
+
     # -- unloading --------------------------------------------------------------------------
 
     async def unload(self, name: str, reason: str) -> bool:
@@ -699,6 +749,7 @@ class Scheduler:
         if m.expiry:
             m.expiry.cancel()
             m.expiry = None
+        self._used(m.record)
         self._stopping.add(m)
         try:
             # Shielded: a caller that goes away must not leave a half-stopped runner behind.
@@ -765,6 +816,10 @@ class Scheduler:
 
 class _StillBusy(Exception):
     """The model to evict kept serving requests past busy_wait."""
+
+
+def _peer_of(rec: ModelRecord) -> str:
+    return rec.source.removeprefix("peer:") if rec.source.startswith("peer:") else "a peer"
 
 
 def _weights(rec: ModelRecord) -> int:

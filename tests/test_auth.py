@@ -16,6 +16,7 @@ import pytest
 from hippod.api import ui
 from hippod.api.app import build_app
 from hippod.config import load_settings
+from hippod.protocol import FORWARD_PATH
 from hippod.registry.registry import Registry
 from hippod.scheduler import Scheduler
 from hippod.api import ui
@@ -93,6 +94,7 @@ def keyed(tmp_path_factory):
 def test_every_route_wants_the_key_and_passes_with_it(keyed, tmp_path):
     routes = app_routes(tmp_path) + [("GET", "/no/such/route"), ("POST", "/api/hippo/peer/nowhere")]
     assert len(routes) > 25 and ("GET", "/metrics") in routes and ("HEAD", "/") in routes
+    assert ("POST", FORWARD_PATH) in routes  # a forwarded request: the key, then the cluster's HMAC
     # the chat page's static HTML is public (it holds no data; it asks for the key itself)
     public = [(m, p) for m, p in routes if m in ("GET", "HEAD") and p in ui.PATHS]
     assert public and all(call(keyed.url, m, p)[0] == 200 for m, p in public)

@@ -823,6 +823,29 @@ def test_stand_in_share_for_a_peer_evicts_only_idle_models(tmp_path):
     asyncio.run(scenario())
 
 
+def test_stand_in_share_for_a_peer_evicts_the_least_recently_used_and_never_a_pinned_model(tmp_path):
+    async def scenario():
+        size = 100 * MiB + overhead()
+        sizes = {"old": 100 * MiB, "pin": 100 * MiB, "new": 100 * MiB}
+        async with stand_in_scheduler(tmp_path, sizes, 3 * size + MiB) as sched:
+            async with sched.lease("pin", keep_alive=-1):
+                pass
+            for name in ("old", "new"):
+                async with sched.lease(name):
+                    pass
+            # "pin" was used first of all, but pinned: the least recently used idle one goes.
+            await sched.make_room_for_share("layers 0-9 of 'x'", size)
+            assert sorted(sched.loaded) == ["new:latest", "pin:latest"]
+            await sched.make_room_for_share("layers 0-9 of 'x'", 2 * size)
+            assert list(sched.loaded) == ["pin:latest"]
+            with pytest.raises(Exception) as e:
+                await sched.make_room_for_share("layers 0-9 of 'x'", 3 * size)
+            assert e.value.status == 507 and "busy or pinned" in str(e.value)
+            assert list(sched.loaded) == ["pin:latest"]
+
+    asyncio.run(scenario())
+
+
 def test_stand_in_runner_that_ends_on_its_own_is_recorded_with_its_reason(tmp_path):
     """A runner that exits while idle is gone from `loaded`, and its load row says why: a split
     that lost a node says "node lost" (SplitRunner.end_reason), a lone process "crashed"."""

@@ -2,7 +2,9 @@
 
 After a load a spare runner starts; the next load hands it the model (the runner's pid is the
 spare's) and another spare starts. The guard counts the spare: it never makes a load evict a
-model (its memory is the next load's own), and no spare starts when the budget has no room. (How much faster a warm load is: bench/hotswap.py.)
+model (its memory is the next load's own), and no spare starts when the budget has no room. A
+spare that outruns its start timeout is started again with twice the time. (How much faster a
+warm load is: bench/hotswap.py.)
 """
 
 from __future__ import annotations
@@ -119,5 +121,37 @@ def test_the_spare_never_costs_a_model_its_place_nor_starts_without_room(tmp_pat
         time.sleep(2)  # a new spare would be spawned right after the load
         assert spare_pids(d) == []  # what is left of the budget holds no spare
         assert ready_spares(d) == [spare]
+    finally:
+        d.stop()
+
+
+def test_a_spare_that_outruns_its_start_timeout_is_tried_again_with_twice_the_time(tmp_path, models):
+    d = _start(tmp_path / "h", 8 * 2**30, models, HIPPO_SPARE_START_TIMEOUT="0.5")
+    try:
+        load(d, "a")
+        wait_for(lambda: ready_spares(d), timeout=120)
+        log = d.log_path.read_text()
+        assert "spare runner did not start within 0.5 s; trying again with 1.0 s" in log
+        assert "spare runner did not start: \n" not in log and "did not start: (no" not in log
+        assert len(spare_pids(d)) == 1  # the runs that timed out left no process
+    finally:
+        d.stop()
+
+
+def test_the_status_shows_the_spare_and_its_warm_up(tmp_path, models):
+    d = _start(tmp_path / "h", 8 * 2**30, models, HIPPO_SPARE_WARM_BYTES="64MiB")
+    try:
+        _, st = d.request("GET", "/api/hippo/status")
+        assert st["spare"]["state"] == "none"  # nothing loaded yet: no spare
+        load(d, "a")
+        st = wait_for(lambda: (s := d.request("GET", "/api/hippo/status")[1])["spare"]["state"] == "warm" and s)
+        spare = st["spare"]
+        assert spare["pid"] in spare_pids(d) and spare["warm_steps"] > 0
+        assert spare["warm_max_bytes"] == 64 * 2**20  # the setting: the budget has far more room
+        argv = psutil.Process(spare["pid"]).cmdline()
+        assert argv[argv.index("--warm-max-bytes") + 1] == str(64 * 2**20)
+        # Until its warm-up was done the guard counted its allowance; now its measured memory.
+        assert 0 < spare["bytes"] < spare["warm_max_bytes"] + SPARE_ESTIMATE
+        assert st["memory_used"] >= spare["bytes"]
     finally:
         d.stop()

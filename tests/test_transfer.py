@@ -14,6 +14,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,6 +108,7 @@ class _StandIn(http.server.BaseHTTPRequestHandler):
     data: bytes = b""
     corrupt_at: int | None = None
     honour_range = True
+    slow_first = 0.0  # seconds the range at 0 waits, so the later ranges land first
 
     def do_GET(self):  # noqa: N802
         body, status = self.data, 200
@@ -116,6 +118,8 @@ class _StandIn(http.server.BaseHTTPRequestHandler):
             start = int(m.group(1))
             end = int(m.group(2)) + 1 if m.group(2) else len(body)
             body, status = body[start:end], 206
+        if start == 0 and self.slow_first:
+            time.sleep(self.slow_first)
         if self.corrupt_at is not None and start <= self.corrupt_at < start + len(body):
             i = self.corrupt_at - start
             body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
@@ -143,9 +147,16 @@ def stand_in(peer):
     server.server_close()
 
 
-def test_a_corrupted_range_is_refused_and_discarded(peer, stand_in, tmp_path, small_ranges):
+@pytest.mark.parametrize("where", ["first", "third, read back"])
+def test_a_corrupted_range_is_refused_and_discarded(peer, stand_in, tmp_path, small_ranges, where):
+    """The range at the hashed frontier is hashed from memory as it arrives; one that lands
+    ahead of it (the first range is held back) is read back from disk: a flipped byte in
+    either is caught."""
     handler, record = stand_in
-    handler.corrupt_at = peer.size * 5 // 8  # inside the third of four ranges
+    if where == "first":
+        handler.corrupt_at = peer.size // 16
+    else:
+        handler.corrupt_at, handler.slow_first = peer.size * 5 // 8, 0.5
     dest = tmp_path / f"sha256-{peer.sha}"
     with pytest.raises(TransferError, match="sha256 mismatch"):
         download_blob(peer.cluster, record, peer.sha, peer.size, dest, lambda *a: None, threading.Event())
@@ -161,3 +172,32 @@ def test_a_peer_that_ignores_range_is_copied_front_to_back(peer, stand_in, tmp_p
                          threading.Event()) == 0
     assert dest.read_bytes() == peer.blob.read_bytes()
     assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_ranges_that_land_out_of_order_hash_to_the_blob(peer, stand_in, tmp_path, small_ranges):
+    handler, record = stand_in
+    handler.slow_first = 0.5  # ranges 2-4 are on disk before range 1 starts: they are read back
+    dest = tmp_path / f"sha256-{peer.sha}"
+    assert download_blob(peer.cluster, record, peer.sha, peer.size, dest, lambda *a: None,
+                         threading.Event()) == 0
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == peer.sha
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_one_stream_per_blob_resumes_and_verifies(peer, tmp_path, small_ranges):
+    """A pull with many large blobs gives each one connection (parts=1): cut off, it keeps a
+    one-range plan and resumes from where it stopped."""
+    dest = tmp_path / f"sha256-{peer.sha}"
+    cancel = threading.Event()
+
+    def cut_at_half(done: int, total: int) -> None:
+        if done >= total // 2:
+            cancel.set()
+
+    with pytest.raises(TransferError, match="cancelled"):
+        download_blob(peer.cluster, peer.record, peer.sha, peer.size, dest, cut_at_half, cancel, parts=1)
+    (start, end, held), = _plan(dest, peer.sha)["ranges"]
+    assert (start, end) == (0, peer.size) and 0 < held < peer.size
+    assert download_blob(peer.cluster, peer.record, peer.sha, peer.size, dest, lambda *a: None,
+                         threading.Event(), parts=1) == held
+    assert dest.read_bytes() == peer.blob.read_bytes()

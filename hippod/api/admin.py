@@ -28,4 +28,5 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({
         "version": __version__, "node": scheduler.node, "memory_budget": scheduler.budget(),
         "memory_used": scheduler.used(), "guard": request.app["settings"].guard,
-        "loaded": sorted(scheduler.loaded), "pending_requests": scheduler.pending})
+        "loaded": sorted(scheduler.loaded), "pending_requests": scheduler.pending,
+        "spare": scheduler.spares.status()})

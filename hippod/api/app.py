@@ -10,6 +10,7 @@ from aiohttp import web
 from hippod import audit  # operations (issue 8)
 from hippod.api import admin, blobs, info, ollama, openai, responses, ui
 from hippod.api import cluster as cluster_routes, peer  # cluster (issue 5)
+from hippod.api import forward as forward_routes
 from hippod.api import remote_drafts as remote_draft_routes
 from hippod.api import splits as split_routes  # pipeline split (issue 6)
 from hippod.api import auth, metrics  # operations (issue 8)
@@ -54,5 +55,6 @@ def build_app(settings: Settings, store: Store, registry: Registry, scheduler: S
     app.add_routes(cluster_routes.routes)  # cluster (issue 5)
     app.add_routes(split_routes.routes)  # pipeline split (issue 6)
     app.add_routes(remote_draft_routes.routes)  # a model's draft on a peer
+    app.add_routes(forward_routes.routes)  # a peer's request for a model only we can run
     app.add_routes(metrics.routes)  # operations (issue 8): /metrics, /api/hippo/audit
     return app

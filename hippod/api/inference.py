@@ -2,6 +2,8 @@
 
 `start()` does everything that can fail with a clean HTTP status (unknown model, no memory,
 busy) before a handler commits to a 200 stream; errors after that become an error line.
+A model that only a trusted peer can run is forwarded there (cluster/forward.py): the events
+come from the peer instead of a lease, and the handlers cannot tell the difference.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from typing import AsyncIterator
 
 from hippod import audit
 from hippod.api import defaults
-from hippod.protocol import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, TokenEvent
+from hippod.protocol import DoneEvent, EmbedRequest, EmbedResult, ForwardStart, GenerateRequest, TokenEvent
+from hippod.runners import Forward
 from hippod.scheduler import Lease, Scheduler
 
 
 class Generation:
-    def __init__(self, scheduler: Scheduler, model: str, request: GenerateRequest, keep_alive=None):
+    def __init__(self, scheduler: Scheduler, model: str, request: GenerateRequest, keep_alive=None, *,
+                 forward: bool = True):
         self.scheduler = scheduler
+        self.forward = forward  # False for a request a peer forwarded to us: it goes no further
+        self.forwarded: ForwardStart | None = None  # a peer runs it: the model that answers there
         self.model = model
         self.request = request
         self.keep_alive = keep_alive
@@ -33,12 +39,24 @@ class Generation:
 
     @property
     def model_name(self) -> str:
+        if self.forwarded is not None:
+            return self.forwarded.model
         return self.lease.loaded.name if self.lease else self.model
+
+    @property
+    def digest(self) -> str:
+        """The weights' digest (OpenAI's system_fingerprint is made from it)."""
+        return self.forwarded.digest if self.forwarded is not None else self.lease.loaded.record.digest
 
     async def start(self) -> "Generation":
         try:
             registry = self.scheduler.registry
-            rec = await self.scheduler.record(self.model)  # copied from a trusted peer if only it has it
+            # Copied from a trusted peer if only it has it, or forwarded to one that can run it.
+            rec = await self.scheduler.where(self.model, self.request.options.get("num_ctx"),
+                                             forward=self.forward)
+            if isinstance(rec, Forward):
+                await self._start_forwarded(rec)
+                return self
             self.request = defaults.apply(self.request, rec, registry.model_dir(rec))
             num_ctx = self.request.options.get("num_ctx")
             draft_on = self.request.options.pop("draft_on", None)  # an option of the load, not the runner
@@ -57,6 +75,14 @@ class Generation:
             audit.note_generation(self)
             raise
         return self
+
+    async def _start_forwarded(self, target: Forward) -> None:
+        """The peer applies its own defaults to the request as the client sent it."""
+        self._events = self.scheduler.forward(target, self.model, self.request, self.keep_alive)
+        await self._stack.enter_async_context(contextlib.aclosing(self._events))
+        self.forwarded = await self._events.__anext__()  # forward.stream checks it is a ForwardStart
+        self._first = await self._events.__anext__()
+        self.first_event_at = time.perf_counter()
 
     async def _all_events(self):
         yield self._first
@@ -82,6 +108,8 @@ class Generation:
 
     @property
     def load_seconds(self) -> float:
+        if self.forwarded is not None:
+            return self.forwarded.load_seconds
         return self.lease.load_seconds if self.lease else 0.0
 
     @property

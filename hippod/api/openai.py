@@ -106,7 +106,7 @@ async def _respond(request: web.Request, gen: Generation, call: t.Call, *,
 
 def _envelope(gen: Generation, prefix: str, obj: str) -> t.Envelope:
     return t.Envelope(id=t.new_id(prefix), object=obj, model=gen.model_name,
-                      system_fingerprint=t.fingerprint(gen.lease.loaded.record))
+                      system_fingerprint=t.fingerprint(gen.digest))
 
 
 @routes.post("/v1/chat/completions")

@@ -287,9 +287,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def fingerprint(rec: ModelRecord) -> str:
+def fingerprint(digest: str) -> str:
     """Changes exactly when the weights or hippo change, which is what clients use it for."""
-    return "fp_" + hashlib.sha256(f"hippo {__version__} {rec.digest}".encode()).hexdigest()[:10]
+    return "fp_" + hashlib.sha256(f"hippo {__version__} {digest}".encode()).hexdigest()[:10]
 
 
 def finish_reason(done_reason: str) -> str:

@@ -7,7 +7,8 @@ before any handler runs. JSON answers are signed back, bound to the request's no
 The signature covers the body, so the body must be read to check it; a stranger must not be able
 to make us hold much memory doing that. So the headers are checked first (no secret here, a
 missing header, another addressee, a stale or pre-start time: 403 unread), then the declared
-size (413 unread), and only then is the body read: at most PEER_MAX_BODY bytes, by at most
+size (413 unread), and only then is the body read: at most PEER_MAX_BODY bytes (FORWARD_MAX_BODY
+for a forwarded client request, which may hold a long chat), by at most
 PEER_READS requests at a time, within PEER_READ_TIMEOUT.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import asdict
 
 from aiohttp import web
@@ -22,13 +24,16 @@ from aiohttp import web
 from hippod.api.errors import BadRequest, error_middleware, error_response, read_json
 from hippod.cluster import trust
 from hippod.cluster.peers import NodeInfo
+from hippod.protocol import FORWARD_PATH
 
 log = logging.getLogger("hippo.api.peer")
 PREFIX = "/api/hippo/peer/"
 PEER_MAX_BODY = 1 << 20  # the largest peer message (a hello listing many models) is far smaller
-PEER_READS = 16  # bodies read before their signature is checked, at once: <= 16 MiB in memory
+FORWARD_MAX_BODY = 4 << 20  # a forwarded client request (long chats): 16 reads hold <= 64 MiB
+PEER_READS = 16  # bodies read before their signature is checked, at once
 PEER_READ_TIMEOUT = 30.0  # seconds a body may take to arrive
 PEER_SLOT_WAIT = 10.0  # seconds a request waits for a reading slot before a 503
+BYTE_RANGE = re.compile(r"bytes=(?:(\d{1,19})-(\d{0,19})|-(\d{1,19}))")  # one range, as copies ask
 
 routes = web.RouteTableDef()
 
@@ -49,7 +54,8 @@ async def peer_auth_middleware(request: web.Request, handler):
         cluster.keyring.precheck(request.headers)
     except trust.TrustError as e:
         return _refused(request, e)
-    limit = min(PEER_MAX_BODY, request.app["settings"].max_body_bytes)
+    cap = FORWARD_MAX_BODY if request.path == FORWARD_PATH else PEER_MAX_BODY
+    limit = min(cap, request.app["settings"].max_body_bytes)
     if request.content_length is not None and request.content_length > limit:
         return _too_large(request, limit)
     request, body = await _read_capped(request, limit)
@@ -139,5 +145,22 @@ async def blob(request: web.Request) -> web.StreamResponse:
     path = registry.blob_path(sha256)
     if registry.store.get_blob(sha256) is None or not path.is_file():
         raise BadRequest(f"no blob sha256-{sha256} here", status=404)
+    wanted = request.headers.get("Range")
+    if wanted is not None and not _satisfiable(wanted, path.stat().st_size):
+        resp = error_response(request, 416, f"range {wanted[:80]!r} is not one satisfiable byte range")
+        resp.headers["Content-Range"] = f"bytes */{path.stat().st_size}"
+        return resp
     # sendfile(2) where the platform has it; 4 MB reads where it does not.
     return web.FileResponse(path, chunk_size=4 << 20, headers={"Content-Type": "application/octet-stream"})
+
+
+def _satisfiable(header: str, size: int) -> bool:
+    """One byte range that overlaps the blob (what aiohttp would otherwise take loosely: "-0"
+    is not the whole file)."""
+    m = BYTE_RANGE.fullmatch(header)
+    if m is None:
+        return False
+    if m[3] is not None:
+        return int(m[3]) > 0 and size > 0
+    start = int(m[1])
+    return start < size and (not m[2] or int(m[2]) >= start)

@@ -39,7 +39,7 @@ from typing import AsyncIterator
 import aiohttp
 
 from hippod import paths
-from hippod.cluster import planner, trust
+from hippod.cluster import forward, planner, trust
 from hippod.cluster.peers import peer_url
 from hippod.registry.modelinfo import read_safetensors_header
 from hippod.protocol import (
@@ -55,7 +55,7 @@ from hippod.protocol import (
     split_body,
 )
 from hippod.runner_process import RunnerError, RunnerProcess
-from hippod.runners import OnLost, Plan, Runner, RunnerFactory
+from hippod.runners import Forward, OnLost, Plan, Runner, RunnerFactory
 from hippod.scheduler import (RUNNER_OVERHEAD, NotEnoughMemory, SchedulerError, fmt_bytes, kv_cache_bytes,
                               prompt_cache_bytes)
 from hippod.store.records import ModelRecord, PeerRecord
@@ -470,6 +470,14 @@ class Splits:
             log.info("%s was not here: copied it from a trusted peer (%s) to serve a request", name, rec.source)
         return rec
 
+    async def locate(self, name: str, num_ctx: int | None) -> ModelRecord | Forward | None:
+        return await forward.locate(self, name, num_ctx)
+
+    def forward(self, target: Forward, model: str, request: GenerateRequest, keep_alive) -> AsyncIterator[object]:
+        assert self.session is not None
+        return forward.stream(self.cluster, self.session, target, model, request, keep_alive,
+                              read_timeout=self.settings.load_timeout + 60)
+
     def hosted_bytes(self) -> int:
         return sum(h.bytes for h in self.hosted.values())
 
@@ -516,7 +524,8 @@ class Splits:
             await self.call(m.peer, m.address, "POST", PEER_PREFIX + "stop",
                             split_body(SplitRef(split_id)), STOP_TIMEOUT)
 
-    async def _budget(self, peer: PeerRecord) -> tuple[PeerRecord, int, str] | None:
+    async def budget_of(self, peer: PeerRecord) -> tuple[PeerRecord, int, str, dict] | None:
+        """(peer, bytes its guard can give now, the address that answered, its whole answer)."""
         try:
             status, body = await self.call(peer, None, "POST", PEER_PREFIX + "budget", {},
                                            BUDGET_TIMEOUT)
@@ -526,7 +535,7 @@ class Splits:
         if status != 200 or not isinstance(body.get("available"), int):
             log.info("peer %s answered %s to a budget question: %s", peer.name, status, body)
             return None
-        return peer, body["available"], body["_address"]
+        return peer, body["available"], body["_address"], body
 
     # -- coordinator: planning and starting a split ------------------------------------
 
@@ -556,7 +565,7 @@ class Splits:
         if not peers:
             assert refusal is not None
             raise refusal
-        answers = await asyncio.gather(*(self._budget(p) for p in peers))
+        answers = await asyncio.gather(*(self.budget_of(p) for p in peers))
         if forced and any(a is None for a in answers):
             missing = [p.name for p, a in zip(peers, answers) if a is None]
             raise SplitError(f"cannot split '{rec.name}': peer(s) {', '.join(missing)} did not answer", 503)
@@ -567,7 +576,7 @@ class Splits:
         parallel = self.settings.num_parallel
         parts = model_parts(self.registry.model_dir(rec), rec.details or {}, ctx, parallel)
         local = planner.Node(self.cluster.name, local_free)
-        nodes = [planner.Node(p.name, free) for p, free, _ in offers]
+        nodes = [planner.Node(p.name, free) for p, free, _, _ in offers]
         label = f"model '{rec.name}'"
         try:
             if forced:
@@ -578,7 +587,7 @@ class Splits:
             raise NotEnoughMemory(str(e), e.needed, e.available) from None
         if len(shares) == 1:  # cannot happen after a refusal, but a forced list may name only us
             raise refusal or SplitError(f"'{rec.name}' needs no split", 400)
-        addresses = tuple((p.name, addr) for p, _, addr in offers if p.name in {s.node for s in shares})
+        addresses = tuple((p.name, addr) for p, _, addr, _ in offers if p.name in {s.node for s in shares})
         # Rank 0's prompt cache holds its own layers' KV; every other rank keeps the same entries.
         cache = prompt_cache_bytes(self.settings.prompt_cache_bytes, rec.details or {}, ctx, parallel)
         return Plan(rec, ctx, parallel, shares[0].bytes, ("--prompt-cache-bytes", str(cache)),
@@ -666,7 +675,7 @@ class Splits:
 
     def budget(self) -> dict:
         return {"available": self.scheduler.available(), "budget": self.scheduler.budget(),
-                "node": self.cluster.name}
+                "node": self.cluster.name, "loaded": sorted(self.scheduler.loaded)}
 
     async def prepare(self, sender: str, body: SplitPrepare, local_address: str, remote: str) -> dict:
         """Make room (evicting our own idle models, never pinned or busy ones), get the files,

@@ -38,7 +38,7 @@ MANIFEST_PATH = "/api/hippo/peer/manifest"
 BLOB_PATH = "/api/hippo/peer/blobs/sha256-{}"
 CHUNK = 4 << 20  # receive and hash buffer
 PROGRESS_EVERY = 4 << 20  # bytes between progress events
-PARALLEL = 4  # connections per blob (ranges of one blob), and blobs copied at once
+PARALLEL = 4  # blobs copied at once, and connections a pull spreads over its large blobs
 MIN_RANGE = 16 << 20  # a blob is split into ranges no smaller than this
 SAVE_EVERY = 16 << 20  # bytes a range moves between saves of its progress
 IO_TIMEOUT = 30.0  # seconds without a byte before a copy is given up (and can be resumed)
@@ -122,7 +122,7 @@ class _Plan:
         self.hexdigest: str | None = None  # set once every byte is on disk and hashed
 
     @classmethod
-    def read(cls, partial: Path, size: int) -> _Plan | None:
+    def read(cls, partial: Path, size: int, parts: int = PARALLEL) -> _Plan | None:
         """What an earlier copy left, as a plan; None when it cannot be trusted."""
         path = partial.with_name(partial.name + ".ranges")
         if path.exists():
@@ -138,17 +138,17 @@ class _Plan:
         if held > size:
             return None
         plan = cls(path, size, [[0, held, held]] if held else [])
-        plan.ranges += [[a, b, a] for a, b in _split(held, size)]
+        plan.ranges += [[a, b, a] for a, b in _split(held, size, parts)]
         return plan
 
     @classmethod
-    def load(cls, partial: Path, size: int) -> _Plan:
+    def load(cls, partial: Path, size: int, parts: int) -> _Plan:
         """The plan to continue with; what cannot be trusted is deleted and the copy starts over."""
-        plan = cls.read(partial, size)
+        plan = cls.read(partial, size, parts)
         if plan is None:
             partial.unlink(missing_ok=True)
             partial.with_name(partial.name + ".ranges").unlink(missing_ok=True)
-            plan = cls.read(partial, size)
+            plan = cls.read(partial, size, parts)
         return plan
 
     def save(self) -> None:
@@ -188,27 +188,45 @@ def _covers(ranges: list[list[int]], size: int) -> bool:
     return at == size
 
 
-def _split(start: int, size: int) -> list[tuple[int, int]]:
-    """[start, size) in up to PARALLEL ranges of at least MIN_RANGE bytes."""
+def _split(start: int, size: int, parts: int) -> list[tuple[int, int]]:
+    """[start, size) in up to `parts` ranges of at least MIN_RANGE bytes."""
     left = size - start
     if left <= 0:
         return []
-    n = max(1, min(PARALLEL, left // MIN_RANGE))
+    n = max(1, min(parts, left // MIN_RANGE))
     step = -(-left // n)
     return [(a, min(a + step, size)) for a in range(start, size, step)]
 
 
 class _Hasher(threading.Thread):
-    """Hashes the partial file from its start as the ranges before each byte complete, reading
-    back what was written (still in the page cache), so hashing runs beside the copy."""
+    """Hashes the blob from its start, in order, beside the copy.
+
+    The range that reaches the hashed frontier hands each buffer over as it writes it (`feed`:
+    hashed from memory, never read again); bytes that were written ahead of the frontier (the
+    other ranges, an earlier try's) are read back by this thread once everything before them is
+    on disk. Either way each byte is hashed once, at `at`, under `lock`."""
 
     def __init__(self, partial: Path, plan: _Plan):
         super().__init__(name="blob-hash", daemon=True)
         self.partial, self.plan = partial, plan
         self.digest = hashlib.sha256()
+        self.at = 0  # bytes hashed so far
+        self.lock = threading.Lock()
         self.moved = threading.Condition()
         self.closing = False
         self.error: BaseException | None = None
+
+    def feed(self, offset: int, data: memoryview) -> bool:
+        """`data` was just written at `offset`: hash it from memory if the frontier is there.
+        False when it was not (this thread is to read it back: nudge it)."""
+        if offset != self.at:  # `at` only grows: a stale read just skips the fast path
+            return False
+        with self.lock:
+            if offset == self.at:
+                self.digest.update(data)
+                self.at += len(data)
+                return True
+        return False
 
     def nudge(self) -> None:
         with self.moved:
@@ -224,24 +242,27 @@ class _Hasher(threading.Thread):
         return self.digest.hexdigest()
 
     def run(self) -> None:
-        at, buf = 0, bytearray(CHUNK)
+        buf = memoryview(bytearray(CHUNK))
         try:
-            with open(self.partial, "rb") as f:
-                while at < self.plan.size:
+            with open(self.partial, "rb", buffering=0) as f:
+                while self.at < self.plan.size:
                     ready = self.plan.contiguous()
-                    if ready <= at:
+                    if ready <= self.at:
                         with self.moved:
                             if self.closing:
                                 return
                             self.moved.wait(0.2)
                         continue
-                    f.seek(at)
-                    while at < ready:
-                        n = f.readinto(memoryview(buf)[:min(CHUNK, ready - at)])
+                    with self.lock:
+                        at = self.at
+                        if at >= ready:
+                            continue
+                        f.seek(at)
+                        n = f.readinto(buf[:min(CHUNK, ready - at)])
                         if not n:
                             return
-                        self.digest.update(memoryview(buf)[:n])
-                        at += n
+                        self.digest.update(buf[:n])
+                        self.at = at + n
         except BaseException as e:  # reported by finish()
             self.error = e
 
@@ -261,14 +282,15 @@ class _NoRanges(Exception):
 
 
 def download_blob(cluster: Cluster, peer: PeerRecord, sha256: str, size: int, dest: Path,
-                  progress: Callable[[int, int], None], cancel: threading.Event) -> int:
+                  progress: Callable[[int, int], None], cancel: threading.Event,
+                  parts: int = PARALLEL) -> int:
     """Fetch one blob into `dest` via `.partial-<sha256>`, resuming, verifying (blocking).
 
-    Ranges of a large blob come over PARALLEL connections at once, written in place; a thread
-    hashes the file behind them. Returns the bytes that were already there (0 for a fresh copy).
-    """
+    Ranges of a large blob come over up to `parts` connections at once, written in place and
+    hashed in order beside them (see _Hasher). Returns the bytes that were already there (0 for
+    a fresh copy)."""
     partial = dest.parent / f".partial-{sha256}"
-    plan = _Plan.load(partial, size)
+    plan = _Plan.load(partial, size, parts)
     resumed = plan.done_bytes()
     try:
         _fetch_ranges(cluster, peer, sha256, partial, plan, progress, cancel)
@@ -298,12 +320,14 @@ def _fetch_ranges(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path
         pass
     hasher = _Hasher(partial, plan)
     hasher.start()
+    feed = hasher.feed
     stop = threading.Event()  # one range failed: the others stop too (and keep what they have)
     reported = [plan.done_bytes()]
     report_lock = threading.Lock()
 
-    def moved() -> None:
-        hasher.nudge()
+    def moved(hashed: bool) -> None:
+        if not hashed:  # bytes ahead of the frontier, or a range's end: there may be reading back
+            hasher.nudge()
         done = plan.done_bytes()
         with report_lock:
             if done - reported[0] >= PROGRESS_EVERY or done == plan.size:
@@ -315,7 +339,7 @@ def _fetch_ranges(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path
 
     def run(r: list[int]) -> None:
         try:
-            _fetch_range(cluster, peer, sha256, partial, plan, r, moved, cancel, stop)
+            _fetch_range(cluster, peer, sha256, partial, plan, r, moved, feed, cancel, stop)
         except BaseException as e:
             errors.append(e)
             stop.set()
@@ -342,8 +366,8 @@ def _fetch_ranges(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path
 
 
 def _fetch_range(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path, plan: _Plan,
-                 r: list[int], moved: Callable[[], None], cancel: threading.Event,
-                 stop: threading.Event) -> None:
+                 r: list[int], moved: Callable[[bool], None], feed: Callable[[int, memoryview], bool],
+                 cancel: threading.Event, stop: threading.Event) -> None:
     """Receive one range into its place in `partial`, recording its progress as it goes."""
     start, end, offset = r
     whole = start == 0 and end == plan.size
@@ -366,13 +390,14 @@ def _fetch_range(cluster: Cluster, peer: PeerRecord, sha256: str, partial: Path,
                 written = 0
                 while written < n:
                     written += os.pwrite(fd, view[written:n], offset + written)
+                hashed = feed(offset, view[:n])  # before the plan has it: hashed from memory
                 offset += n
                 with plan.lock:
                     r[2] = offset
                 if offset - saved >= SAVE_EVERY:
                     plan.save()
                     saved = offset
-                moved()
+                moved(hashed and offset < end)
         finally:
             os.close(fd)
     except (OSError, http.client.HTTPException) as e:
@@ -437,6 +462,12 @@ async def pull_from_peer(cluster: Cluster, peer: PeerRecord, name: str, progress
     progress({"status": f"copying from peer {peer.name}"})
     started = time.perf_counter()
     slots = asyncio.Semaphore(PARALLEL)
+    # The connections go to the large blobs: one alone is cut into PARALLEL ranges, four or
+    # more get one stream each. A stream hashes what it receives from memory, while a range
+    # ahead of the hashed frontier is read back to be hashed in order: on a CPU-bound receiver
+    # (sha256 costs about what the link does) fewer, longer streams move the same bytes for less.
+    large = sum(1 for f in files if f["size"] >= 2 * MIN_RANGE)
+    parts = max(1, PARALLEL // max(1, large))
     failed = threading.Event()  # one blob failed: stop the others (not the caller's cancel)
     stop = _Either(cancel, failed)
 
@@ -457,7 +488,7 @@ async def pull_from_peer(cluster: Cluster, peer: PeerRecord, name: str, progress
             if 0 < held <= size:
                 progress({**event, "status": f"resuming {f['name']} at {held} bytes", "completed": held})
             resumed = await asyncio.to_thread(download_blob, cluster, peer, sha, size, dest, report,
-                                              stop)
+                                              stop, parts)
             return size - resumed
 
     # Several blobs at once (the small files do not wait behind the weights); the first

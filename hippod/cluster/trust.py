@@ -226,3 +226,17 @@ class Keyring:
             return False
         expected = self._mac("resp", nonce, str(status), body_hash(body), responder)
         return hmac.compare_digest(expected, signature)
+
+    def sign_frame(self, nonce: str, seq: int, data: str) -> str:
+        """One frame of a streamed answer, bound to the request (its nonce) and to its place in
+        the stream, so frames can be neither forged, reordered, replayed nor dropped unseen."""
+        if self._key is None:
+            raise TrustError("this node has no cluster secret")
+        return self._mac("frame", nonce, str(seq), body_hash(data.encode()), self.node_id)
+
+    def verify_frame(self, nonce: str, seq: int, data: str, mac: str, responder: str) -> bool:
+        if self._key is None:
+            return False
+        expected = self._mac("frame", nonce, str(seq), body_hash(data.encode("utf-8", "surrogatepass")),
+                             responder)
+        return hmac.compare_digest(expected.encode(), mac.encode("utf-8", "surrogateescape"))

@@ -30,6 +30,7 @@ from hippod.protocol import (
     InfoResult,
     ReadyEvent,
     SpareReadyEvent,
+    SpareWarmEvent,
     decode_request,
     encode,
 )
@@ -82,7 +83,6 @@ class Runner:
             return self._split_thread()
         try:
             import mlx.core as mx
-            from mlx_lm import load
 
             from hippod.engine.batch_loop import BatchLoop
             from hippod.engine.drafts import load_drafter
@@ -93,7 +93,7 @@ class Runner:
             if is_dflash_dir(self.model_dir):
                 raise ValueError("this is a DFlash draft, which only drafts for its target "
                                  "(create TARGET --draft with it); it cannot run alone")
-            model, tokenizer = load(str(self.model_dir))
+            model, tokenizer = load_model_and_tokenizer(self.model_dir)
             mx.eval(model.parameters())
             drafter = self._remote_drafter(model) or load_drafter(model, self.draft, self.self_draft_layers)
             self.load_seconds = time.perf_counter() - t0
@@ -228,6 +228,21 @@ class Runner:
             await stdin_closed  # the daemon went away (or closed our stdin to stop us)
 
 
+def load_model_and_tokenizer(model_dir: Path):
+    """mlx_lm.load, with the tokenizer read in a second thread while the weights load (the
+    model stays in this thread: MLX streams belong to the thread that made them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+    model_dir = Path(model_dir)
+    eos = load_config(model_dir).get("eos_token_id")
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+        tokenizer = pool.submit(load_tokenizer, model_dir, None, eos_token_ids=eos)
+        model, _ = load_model(model_dir)
+        return model, tokenizer.result()
+
+
 def import_stack() -> None:
     """Import what a load needs and initialise the device with one tiny eval: after this the
     spare can take a model. (On CUDA the interpreter, the libraries and the device context are
@@ -272,25 +287,51 @@ def warm_steps():
                 yield quantized
 
 
-def warm_up(stop=lambda: False) -> int:
-    """Run warm_steps until `stop()` says a model is waiting; the number of steps run."""
-    done = 0
-    for step in warm_steps():
-        if stop():
-            break
-        step()
-        done += 1
+def warm_up(stop=lambda: False, like: list[Path] = (), max_bytes: int = 0) -> int:
+    """Warm the kernels of the models `like` (a one-layer model of each, within `max_bytes`),
+    or, when none of them could be warmed, the common ones, until `stop()` says a model is
+    waiting; the number of steps run."""
+    from hippod.engine import warm
+
+    done = _run_steps(warm.warm_steps(list(like), max_bytes), stop)
+    if done <= len(like):  # no hinted model was warmed (read at most); a stop ends it at once
+        done += _run_steps(warm_steps(), stop)
     return done
 
 
-def spare_main() -> int:
+def _run_steps(steps, stop) -> int:
+    done = 0
+    try:
+        for step in steps:
+            if stop():
+                break
+            step()
+            done += 1
+    finally:
+        steps.close()  # frees a warm model left half-used
+    return done
+
+
+def _spare_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="hippod-runner --spare")
+    ap.add_argument("--warm-like", nargs="*", type=Path, default=[],
+                    help="model directories to warm kernels for (widths, dtype, quantization)")
+    ap.add_argument("--warm-max-bytes", type=int, default=0,
+                    help="the most memory the warm-up model may hold (0: no model warm-up)")
+    return ap.parse_args(argv)
+
+
+def spare_main(argv: list[str] = ()) -> int:
     """A runner started ahead of need: import and initialise the device in the generation
     thread (MLX streams belong to the thread that made them), say so, then warm kernels while
     waiting for the daemon to name the model; a named model stops the warming at once."""
+    args = _spare_args(list(argv))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
     handoff: queue.Queue = queue.Queue()
     imported = threading.Event()
+    say = threading.Lock()  # stdout lines from two threads
+    named = threading.Event()  # the daemon named the model: stdout is the load's from now on
     t0 = time.perf_counter()
 
     def generation() -> None:
@@ -299,11 +340,17 @@ def spare_main() -> int:
         except Exception:  # the load will say what is wrong; the spare only loses its head start
             log.exception("spare runner could not import MLX")
         imported.set()
+        steps, t1 = 0, time.perf_counter()
         try:
-            steps = warm_up(stop=lambda: not handoff.empty())
-            log.info("spare warm-up: %d kernel steps in %.2fs", steps, time.perf_counter() - t0)
+            steps = warm_up(stop=named.is_set, like=args.warm_like,
+                            max_bytes=args.warm_max_bytes)
+            log.info("spare warm-up: %d kernel steps in %.2fs", steps, time.perf_counter() - t1)
         except Exception:  # a failed warm-up only costs the load its speed-up
             log.exception("spare runner warm-up failed")
+        with say:  # done either way: its warm-up model is gone
+            if not named.is_set():
+                sys.stdout.write(encode(SpareWarmEvent(steps, time.perf_counter() - t1)).decode())
+                sys.stdout.flush()
         target = handoff.get()
         if target is not None:
             target()
@@ -311,18 +358,21 @@ def spare_main() -> int:
     threading.Thread(target=generation, name="generate", daemon=True).start()
     imported.wait()
     ready = SpareReadyEvent(os.getpid(), psutil.Process().memory_info().rss, time.perf_counter() - t0)
-    sys.stdout.write(encode(ready).decode())
-    sys.stdout.flush()
+    with say:
+        sys.stdout.write(encode(ready).decode())
+        sys.stdout.flush()
     line = sys.stdin.buffer.readline()  # the daemon closing our stdin: never needed, exit
     if not line:
         return 0
+    with say:
+        named.set()
     return main(json.loads(line)["argv"], start=handoff.put)
 
 
 def main(argv: list[str] | None = None, start=None) -> int:
     """`start` runs the generation thread's work: a new thread, or a spare's waiting thread."""
-    if argv is None and sys.argv[1:] == ["--spare"]:
-        return spare_main()
+    if argv is None and sys.argv[1:2] == ["--spare"]:
+        return spare_main(sys.argv[2:])
     ap = argparse.ArgumentParser(prog="hippod-runner")
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--socket", required=True, type=Path)

