@@ -424,7 +424,9 @@ def decode_forward(body: Any) -> ForwardRequest:
 
 
 def forward_body(record: ForwardRequest) -> dict:
-    request = {k: v for k, v in vars(record.request).items() if v is not None and k != "kind"}
+    # Only the fields a peer's API layer takes: the rest (admission numbers, replayed tokens) are
+    # this daemon's own business with its runners.
+    request = {k: v for k, v in vars(record.request).items() if k in _GENERATE_FIELDS and v is not None}
     return {"model": record.model, "request": request, "keep_alive": record.keep_alive}
 
 
