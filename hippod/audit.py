@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
-from hippod.protocol import FORWARD_PATH
+from hippod.protocol import FORWARD_EMBED_PATH, FORWARD_PATH
 from hippod.store.database import Store
 from hippod.store.records import RequestRecord
 
@@ -31,7 +31,7 @@ log = logging.getLogger("hippo.audit")
 INFERENCE_ROUTES = frozenset({
     "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-    FORWARD_PATH,  # a peer's client, run here: the client column names the peer's address
+    FORWARD_PATH, FORWARD_EMBED_PATH,  # a peer's client, run here (the client column: its address)
 })
 PROMPT_LIMIT = 64 * 1024  # characters of prompt text kept per row when HIPPO_AUDIT_PROMPTS=1
 

@@ -41,6 +41,8 @@ class Settings:
     num_draft: int = 3
     prompt_cache_bytes: int = 2 * 2**30  # KV kept for reuse by the next turn, per model
     load_timeout: float = 300.0
+    peer_silence: float = 5.0  # seconds a peer answering a forwarded request may send nothing (it
+    # sends a heartbeat every second while busy) before it counts as lost and another takes over
     busy_wait: float = 120.0  # seconds a request waits for a busy model to become evictable
     # API
     max_body_bytes: int = 32 * 1024 * 1024
@@ -238,6 +240,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         raise ConfigError("num_parallel, max_loaded_models and max_queue must be at least 1")
     if s.spare_start_timeout <= 0 or s.spare_warm_bytes < 0:
         raise ConfigError("spare_start_timeout must be positive and spare_warm_bytes not negative")
+    if not s.peer_silence >= 2:  # a busy peer's heartbeats come every second
+        raise ConfigError(f"setting peer_silence: must be at least 2 seconds, not {s.peer_silence:g}")
     if s.shutdown_grace < 0 or s.audit_retention_days < 0:
         raise ConfigError("shutdown_grace and audit_retention_days must not be negative")
     return s

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import MISSING as dataclass_MISSING
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hippod import paths
@@ -39,9 +39,10 @@ class GenerateRequest:
     # None: the chat template's default; False/True: thinking off/on; "low"|"medium"|"high": on,
     # with that effort for templates that take one (gpt-oss).
     think: bool | str | None = None
-    # Continue after these generated token ids (a model split across nodes lost one mid-stream
-    # and its successor replays them): they are prefilled after the prompt, count as generated,
-    # and their text (already sent) is not sent again.
+    # Continue after these generated token ids (a model split across nodes lost one mid-stream,
+    # or the peer answering a forwarded request was lost, and the successor replays them): they
+    # are prefilled after the prompt, count as generated, and their text (already sent) is not
+    # sent again.
     resume: list[int] | None = None
     # The daemon numbers the requests it sends one runner (1, 2, ...; 0: not numbered) and says
     # how many it had numbered when it sent this one: those above this one's number are right
@@ -49,6 +50,13 @@ class GenerateRequest:
     arrival: int = 0
     arrived: int = 0
     kind: str = "generate"
+
+
+def resumed(request: GenerateRequest, sent: list[int]) -> GenerateRequest:
+    """The same request, continuing after the tokens already sent (the runner replays them)."""
+    if not sent:
+        return request
+    return replace(request, resume=list(request.resume or []) + sent)
 
 
 @dataclass
@@ -159,6 +167,14 @@ class ForwardStart:
 
 
 @dataclass
+class Heartbeat:
+    """A peer answering a forwarded request is alive but has nothing to send yet (loading the
+    model, prefilling, waiting for a batch slot): the forwarding node counts silence, not time."""
+
+    type: str = "heartbeat"
+
+
+@dataclass
 class SpareWarmEvent:
     """Printed by a spare runner when its kernel warm-up ran to the end (a handoff that stops
     it earlier prints nothing): from then on a load into it finds its kernels compiled."""
@@ -171,7 +187,7 @@ class SpareWarmEvent:
 _REQUESTS = {"generate": GenerateRequest, "embed": EmbedRequest, "info": InfoRequest}
 _EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorEvent, "embeddings": EmbedResult,
            "info": InfoResult, "ready": ReadyEvent, "spare": SpareReadyEvent, "start": ForwardStart,
-           "spare_warm": SpareWarmEvent}
+           "spare_warm": SpareWarmEvent, "heartbeat": Heartbeat}
 
 
 def encode(message: Any) -> bytes:
@@ -338,11 +354,15 @@ def split_body(record) -> dict:
 
 
 # -- forwarded generations: a peer runs a request for another node's client --------------------
-# The body of /api/hippo/peer/forward is a ForwardRequest; the answer is NDJSON ForwardFrames,
-# each carrying one event above (start, token, done or error) and an HMAC (cluster/forward.py).
+# The body of /api/hippo/peer/forward is a ForwardRequest, that of /api/hippo/peer/forward-embed
+# a ForwardEmbed; each answer is NDJSON ForwardFrames, each carrying one event above (heartbeat,
+# start, token, done, embeddings or error) and an HMAC (cluster/frames.py).
 
 
 FORWARD_PATH = "/api/hippo/peer/forward"
+FORWARD_EMBED_PATH = "/api/hippo/peer/forward-embed"
+MAX_RESUME = 1 << 18  # token ids a forwarded request may continue after (far above any context)
+MAX_EMBED_INPUTS = 4096
 
 
 @dataclass
@@ -352,6 +372,17 @@ class ForwardRequest:
 
     model: str
     request: GenerateRequest
+    keep_alive: str | int | float | None = None
+
+
+@dataclass
+class ForwardEmbed:
+    """Node -> peer: embed these inputs with a model only the peer can run."""
+
+    model: str
+    inputs: list[str]
+    truncate: bool = True
+    num_ctx: int | None = None
     keep_alive: str | int | float | None = None
 
 
@@ -369,7 +400,7 @@ class ForwardFrame:
 _GENERATE_FIELDS: dict[str, tuple] = {
     "prompt": (str,), "messages": (list,), "system": (str,), "raw": (bool,), "tools": (list,),
     "tool_choice": (str, dict), "options": (dict,), "grammar": (dict,), "logprobs": (int,),
-    "think": (bool, str),
+    "think": (bool, str), "resume": (list,),
 }
 
 
@@ -384,7 +415,7 @@ def _generate_request(body: Any) -> GenerateRequest:
     if not isinstance(body, dict):
         raise SplitRecordError("request must be a JSON object", "request")
     unknown = {k for k, v in body.items() if v is not None} - set(_GENERATE_FIELDS) - {"kind"}
-    if unknown:  # resume among them: replayed tokens are a split's own business
+    if unknown:
         raise SplitRecordError(f"request has unknown field(s): {', '.join(sorted(unknown))}", "request")
     values = {}
     for name, types in _GENERATE_FIELDS.items():
@@ -406,8 +437,16 @@ def _generate_request(body: Any) -> GenerateRequest:
                 and isinstance(value["function"].get("name"), str))):
             raise SplitRecordError("request.tool_choice must be auto, none, required or a named function",
                                    "request.tool_choice")
+        if name == "resume" and not _token_ids(value):
+            raise SplitRecordError(f"request.resume must list at most {MAX_RESUME} token ids (integers "
+                                   "from 0 below 2**31)", "request.resume")
         values[name] = value
     return GenerateRequest(**values)
+
+
+def _token_ids(value: list) -> bool:
+    return len(value) <= MAX_RESUME and all(
+        type(t) is int and 0 <= t < 2**31 for t in value)  # noqa: E721 (bool is no token id)
 
 
 def decode_forward(body: Any) -> ForwardRequest:
@@ -415,17 +454,43 @@ def decode_forward(body: Any) -> ForwardRequest:
     the options and tools as it does a client's)."""
     if not isinstance(body, dict):
         raise SplitRecordError("the body must be a JSON object")
-    model, keep_alive = body.get("model"), body.get("keep_alive")
-    if not (isinstance(model, str) and 0 < len(model) <= 300):
-        raise SplitRecordError("model must be a non-empty string", "model")
-    if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))):
-        raise SplitRecordError("keep_alive must be a duration", "keep_alive")
+    model, keep_alive = _model(body), _keep_alive(body)
     return ForwardRequest(model, _generate_request(body.get("request")), keep_alive)
 
 
+def _keep_alive(body: dict):
+    keep_alive = body.get("keep_alive")
+    if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))):
+        raise SplitRecordError("keep_alive must be a duration", "keep_alive")
+    return keep_alive
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if not (isinstance(model, str) and 0 < len(model) <= 300):
+        raise SplitRecordError("model must be a non-empty string", "model")
+    return model
+
+
+def decode_forward_embed(body: Any) -> ForwardEmbed:
+    """A ForwardEmbed from a JSON body, every field checked."""
+    if not isinstance(body, dict):
+        raise SplitRecordError("the body must be a JSON object")
+    model, keep_alive = _model(body), _keep_alive(body)
+    inputs, truncate, num_ctx = body.get("inputs"), body.get("truncate", True), body.get("num_ctx")
+    if not (isinstance(inputs, list) and 0 < len(inputs) <= MAX_EMBED_INPUTS
+            and all(isinstance(i, str) for i in inputs)):
+        raise SplitRecordError(f"inputs must list 1 to {MAX_EMBED_INPUTS} strings", "inputs")
+    if not isinstance(truncate, bool):
+        raise SplitRecordError("truncate must be true or false", "truncate")
+    if num_ctx is not None and not (type(num_ctx) is int and 0 < num_ctx <= 2**24):  # noqa: E721
+        raise SplitRecordError("num_ctx must be a positive integer", "num_ctx")
+    return ForwardEmbed(model, inputs, truncate, num_ctx, keep_alive)
+
+
 def forward_body(record: ForwardRequest) -> dict:
-    # Only the fields a peer's API layer takes: the rest (admission numbers, replayed tokens) are
-    # this daemon's own business with its runners.
+    # Only the fields a peer's API layer takes: the rest (admission numbers) are this daemon's
+    # own business with its runners.
     request = {k: v for k, v in vars(record.request).items() if k in _GENERATE_FIELDS and v is not None}
     return {"model": record.model, "request": request, "keep_alive": record.keep_alive}
 

@@ -88,6 +88,7 @@ class Forward:
     peer that holds it (and can run it) answers instead, streaming back over the peer API."""
 
     peer: str  # the peer's node name
+    need: int = 0  # bytes the model needs (from the peer's manifest): what a successor must have
 
 
 # A runner that lost a node asks the scheduler for its successor: the scheduler re-plans the

@@ -182,6 +182,9 @@ class Placer(Protocol):
     def forward(self, target: Forward, model: str, request, keep_alive) -> AsyncIterator[object]:
         """The events of the generation `target` runs for us: a ForwardStart, then as a runner's."""
 
+    async def forward_embed(self, target: Forward, record) -> tuple:
+        """(ForwardStart, EmbedResult) of the embeddings `target` computes for us."""
+
     async def plan(self, rec: ModelRecord, ctx: int, local_free: int, *,
                    forced: list[str] | None = None, refusal: NotEnoughMemory | None = None,
                    exclude: frozenset[str] = frozenset()) -> Plan: ...
@@ -339,6 +342,10 @@ class Scheduler:
     def forward(self, target: Forward, model: str, request, keep_alive) -> AsyncIterator[object]:
         assert self.placer is not None
         return self.placer.forward(target, model, request, keep_alive)
+
+    async def forward_embed(self, target: Forward, record) -> tuple:
+        assert self.placer is not None
+        return await self.placer.forward_embed(target, record)
 
     async def _acquire(self, name: str, num_ctx: int | None, keep: float) -> tuple[Loaded, float]:
         rec = await self.record(name)

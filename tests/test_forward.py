@@ -10,8 +10,12 @@ The loopback test puts a tampering proxy between a forwarding node and a real da
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -20,9 +24,10 @@ import openai
 import pytest
 from aiohttp import ClientSession, web
 
-from hippod.cluster import forward, planner, trust
-from hippod.protocol import (FORWARD_PATH, DoneEvent, ForwardRequest, ForwardStart, GenerateRequest,
-                             SplitRecordError, TokenEvent, decode_forward, decode_frame, forward_body)
+from hippod.cluster import forward, frames, planner, trust
+from hippod.protocol import (FORWARD_PATH, MAX_RESUME, DoneEvent, ForwardEmbed, ForwardRequest, ForwardStart,
+                             GenerateRequest, Heartbeat, SplitRecordError, TokenEvent, decode_forward,
+                             decode_forward_embed, decode_frame, forward_body)
 from hippod.runners import Forward
 from hippod.store.records import ModelRecord, PeerRecord
 from tests.daemon import Daemon
@@ -39,8 +44,16 @@ def test_forward_records_are_checked_and_frames_bound_to_request_and_place():
     body = json.loads(json.dumps(forward_body(ForwardRequest("smol", req, "5m"))))
     back = decode_forward(body)
     assert (back.model, back.keep_alive, back.request.prompt, back.request.options) == ("smol", "5m", "hi", req.options)
+    resumed = decode_forward({**body, "request": {"prompt": "hi", "resume": [1, 2**31 - 1]}})
+    assert resumed.request.resume == [1, 2**31 - 1]
     for bad, param in (({**body, "model": ""}, "model"), ({**body, "keep_alive": True}, "keep_alive"),
-                       ({**body, "request": {"resume": [1, 2]}}, "request"),
+                       ({**body, "request": {"arrival": 2}}, "request"),
+                       ({**body, "request": {"resume": [1, "2"]}}, "request.resume"),
+                       ({**body, "request": {"resume": [True]}}, "request.resume"),
+                       ({**body, "request": {"resume": [2**31]}}, "request.resume"),
+                       ({**body, "request": {"resume": [-1]}}, "request.resume"),
+                       ({**body, "request": {"resume": [0] * (MAX_RESUME + 1)}}, "request.resume"),
+                       ({**body, "request": {"resume": 5}}, "request.resume"),
                        ({**body, "request": {"prompt": 5}}, "request.prompt"),
                        ({**body, "request": {"logprobs": True}}, "request.logprobs"),
                        ({**body, "request": {"messages": [{"role": "user", "content": 3}]}}, "request.messages"),
@@ -49,24 +62,59 @@ def test_forward_records_are_checked_and_frames_bound_to_request_and_place():
         with pytest.raises(SplitRecordError) as e:
             decode_forward(bad)
         assert e.value.param == param, (bad, e.value)
+    embed = {"model": "smol", "inputs": ["a", "b"], "truncate": False, "num_ctx": 512, "keep_alive": "1m"}
+    assert decode_forward_embed(embed) == ForwardEmbed("smol", ["a", "b"], False, 512, "1m")
+    for bad, param in (({**embed, "inputs": []}, "inputs"), ({**embed, "inputs": ["a", 3]}, "inputs"),
+                       ({**embed, "inputs": "a"}, "inputs"), ({**embed, "truncate": "yes"}, "truncate"),
+                       ({**embed, "num_ctx": 0}, "num_ctx"), ({**embed, "num_ctx": True}, "num_ctx"),
+                       ({**embed, "model": None}, "model"), ({**embed, "keep_alive": [1]}, "keep_alive")):
+        with pytest.raises(SplitRecordError) as e:
+            decode_forward_embed(bad)
+        assert e.value.param == param, (bad, e.value)
 
     secret = trust.new_secret()
     beta, alpha = trust.Keyring("beta-id", secret), trust.Keyring("alpha-id", secret)
-    signer = forward.FrameSigner(beta, "nonce-1")
-    lines = [signer.line(ForwardStart("smol:latest", "d" * 64)), signer.line(TokenEvent("Paris", 7))]
-    frames = [decode_frame(line) for line in lines]
-    assert [f.seq for f in frames] == [0, 1]
-    assert all(alpha.verify_frame("nonce-1", f.seq, f.data, f.mac, "beta-id") for f in frames)
-    f = frames[1]
+    signer = frames.FrameSigner(beta, "nonce-1")
+    lines = [signer.line(ForwardStart("smol:latest", "d" * 64)), signer.line(TokenEvent("Paris", 7)),
+             signer.line(Heartbeat())]
+    frames_ = [decode_frame(line) for line in lines]
+    assert [f.seq for f in frames_] == [0, 1, 2]
+    assert all(alpha.verify_frame("nonce-1", f.seq, f.data, f.mac, "beta-id") for f in frames_)
+    f = frames_[1]
     assert not alpha.verify_frame("nonce-2", f.seq, f.data, f.mac, "beta-id")  # another request's frame
     assert not alpha.verify_frame("nonce-1", 0, f.data, f.mac, "beta-id")  # moved to another place
     assert not alpha.verify_frame("nonce-1", f.seq, f.data.replace("Paris", "Pwned"), f.mac, "beta-id")
     assert not alpha.verify_frame("nonce-1", f.seq, f.data, f.mac, "alpha-id")  # not beta's
     stranger = trust.Keyring("beta-id", trust.new_secret())
-    forged = forward.FrameSigner(stranger, "nonce-1")
+    forged = frames.FrameSigner(stranger, "nonce-1")
     forged.seq = 1
     g = decode_frame(forged.line(TokenEvent("Pwned", 7)))
     assert not alpha.verify_frame("nonce-1", g.seq, g.data, g.mac, "beta-id")
+    h = decode_frame(forged.line(Heartbeat()))  # a forged keep-alive cannot stretch a dead peer's life
+    assert not alpha.verify_frame("nonce-1", h.seq, h.data, h.mac, "beta-id")
+
+
+def test_heartbeats_fill_the_silences_and_closing_cancels_the_pending_step():
+    async def slow():
+        yield "a"
+        await asyncio.sleep(0.35)
+        yield "b"
+        await asyncio.sleep(10)
+        yield "never"
+
+    async def main():
+        got, t0 = [], time.monotonic()
+        beats = frames.with_heartbeats(slow(), every=0.1)
+        async for event in beats:
+            got.append(event)
+            if event == "b":
+                break
+        await beats.aclose()
+        return got, time.monotonic() - t0
+
+    got, took = asyncio.run(main())
+    assert got[0] == "a" and got[-1] == "b" and took < 2, (got, took)
+    assert 2 <= sum(isinstance(e, Heartbeat) for e in got) <= 4, got
 
 
 def test_a_split_is_judged_from_the_manifest_before_anything_is_copied():
@@ -93,7 +141,7 @@ class _Peers:
 
 
 class _Forwarder:
-    """What forward.stream needs of a cluster: a keyring holding the secret and a peer table."""
+    """What frames.request needs of a cluster: a keyring holding the secret and a peer table."""
 
     def __init__(self, keyring: trust.Keyring, peer: PeerRecord):
         self.keyring = keyring
@@ -102,7 +150,8 @@ class _Forwarder:
 
 async def _proxy(upstream: str, mangle) -> tuple[web.AppRunner, int]:
     """Passes a forward request on unchanged; `mangle(index, line)` rewrites each answer line
-    (None drops it, "CUT" ends the answer there)."""
+    (None drops it, "CUT" ends the answer there, "STALL" sends nothing more but keeps the
+    connection open, as a frozen host or a dead link would)."""
     session = ClientSession()
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -119,15 +168,19 @@ async def _proxy(upstream: str, mangle) -> tuple[web.AppRunner, int]:
                 i += 1
                 if out == "CUT":
                     break
-                if out is not None:
-                    await resp.write(out)
-            await resp.write_eof()
+                while out == "STALL" and request.transport is not None and not request.transport.is_closing():
+                    await asyncio.sleep(0.05)
+                if isinstance(out, bytes):
+                    with contextlib.suppress(ConnectionError):  # the forwarding side gave up
+                        await resp.write(out)
+            with contextlib.suppress(ConnectionError):
+                await resp.write_eof()
             return resp
 
     app = web.Application()
     app.router.add_post(FORWARD_PATH, handle)
     app.on_cleanup.append(lambda _: session.close())
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -144,50 +197,156 @@ def _swap_text(i: int, line: bytes) -> bytes:
     return (json.dumps(frame) + "\n").encode()
 
 
-@pytest.mark.slow
-def test_a_tampered_dropped_or_cut_answer_frame_is_detected(tmp_path):
-    secret = trust.new_secret()
-    with Daemon(tmp_path / "beta", env={"HIPPO_CLUSTER_SECRET": secret, "HIPPO_NUM_CTX": "512",
-                                        "HIPPO_NODE_NAME": "beta"}) as beta:
-        status, body = beta.request("POST", "/api/create", {"model": "smol", "from": str(smollm2_mlx_dir()),
-                                                            "stream": False})
-        assert status == 200, body
-        beta_id = (beta.home / "node-id").read_text().strip()
-        keyring = trust.Keyring("alpha-" + "0" * 8, secret)
-        request = GenerateRequest(prompt="The capital of France is", raw=True,
-                                  options={"temperature": 0, "num_predict": 6})
+def _forged_heartbeat(i: int, line: bytes) -> bytes:
+    """A keep-alive signed without the secret, slipped in at frame 2."""
+    if i != 2:
+        return line
+    signer = frames.FrameSigner(trust.Keyring("x", trust.new_secret()), "any")
+    signer.seq = 2
+    return signer.line(Heartbeat()) + line
 
-        async def run(mangle) -> tuple[list, str | None]:
-            runner, port = await _proxy(beta.url, mangle)
-            peer = PeerRecord(node_id=beta_id, name="beta", addresses=["127.0.0.1"], port=port, memory_total=0,
-                              memory_free=0, version="test", trusted=True)
-            events, error = [], None
+
+class _Beta:
+    """A real daemon holding smol, and a forwarding node's view of it through a proxy."""
+
+    def __init__(self, daemon: Daemon, secret: str):
+        self.daemon = daemon
+        self.node_id = (daemon.home / "node-id").read_text().strip()
+        self.keyring = trust.Keyring("alpha-" + "0" * 8, secret)
+        self.stranger = trust.Keyring("alpha-" + "0" * 8, trust.new_secret())
+
+    def run(self, request: GenerateRequest, mangle=lambda i, line: line, silence: float = 30.0,
+            on_event=lambda event: None) -> tuple[list, str | None, float]:
+        """(events, error, seconds) of one forwarded generation through a proxy."""
+        async def main():
+            runner, port = await _proxy(self.daemon.url, mangle)
+            peer = PeerRecord(node_id=self.node_id, name="beta", addresses=["127.0.0.1"], port=port,
+                              memory_total=0, memory_free=0, version="test", trusted=True)
+            body = forward_body(ForwardRequest("smol", request))
+            events, error, t0 = [], None, time.monotonic()
             try:
                 async with ClientSession() as session:
                     try:
-                        async for ev in forward.stream(_Forwarder(keyring, peer), session, Forward("beta"),
-                                                       "smol", request, None, read_timeout=120):
+                        async for ev in frames.request(_Forwarder(self.keyring, peer), session, "beta",
+                                                       FORWARD_PATH, body, silence):
                             events.append(ev)
-                    except forward.ForwardError as e:
-                        error = str(e)
+                            on_event(ev)
+                    except frames.ForwardError as e:
+                        error = f"{type(e).__name__} {e.status}: {e}"
             finally:
                 await runner.cleanup()
-            return events, error
+            return events, error, time.monotonic() - t0
 
-        events, error = asyncio.run(run(lambda i, line: line))
-        assert error is None, error
-        assert isinstance(events[0], ForwardStart) and events[0].model == "smol:latest"
-        assert isinstance(events[-1], DoneEvent) and events[-1].completion_tokens == 6
-        text = "".join(e.text for e in events if isinstance(e, TokenEvent))
-        assert text and "HACKED" not in text
+        return asyncio.run(main())
 
-        for mangle, says in ((_swap_text, "failed authentication at frame 2"),
-                             (lambda i, line: None if i == 2 else line, "failed authentication at frame 2"),
-                             (lambda i, line: "CUT" if i == 3 else line, "went away mid-answer")):
-            events, error = asyncio.run(run(mangle))
-            assert error is not None and says in error, error
-            assert not any(isinstance(e, TokenEvent) and "HACKED" in e.text for e in events)
-            assert not any(isinstance(e, DoneEvent) for e in events)
+    def post(self, keyring: trust.Keyring, body: dict, tamper: bool = False) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        headers = keyring.sign("POST", FORWARD_PATH, data, self.node_id)
+        if tamper:
+            data = data.replace(b"[1,", b"[2,").replace(b"[1, ", b"[2, ")
+        return _post_raw(self.daemon.url + FORWARD_PATH, data, headers)
+
+
+@pytest.fixture(scope="module")
+def beta_alone(tmp_path_factory):
+    secret = trust.new_secret()
+    home = tmp_path_factory.mktemp("forward") / "beta"
+    with Daemon(home, env={"HIPPO_CLUSTER_SECRET": secret, "HIPPO_NUM_CTX": "512",
+                           "HIPPO_NODE_NAME": "beta"}) as beta:
+        status, body = beta.request("POST", "/api/create", {"model": "smol", "from": str(smollm2_mlx_dir()),
+                                                            "stream": False})
+        assert status == 200, body
+        yield _Beta(beta, secret)
+
+
+def _greedy(n: int, **extra) -> GenerateRequest:
+    return GenerateRequest(prompt="The capital of France is", raw=True,
+                           options={"temperature": 0, "num_predict": n}, **extra)
+
+
+def _tokens(events: list) -> list[TokenEvent]:
+    return [e for e in events if isinstance(e, TokenEvent)]
+
+
+@pytest.mark.slow
+def test_a_tampered_dropped_cut_or_stalled_answer_frame_is_detected(beta_alone):
+    events, error, _ = beta_alone.run(_greedy(6))
+    assert error is None, error
+    assert isinstance(events[0], ForwardStart) and events[0].model == "smol:latest"
+    assert isinstance(events[-1], DoneEvent) and events[-1].completion_tokens == 6
+    text = "".join(e.text for e in _tokens(events))
+    assert text and "HACKED" not in text
+
+    for mangle, says in ((_swap_text, "ForwardError 502: the answer from peer beta failed authentication at frame 2"),
+                         (lambda i, line: None if i == 2 else line, "failed authentication at frame 2"),
+                         (_forged_heartbeat, "failed authentication at frame 2"),
+                         (lambda i, line: "CUT" if i == 3 else line, "PeerLost 502: peer beta went away mid-answer"),
+                         (lambda i, line: "STALL" if i == 3 else line, "went away mid-answer (silent for 2 s)")):
+        events, error, took = beta_alone.run(_greedy(6), mangle, silence=2.0)
+        assert error is not None and says in error, error
+        assert not any("HACKED" in e.text for e in _tokens(events))
+        assert not any(isinstance(e, DoneEvent) for e in events)
+        assert took < 6, (error, took)  # a stall is noticed after the silence, not a long read timeout
+    print(f"\n[forward] a stalled peer was counted lost {took:.2f}s after the request (silence 2 s)")
+
+
+@pytest.mark.slow
+def test_heartbeats_carry_a_frozen_runner_and_never_reach_the_events(beta_alone):
+    """beta's runner is stopped mid-answer for twice the silence: beta's daemon sends heartbeats,
+    the forwarding side waits, and the answer ends as the uncut one; no heartbeat is an event."""
+    uncut, error, _ = beta_alone.run(_greedy(12))
+    assert error is None, error
+    seen: list[bytes] = []
+    stopped: list[int] = []
+
+    def freeze(event) -> None:
+        if isinstance(event, TokenEvent) and not stopped:
+            stopped.extend(beta_alone.daemon.runner_pids())
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(5.0, lambda: [os.kill(p, signal.SIGCONT) for p in stopped])
+
+    try:
+        events, error, took = beta_alone.run(_greedy(12), lambda i, line: seen.append(line) or line,
+                                             silence=2.5, on_event=freeze)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert error is None and stopped, error
+    assert took > 5, took
+    beats = [line for line in seen if json.loads(json.loads(line)["data"])["type"] == "heartbeat"]
+    assert len(beats) >= 3, seen
+    assert not any(isinstance(e, Heartbeat) for e in events)
+    assert [e.text for e in _tokens(events)] == [e.text for e in _tokens(uncut)]
+    assert events[-1].completion_tokens == 12
+
+
+@pytest.mark.slow
+def test_a_resumed_forward_continues_and_bad_or_forged_resumes_are_refused(beta_alone):
+    whole, error, _ = beta_alone.run(_greedy(8))
+    assert error is None, error
+    ids = [i for e in _tokens(whole) for i in (e.ids or [e.token])]
+    assert len(ids) == 8, ids
+    rest, error, _ = beta_alone.run(_greedy(8, resume=ids[:3]))
+    assert error is None, error
+    assert [i for e in _tokens(rest) for i in (e.ids or [e.token])] == ids[3:]
+    assert rest[-1].completion_tokens == 8
+    # The text of the replayed tokens is not sent again: the client already has it.
+    sent = "".join(e.text for e in _tokens(whole))
+    assert sent.endswith("".join(e.text for e in _tokens(rest)))
+
+    # An id outside the vocabulary: a clear 400 from the runner, which keeps running.
+    _, error, _ = beta_alone.run(_greedy(8, resume=[1, 49152 + 7]))
+    assert error is not None and "400" in error and "vocabulary" in error, error
+    body = forward_body(ForwardRequest("smol", _greedy(4, resume=[1, 2])))
+    for bad in ([1, 2**31], [1, "2"], [1, None]):
+        status, answer = beta_alone.post(beta_alone.keyring, {**body, "request": {**body["request"], "resume": bad}})
+        assert status == 400 and "resume" in answer["error"], (bad, status, answer)
+    for keyring, tamper in ((beta_alone.stranger, False), (beta_alone.keyring, True)):
+        status, answer = beta_alone.post(keyring, body, tamper)
+        assert status == 403 and "forbidden" in answer["error"], (status, answer)
+    again, error, _ = beta_alone.run(_greedy(8))
+    assert error is None and [e.text for e in _tokens(again)] == [e.text for e in _tokens(whole)]
 
 
 # -- two daemons on a private LAN ---------------------------------------------------------------

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from hippod import audit
 from hippod.api import defaults
-from hippod.protocol import DoneEvent, EmbedRequest, EmbedResult, ForwardStart, GenerateRequest, TokenEvent
+from hippod.protocol import (DoneEvent, EmbedRequest, EmbedResult, ForwardEmbed, ForwardStart, GenerateRequest,
+                             TokenEvent)
 from hippod.runners import Forward
 from hippod.scheduler import Lease, Scheduler
 
@@ -80,7 +82,7 @@ class Generation:
         """The peer applies its own defaults to the request as the client sent it."""
         self._events = self.scheduler.forward(target, self.model, self.request, self.keep_alive)
         await self._stack.enter_async_context(contextlib.aclosing(self._events))
-        self.forwarded = await self._events.__anext__()  # forward.stream checks it is a ForwardStart
+        self.forwarded = await self._events.__anext__()  # cluster/frames.py checks it is a ForwardStart
         self._first = await self._events.__anext__()
         self.first_event_at = time.perf_counter()
 
@@ -117,9 +119,26 @@ class Generation:
         return time.perf_counter() - self.started
 
 
+@dataclass
+class Served:
+    """The model that answered an embedding request (here or on a peer) and its load time."""
+
+    name: str
+    digest: str
+    load_seconds: float
+
+
 async def embed(scheduler: Scheduler, model: str, inputs: list[str], *, truncate: bool,
-                keep_alive=None, num_ctx: int | None = None) -> tuple[EmbedResult, Lease]:
+                keep_alive=None, num_ctx: int | None = None, forward: bool = True) -> tuple[EmbedResult, Served]:
+    """Embeddings by the model here, or by the trusted peer a model only it can run is
+    forwarded to (`forward` False for a request a peer forwarded to us)."""
+    target = await scheduler.where(model, num_ctx, forward=forward)
+    if isinstance(target, Forward):
+        start, result = await scheduler.forward_embed(target, ForwardEmbed(model, inputs, truncate, num_ctx,
+                                                                           keep_alive))
+        audit.note_embedding(start.model, inputs, result.prompt_tokens, start.load_seconds)
+        return result, Served(start.model, start.digest, start.load_seconds)
     async with scheduler.lease(model, keep_alive=keep_alive, num_ctx=num_ctx) as lease:
         result = await lease.runner.embed(EmbedRequest(inputs, truncate=truncate, num_ctx=num_ctx))
         audit.note_embedding(lease.loaded.name, inputs, result.prompt_tokens, lease.load_seconds)
-        return result, lease
+        return result, Served(lease.loaded.name, lease.loaded.record.digest, lease.load_seconds)

@@ -297,10 +297,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def embed_route(request: web.Request) -> web.Response:
     model, inputs, truncate, options, keep_alive = t.parse_embed(await read_json(request))
     t0 = time.perf_counter()
-    result, lease = await embed(_scheduler(request), model, inputs, truncate=truncate,
-                                keep_alive=keep_alive, num_ctx=options.get("num_ctx"))
-    return web.json_response(t.embed_answer(lease.loaded.name, result.embeddings,
-                                            time.perf_counter() - t0, lease.load_seconds,
+    result, served = await embed(_scheduler(request), model, inputs, truncate=truncate,
+                                 keep_alive=keep_alive, num_ctx=options.get("num_ctx"))
+    return web.json_response(t.embed_answer(served.name, result.embeddings,
+                                            time.perf_counter() - t0, served.load_seconds,
                                             result.prompt_tokens))
 
 

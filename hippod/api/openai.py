@@ -184,12 +184,12 @@ async def embeddings(request: web.Request) -> web.Response:
     body = t.parse_embeddings(await read_json(request))
     _check_model_name(request, body.model)
     # OpenAI refuses over-long inputs rather than embedding a prefix: truncate=False does that.
-    result, lease = await embed(_scheduler(request), body.model, body.inputs, truncate=False,
-                                keep_alive=body.keep_alive)
+    result, served = await embed(_scheduler(request), body.model, body.inputs, truncate=False,
+                                 keep_alive=body.keep_alive)
     size = len(result.embeddings[0]) if result.embeddings else 0
     if body.dimensions is not None and body.dimensions != size:
-        raise BadRequest(f"dimensions: {lease.loaded.name} embeds into {size} dimensions and cannot "
+        raise BadRequest(f"dimensions: {served.name} embeds into {size} dimensions and cannot "
                          f"shorten them; leave dimensions out or send {size}", param="dimensions")
-    return web.json_response(t.embedding_list(lease.loaded.name, result.embeddings,
+    return web.json_response(t.embedding_list(served.name, result.embeddings,
                                               body.encoding_format, result.prompt_tokens))
 

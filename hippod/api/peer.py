@@ -8,7 +8,7 @@ The signature covers the body, so the body must be read to check it; a stranger 
 to make us hold much memory doing that. So the headers are checked first (no secret here, a
 missing header, another addressee, a stale or pre-start time: 403 unread), then the declared
 size (413 unread), and only then is the body read: at most PEER_MAX_BODY bytes (FORWARD_MAX_BODY
-for a forwarded client request, which may hold a long chat), by at most
+for a forwarded client request, which may hold a long chat or many texts to embed), by at most
 PEER_READS requests at a time, within PEER_READ_TIMEOUT.
 """
 
@@ -24,7 +24,7 @@ from aiohttp import web
 from hippod.api.errors import BadRequest, error_middleware, error_response, read_json
 from hippod.cluster import trust
 from hippod.cluster.peers import NodeInfo
-from hippod.protocol import FORWARD_PATH
+from hippod.protocol import FORWARD_EMBED_PATH, FORWARD_PATH
 
 log = logging.getLogger("hippo.api.peer")
 PREFIX = "/api/hippo/peer/"
@@ -54,7 +54,7 @@ async def peer_auth_middleware(request: web.Request, handler):
         cluster.keyring.precheck(request.headers)
     except trust.TrustError as e:
         return _refused(request, e)
-    cap = FORWARD_MAX_BODY if request.path == FORWARD_PATH else PEER_MAX_BODY
+    cap = FORWARD_MAX_BODY if request.path in (FORWARD_PATH, FORWARD_EMBED_PATH) else PEER_MAX_BODY
     limit = min(cap, request.app["settings"].max_body_bytes)
     if request.content_length is not None and request.content_length > limit:
         return _too_large(request, limit)

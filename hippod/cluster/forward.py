@@ -5,44 +5,36 @@ split over this node and peers; otherwise, when a trusted peer holds it and can 
 it loaded, or its memory budget covers it), forward the request there and stream the answer
 back. When no peer can, it is copied anyway and the memory guard's refusal names the numbers.
 
-A forwarded request is a signed peer request (cluster/trust.py) to /api/hippo/peer/forward; the
-peer runs it like one of its own clients' (its model defaults, its scheduler) but never
-forwards it again. Its answer is NDJSON ForwardFrames: a ForwardStart, runner events, and a
-DoneEvent or ErrorEvent last. Each frame carries an HMAC over (our request's nonce, its
-sequence number, its data), so nobody on the LAN can inject, reorder, replay or drop tokens:
-a frame that does not verify, a gap, or a stream that ends without its last frame ends the
-client's answer with an error that says so. Closing the event iterator (the client went away)
+A forwarded request is a signed peer request (cluster/trust.py) to /api/hippo/peer/forward (or
+/forward-embed); the peer runs it like one of its own clients' (its model defaults, its
+scheduler) but never forwards it again. Its answer is signed frames (cluster/frames.py) with
+heartbeats while it has nothing else to send. Closing the event iterator (the client went away)
 closes the connection, which cancels the generation on the peer.
+
+A peer lost mid-answer (cut link, frozen or killed host: silence or a broken connection) is not
+the end of it: placement is decided again without it, and another trusted peer that holds the
+model and can run it takes over. A generation continues there after the tokens already sent
+(they are replayed after the prompt, not sent again), so a greedy answer is the uncut one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import AsyncIterator
 
-import aiohttp
-
-from hippod.cluster import planner, trust
-from hippod.cluster.peers import peer_url
-from hippod.protocol import (FORWARD_PATH, DoneEvent, ErrorEvent, ForwardFrame, ForwardRequest, ForwardStart,
-                             decode_event, decode_frame, encode, forward_body)
+from hippod import audit
+from hippod.cluster import frames, planner
+from hippod.cluster.frames import ForwardError, PeerLost
+from hippod.protocol import (FORWARD_EMBED_PATH, FORWARD_PATH, EmbedResult, ForwardEmbed, ForwardRequest,
+                             ForwardStart, GenerateRequest, TokenEvent, forward_body, resumed)
 from hippod.runners import Forward
-from hippod.scheduler import RUNNER_OVERHEAD, SchedulerError, kv_cache_bytes
+from hippod.scheduler import RUNNER_OVERHEAD, kv_cache_bytes
 from hippod.store.records import ModelRecord, PeerRecord
 
 log = logging.getLogger("hippo.forward")
 
-MAX_FRAME = 1 << 20  # bytes of one frame line (a done event with tool calls is far smaller)
-CONNECT_TIMEOUT = 10.0
-
-
-class ForwardError(SchedulerError):
-    """A forwarded request that failed: the peer's own status, or 502 for a broken answer."""
-
-    def __init__(self, message: str, status: int = 502):
-        super().__init__(message, status)
+MAX_FAILOVERS = 3  # peers that may take over one request, one after another
 
 
 # -- the decision ------------------------------------------------------------------------------
@@ -101,116 +93,104 @@ async def locate(splits, name: str, num_ctx: int | None) -> ModelRecord | Forwar
     need = scheduler.estimate(rec, ctx, parallel)
     if need <= scheduler.budget():
         return await splits.fetch(name)
-    offers = [a for a in await asyncio.gather(*(splits.budget_of(p) for p in cluster.peers.usable()))
-              if a is not None]
+    offers = await _offers(splits, cluster.peers.usable())
     local = planner.Node(cluster.name, scheduler.budget())
     if split_fits(rec, ctx, parallel, local, [planner.Node(p.name, free) for p, free, _, _ in offers]):
         return await splits.fetch(name)
+    target = _runner_among(offers, name, need)
+    if target is not None:
+        log.info("%s needs %d bytes, more than this node's budget and any split: forwarding to %s",
+                 name, need, target.peer)
+        return target
+    return await splits.fetch(name)
+
+
+async def _offers(splits, peers: list[PeerRecord]) -> list[tuple]:
+    """What each peer's memory guard can give now (splits.budget_of), of those that answer."""
+    return [a for a in await asyncio.gather(*(splits.budget_of(p) for p in peers)) if a is not None]
+
+
+def _runner_among(offers: list[tuple], name: str, need: int) -> Forward | None:
+    """The first peer that holds `name` and has it loaded or a budget that covers it."""
     for peer, _, _, answer in offers:
         loaded = answer.get("loaded") if isinstance(answer.get("loaded"), list) else []
         total = answer.get("budget") if isinstance(answer.get("budget"), int) else 0
         if name in peer.models and (name in loaded or need <= total):
-            log.info("%s needs %d bytes, more than this node's budget and any split: forwarding to %s",
-                     name, need, peer.name)
-            return Forward(peer.name)
-    return await splits.fetch(name)
+            return Forward(peer.name, need)
+    return None
+
+
+async def successor(splits, name: str, need: int, lost: frozenset[str]) -> Forward | None:
+    """Another trusted peer, none of `lost`, that holds `name` and can run it."""
+    holders = [p for p in splits.cluster.peers.usable() if name in p.models and p.name not in lost]
+    return _runner_among(await _offers(splits, holders), name, need) if holders else None
 
 
 # -- the node that forwards --------------------------------------------------------------------
 
 
-async def stream(cluster, session: aiohttp.ClientSession, target: Forward, model: str, request,
-                 keep_alive, read_timeout: float) -> AsyncIterator[object]:
-    """The peer's events for one forwarded generation: a ForwardStart, then TokenEvents and the
-    DoneEvent. Raises ForwardError with the peer's status for an answer that is an error, and
-    with 502 for one that is not authentic or breaks off."""
-    peer = cluster.peers.find(target.peer)
-    if peer is None or not peer.trusted:
-        raise ForwardError(f"peer {target.peer} is no longer a trusted peer", 503)
-    data = json.dumps(forward_body(ForwardRequest(model, request, keep_alive)), separators=(",", ":")).encode()
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=read_timeout)
-    last_error = "no address"
-    for address in peer.addresses:
-        headers = cluster.keyring.sign("POST", FORWARD_PATH, data, peer.node_id)
-        headers["Content-Type"] = "application/json"
+async def relay(splits, target: Forward, model: str, request: GenerateRequest, keep_alive
+                ) -> AsyncIterator[object]:
+    """The events of a generation a peer runs for us: a ForwardStart, then a runner's. When the
+    peer is lost, another one that holds the model continues after the tokens already sent."""
+    served, sent = [target.peer], []
+    start: ForwardStart | None = None
+    while True:
+        body = forward_body(ForwardRequest(model, resumed(request, sent), keep_alive))
         try:
-            resp = await session.post(peer_url(address, peer.port, FORWARD_PATH), data=data, headers=headers,
-                                      timeout=timeout, read_bufsize=MAX_FRAME)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            last_error = str(e) or type(e).__name__
-            continue
-        try:
-            nonce = headers[trust.H_NONCE]
-            if resp.status != 200:
-                await _refusal(cluster, peer, resp, nonce)
-            async for event in _frames(cluster, peer, resp, nonce):
+            async for event in frames.request(splits.cluster, splits.session, target.peer, FORWARD_PATH, body,
+                                              splits.settings.peer_silence):
+                if isinstance(event, ForwardStart):
+                    if start is not None:  # a successor's: the client has the first one
+                        _same_weights(model, start, event, served)
+                        continue
+                    start = event
+                elif isinstance(event, TokenEvent):
+                    sent.extend(event.ids or [event.token])
                 yield event
             return
-        finally:
-            resp.close()  # before the end: drops the connection, which cancels the peer's job
-    raise ForwardError(f"cannot reach peer {peer.name} to forward the request: {last_error}", 503)
+        except PeerLost as lost:
+            target = await _take_over(splits, model, target, served, lost)
 
 
-async def _refusal(cluster, peer: PeerRecord, resp: aiohttp.ClientResponse, nonce: str) -> None:
-    """The peer's error answer, re-raised with its status once its signature checks out."""
-    raw = await resp.content.read(MAX_FRAME)
-    if not cluster.keyring.verify_response(nonce, resp.status, raw, resp.headers.get(trust.H_SIGNATURE),
-                                           peer.node_id):
-        raise ForwardError(f"peer {peer.name} answered {resp.status} without a valid signature")
-    try:
-        message = json.loads(raw).get("error")
-    except (ValueError, AttributeError):
-        message = None
-    raise ForwardError(f"peer {peer.name}: {message or f'HTTP {resp.status}'}", resp.status)
+def _same_weights(model: str, first: ForwardStart, then: ForwardStart, served: list[str]) -> None:
+    if then.digest != first.digest:
+        raise ForwardError(f"{model}: peer {served[-1]} holds other weights than peer {served[0]} "
+                           "did, so it cannot continue the answer")
 
 
-async def _frames(cluster, peer: PeerRecord, resp: aiohttp.ClientResponse, nonce: str) -> AsyncIterator[object]:
-    seq = 0
+async def _take_over(splits, model: str, lost: Forward, served: list[str], why: PeerLost) -> Forward:
+    """The peer that continues a request whose peer was lost; ForwardError when none can."""
+    nxt = None
+    if len(served) <= MAX_FAILOVERS:
+        nxt = await successor(splits, splits.scheduler.registry.normalize(model), lost.need,
+                              frozenset(served))
+    if nxt is None:
+        raise ForwardError(f"{why}; no other trusted peer can run {model}")
+    log.warning("%s: %s; peer %s takes over", model, why, nxt.peer)
+    served.append(nxt.peer)
+    audit.note_model_source("forwarded to " + ", then ".join(served))
+    return nxt
+
+
+async def embed(splits, target: Forward, record: ForwardEmbed) -> tuple[ForwardStart, EmbedResult]:
+    """Embeddings a peer computes for us (another peer that holds the model if it is lost)."""
+    served = [target.peer]
     while True:
         try:
-            line = await resp.content.readline()
-        except ValueError:
-            raise ForwardError(f"peer {peer.name} sent a frame over {MAX_FRAME} bytes") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise ForwardError(f"peer {peer.name} went away mid-answer ({e or type(e).__name__})") from None
-        if not line:
-            raise ForwardError(f"peer {peer.name} went away mid-answer (the stream ended early)")
-        try:
-            frame = decode_frame(line)
-        except ValueError:
-            raise ForwardError(f"peer {peer.name} sent a malformed frame") from None
-        if frame.seq != seq or not cluster.keyring.verify_frame(nonce, frame.seq, frame.data, frame.mac,
-                                                                peer.node_id):
-            log.warning("forwarded answer from %s: frame %d failed authentication", peer.name, seq)
-            raise ForwardError(f"the answer from peer {peer.name} failed authentication at frame {seq} "
-                               "(tampered with on the way?)")
-        try:
-            event = decode_event(frame.data.encode())
-        except (ValueError, TypeError, KeyError):
-            raise ForwardError(f"peer {peer.name} sent a frame that is no event") from None
-        if (seq == 0) != isinstance(event, ForwardStart):
-            raise ForwardError(f"peer {peer.name} sent frames out of order")
-        if isinstance(event, ErrorEvent):
-            raise ForwardError(f"peer {peer.name}: {event.message}", event.status)
-        yield event
-        if isinstance(event, DoneEvent):
-            return
-        seq += 1
+            events = [e async for e in frames.request(splits.cluster, splits.session, target.peer,
+                                                      FORWARD_EMBED_PATH, vars(record),
+                                                      splits.settings.peer_silence)]
+        except PeerLost as lost:
+            target = await _take_over(splits, record.model, target, served, lost)
+            continue
+        result = events[-1]
+        if not (len(events) == 2 and isinstance(result, EmbedResult) and _vectors(result, len(record.inputs))):
+            raise ForwardError(f"peer {target.peer} answered an embedding request with something else")
+        return events[0], result
 
 
-# -- the peer that answers ---------------------------------------------------------------------
-
-
-class FrameSigner:
-    """Turns one forwarded generation's events into signed NDJSON lines, in order."""
-
-    def __init__(self, keyring: trust.Keyring, nonce: str):
-        self.keyring = keyring
-        self.nonce = nonce
-        self.seq = 0
-
-    def line(self, event) -> bytes:
-        data = encode(event).decode().rstrip("\n")
-        frame = ForwardFrame(self.seq, data, self.keyring.sign_frame(self.nonce, self.seq, data))
-        self.seq += 1
-        return encode(frame)
+def _vectors(result: EmbedResult, count: int) -> bool:
+    v = result.embeddings
+    return (isinstance(v, list) and len(v) == count and isinstance(result.prompt_tokens, int)
+            and all(isinstance(e, list) and all(isinstance(x, (int, float)) for x in e) for e in v))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import re
@@ -45,6 +44,8 @@ from hippod.registry.modelinfo import read_safetensors_header
 from hippod.protocol import (
     EmbedRequest,
     EmbedResult,
+    ForwardEmbed,
+    ForwardStart,
     GenerateRequest,
     InfoResult,
     LayerRange,
@@ -52,6 +53,7 @@ from hippod.protocol import (
     SplitRef,
     SplitStart,
     TokenEvent,
+    resumed,
     split_body,
 )
 from hippod.runner_process import RunnerError, RunnerProcess
@@ -374,13 +376,6 @@ class SplitRunner:
         self.splits.forget_hostfile(self.split_id)
 
 
-def resumed(request: GenerateRequest, sent: list[int]) -> GenerateRequest:
-    """The same request, continuing after the tokens already sent (the runner replays them)."""
-    if not sent:
-        return request
-    return dataclasses.replace(request, resume=list(request.resume or []) + sent)
-
-
 # -- what a peer runs for a coordinator -------------------------------------------------------
 
 
@@ -475,8 +470,11 @@ class Splits:
 
     def forward(self, target: Forward, model: str, request: GenerateRequest, keep_alive) -> AsyncIterator[object]:
         assert self.session is not None
-        return forward.stream(self.cluster, self.session, target, model, request, keep_alive,
-                              read_timeout=self.settings.load_timeout + 60)
+        return forward.relay(self, target, model, request, keep_alive)
+
+    async def forward_embed(self, target: Forward, record: ForwardEmbed) -> tuple[ForwardStart, EmbedResult]:
+        assert self.session is not None
+        return await forward.embed(self, target, record)
 
     def hosted_bytes(self) -> int:
         return sum(h.bytes for h in self.hosted.values())

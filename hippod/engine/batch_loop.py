@@ -125,6 +125,14 @@ class _Active:
     unsent: list[int] = field(default_factory=list)  # ids decoded since the last text sent
 
 
+def _vocab_size(tokenizer) -> int:
+    """Ids the tokenizer knows, added tokens included (a wrapper's vocab_size may leave them out)."""
+    try:
+        return len(getattr(tokenizer, "_tokenizer", tokenizer))
+    except TypeError:
+        return int(getattr(tokenizer, "vocab_size", 2**31))
+
+
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
                  info: Callable[[int], object], drafter=None, num_draft: int = 3,
@@ -140,6 +148,7 @@ class BatchLoop:
         self.num_draft = getattr(drafter, "block_size", num_draft + 1) - 1 if drafter else 0
         self.num_layers = len(make_prompt_cache(model))
         self.eos = set(tokenizer.eos_token_ids)
+        self.vocab_size = _vocab_size(tokenizer)
         self.token_texts = TokenTexts(tokenizer)
         self.think_markers = thinking.markers(tokenizer)
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -307,6 +316,9 @@ class BatchLoop:
             reserve = min(num_predict if num_predict > 0 else num_ctx // 4, num_ctx // 2)
             tokens = tokens[-(num_ctx - max(reserve, 1)):]
         resume = [int(t) for t in req.resume or []]
+        if any(not 0 <= t < self.vocab_size for t in resume):
+            # A replay of ids the model never made: MLX would read outside the embedding table.
+            raise PromptError(f"resume holds token ids outside the model's vocabulary of {self.vocab_size}")
         room = num_ctx - len(tokens)
         max_tokens = room if num_predict < 0 else min(num_predict, room)
         if max_tokens - len(resume) <= 0:
