@@ -2,9 +2,12 @@
 
 The two-daemon test runs alpha (a memory budget too small for the model) and beta (which holds
 it) on a private LAN: requests to alpha in both APIs and both delivery modes stream beta's
-answer, alpha's audit log says so, a client that leaves cancels beta's job, beta vanishing ends
-the stream with an error, and forged forward requests to beta are refused before anything runs.
-The loopback test puts a tampering proxy between a forwarding node and a real daemon.
+answer, embeddings too, alpha's audit log says so, a client that leaves cancels beta's job, a
+load on beta frozen past the silence is carried by heartbeats that never reach the client, and
+beta frozen or vanishing ends the stream with an error within seconds; forged forward requests
+to beta are refused before anything runs. The three-daemon test cuts the link to the peer that
+answers and another holder continues the same greedy answer. The loopback tests put a
+tampering (or stalling) proxy between a forwarding node and a real daemon.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -463,6 +467,55 @@ def test_a_model_too_big_here_is_forwarded_to_the_peer_that_holds_it(tmp_path):
             last = _forward_rows(b)[-1]
             assert last["status"] == 499 and last["completion_tokens"] < 5000, last
 
+            # Embeddings of a model only beta can run are beta's, in all three routes.
+            got, want = _in(a, _embeddings, a.daemon.url), _in(b, _embeddings, b.daemon.url)
+            assert got == want and len(got["embed"]) == 2 and got["legacy"], (got.keys(), want.keys())
+            rows = [r for r in a.call("GET", "/api/hippo/audit?limit=3")[1]["requests"]]
+            assert [r["model_source"] for r in rows] == ["forwarded to beta"] * 3, rows
+
+            # beta's load is slow: its runner processes are frozen for longer than the silence a
+            # lost peer gets. beta's heartbeats keep the stream; none shows in the ollama chunks.
+            def ollama_stream(url: str) -> list:
+                oc = ollama.Client(host=url)
+                return [dict(c) for c in oc.generate(model="smol", prompt="Once upon a time", raw=True,
+                                                     stream=True, options={"temperature": 0, "num_predict": 12})]
+
+            uncut = _in(b, ollama_stream, b.daemon.url)
+            b.call("POST", "/api/generate", {"model": "smol", "keep_alive": 0})
+            wait_until(lambda: b.call("GET", "/api/ps")[1]["models"] == [], 20, "beta unloaded smol")
+            frozen: set[int] = set()
+            freezer = threading.Thread(target=_freeze_runners, args=(b, 7.0, frozen))
+            freezer.start()
+            t0 = time.monotonic()
+            try:
+                got = _in(a, ollama_stream, a.daemon.url)
+            finally:
+                freezer.join()
+            took = time.monotonic() - t0
+            print(f"\n[forward] a load frozen for 7 s: alpha's ollama stream ended after {took:.1f}s")
+            assert frozen and took > 7 and got[-1]["done"] and got[-1]["eval_count"] == 12, (frozen, took, got[-1])
+            assert "".join(c["response"] for c in got) == "".join(c["response"] for c in uncut)
+            assert {k for c in got for k in c} == {k for c in uncut for k in c}, got
+            assert all(c["response"] or c["done"] for c in got), got  # no empty keep-alive chunk
+
+            # beta's daemon freezes mid-answer (no other peer holds smol): an error within ~5 s.
+            lines = []
+            t = threading.Thread(target=_in, args=(a, _stream, a.daemon.url + "/api/generate", body, None, lines))
+            t.start()
+            wait_until(lambda: len(lines) >= 3, 60, "tokens arrive from beta")
+            os.kill(b.daemon.proc.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                t.join(15)
+                took = time.monotonic() - t0
+            finally:
+                os.kill(b.daemon.proc.pid, signal.SIGCONT)
+            assert not t.is_alive()
+            print(f"\n[forward] a frozen peer's loss reached the client {took:.2f}s after it froze")
+            assert took < 7, took
+            error = lines[-1].get("error", "")
+            assert "beta went away" in error and "silent for 5 s" in error and "smol" in error, lines[-3:]
+
             # Beta vanishing mid-stream ends alpha's stream with an error that says so.
             lines = []
             t = threading.Thread(target=_in, args=(a, _stream, a.daemon.url + "/api/generate", body, None, lines))
@@ -479,5 +532,116 @@ def test_a_model_too_big_here_is_forwarded_to_the_peer_that_holds_it(tmp_path):
             pair.stop()
 
 
+def _embeddings(url: str) -> dict:
+    oc = ollama.Client(host=url)
+    ai = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    return {"embed": oc.embed(model="smol", input=["Paris is a city.", "Cats purr."]).embeddings,
+            "legacy": oc.embeddings(model="smol", prompt="Paris is a city.").embedding,
+            "openai": [d.embedding for d in ai.embeddings.create(model="smol", input=["Cats purr."]).data]}
+
+
+def _freeze_runners(node, seconds: float, frozen: set) -> None:
+    """SIGSTOP every runner process of node (the spare a load goes into, or one it starts) for
+    `seconds`, then SIGCONT them all."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            for pid in set(node.daemon.runner_pids()) - frozen:
+                os.kill(pid, signal.SIGSTOP)
+                frozen.add(pid)
+            time.sleep(0.02)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def _active(node) -> int:
+    """Requests node's runners are generating now, as they say over their sockets."""
+    n = 0
+    for path in node.home.rglob("runner-*.sock"):
+        try:
+            with socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(5)
+                c.connect(str(path))
+                c.sendall(b'{"kind":"info"}\n')
+                n += json.loads(c.makefile().readline()).get("active_requests", 0)
+        except (OSError, ValueError):
+            continue
+    return n
+
+
 def _secret(node) -> str:
     return trust.load_secret(node.daemon.env["HIPPO_CLUSTER_SECRET"], node.home)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_a_peer_lost_mid_answer_hands_the_stream_to_another_holder(tmp_path):
+    """alpha forwards to one of beta and gamma (both hold smol); that one's link drops
+    mid-stream. alpha notices within the silence, gamma (or beta) continues after the tokens
+    sent, and the answer is the uncut greedy one; alpha's audit row names both peers."""
+    from tests import test_cluster as tc
+    from tests.netns import lan, start_in_netns
+    from tests.test_pipeline import link, stream_lines, stream_text
+
+    secret = trust.new_secret()
+    common = {"HIPPO_CLUSTER_SECRET": secret, "HIPPO_KEEP_ALIVE": "10m", "HIPPO_NUM_CTX": "1024"}
+    with lan(3) as net:
+        nodes = [tc.Node(net[i], tmp_path / name, name, {**common, "HIPPO_MEMORY_BUDGET": budget})
+                 for i, (name, budget) in enumerate((("alpha", "100MB"), ("beta", "2GB"), ("gamma", "2GB")))]
+        a, b, g = nodes
+        try:
+            for n in nodes:
+                n.start()
+            for n in (b, g):
+                tc.wait_until(lambda: tc.trusted_and_fresh(a, n) and tc.trusted_and_fresh(n, a), 30, "peers trust")
+                status, body = n.call("POST", "/api/create", {"model": "smol", "from": str(smollm2_mlx_dir()),
+                                                              "stream": False})
+                assert status == 200, body
+            tc.wait_until(lambda: all("smol:latest" in (a.row(n) or {}).get("models", []) for n in (b, g)), 30,
+                          "alpha sees both holders")
+            request = {"model": "smol", "prompt": "Once upon a time", "raw": True,
+                       "options": {"temperature": 0, "num_predict": 16}}
+
+            def streamed(node) -> list:
+                lines: list = []
+                in_netns_of(node, stream_lines, node, request, lines, threading.Event())
+                return lines
+
+            uncut, uncut_done = stream_text(streamed(a))  # forwarded, uncut
+            assert uncut_done.get("done") and uncut_done["eval_count"] == 16, uncut_done
+            for n in (b, g):  # both warm, both give the same greedy answer
+                assert stream_text(streamed(n))[0] == uncut
+
+            lines: list = []
+            done = threading.Event()
+            start_in_netns(a.net.ns, stream_lines, a, request, lines, done)
+            tc.wait_until(lambda: len(lines) >= 4 and any(_active(n) for n in (b, g)), 60, "tokens stream")
+            lost, heir = (b, g) if _active(b) else (g, b)
+            cut_at = time.monotonic()
+            link(lost.net, "down")
+            assert done.wait(60), "the stream never ended"
+            text, last = stream_text(lines)
+            after = [t for t, _ in lines if t > cut_at]
+            assert "error" not in last and "exception" not in last, last
+            assert last["done"] and last["eval_count"] == 16, last
+            assert text == uncut, (text, uncut)
+            # The pause: tokens beta sent before the cut, then the silence, then the heir's replay.
+            times = [cut_at] + after
+            gap = max(t2 - t1 for t1, t2 in zip(times, times[1:]))
+            print(f"\n[forward] link to {lost.name} down: a pause of {gap:.2f}s, then {heir.name} went on; "
+                  f"the stream ended {times[-1] - cut_at:.2f}s after the cut")
+            assert 4.0 < gap < 5.0 + 3.0, gap
+            row = a.call("GET", "/api/hippo/audit?limit=1")[1]["requests"][0]
+            assert row["model_source"] == f"forwarded to {lost.name}, then {heir.name}", row
+            assert row["status"] == 200 and row["completion_tokens"] == 16, row
+        finally:
+            for n in nodes:
+                n.daemon.stop()
+
+
+def in_netns_of(node, fn, *args):
+    from tests.netns import in_netns
+
+    return in_netns(node.net.ns, fn, *args)
