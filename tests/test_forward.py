@@ -29,10 +29,10 @@ import pytest
 from aiohttp import ClientSession, web
 
 from hippod.cluster import forward, frames, planner, trust
-from hippod.protocol import (FORWARD_PATH, MAX_RESUME, DoneEvent, ForwardEmbed, ForwardRequest, ForwardStart,
-                             GenerateRequest, Heartbeat, SplitRecordError, TokenEvent, decode_forward,
-                             decode_forward_embed, decode_frame, forward_body)
-from hippod.runners import Forward
+from hippod.config import ConfigError, load_settings
+from hippod.protocol import (FORWARD_EMBED_PATH, FORWARD_PATH, MAX_RESUME, DoneEvent, ForwardEmbed,
+                             ForwardRequest, ForwardStart, GenerateRequest, Heartbeat, SplitRecordError,
+                             TokenEvent, decode_forward, decode_forward_embed, decode_frame, forward_body)
 from hippod.store.records import ModelRecord, PeerRecord
 from tests.daemon import Daemon
 from tests.modelfiles import smollm2_mlx_dir
@@ -68,7 +68,7 @@ def test_forward_records_are_checked_and_frames_bound_to_request_and_place():
         assert e.value.param == param, (bad, e.value)
     embed = {"model": "smol", "inputs": ["a", "b"], "truncate": False, "num_ctx": 512, "keep_alive": "1m"}
     assert decode_forward_embed(embed) == ForwardEmbed("smol", ["a", "b"], False, 512, "1m")
-    for bad, param in (({**embed, "inputs": []}, "inputs"), ({**embed, "inputs": ["a", 3]}, "inputs"),
+    for bad, param in (({**embed, "inputs": None}, "inputs"), ({**embed, "inputs": ["a", 3]}, "inputs"),
                        ({**embed, "inputs": "a"}, "inputs"), ({**embed, "truncate": "yes"}, "truncate"),
                        ({**embed, "num_ctx": 0}, "num_ctx"), ({**embed, "num_ctx": True}, "num_ctx"),
                        ({**embed, "model": None}, "model"), ({**embed, "keep_alive": [1]}, "keep_alive")):
@@ -119,6 +119,14 @@ def test_heartbeats_fill_the_silences_and_closing_cancels_the_pending_step():
     got, took = asyncio.run(main())
     assert got[0] == "a" and got[-1] == "b" and took < 2, (got, took)
     assert 2 <= sum(isinstance(e, Heartbeat) for e in got) <= 4, got
+
+
+def test_peer_silence_is_a_setting_longer_than_the_heartbeats(tmp_path):
+    assert load_settings(environ={"HIPPO_HOME": str(tmp_path)}).peer_silence == 5.0
+    assert load_settings(environ={"HIPPO_HOME": str(tmp_path), "HIPPO_PEER_SILENCE": "8"}).peer_silence == 8.0
+    for bad in ("1", "nan", "soon"):
+        with pytest.raises(ConfigError, match="peer_silence"):
+            load_settings(environ={"HIPPO_HOME": str(tmp_path), "HIPPO_PEER_SILENCE": bad})
 
 
 def test_a_split_is_judged_from_the_manifest_before_anything_is_copied():
@@ -349,6 +357,15 @@ def test_a_resumed_forward_continues_and_bad_or_forged_resumes_are_refused(beta_
     for keyring, tamper in ((beta_alone.stranger, False), (beta_alone.keyring, True)):
         status, answer = beta_alone.post(keyring, body, tamper)
         assert status == 403 and "forbidden" in answer["error"], (status, answer)
+    # The embedding route is guarded the same way: unsigned or forged, refused unread.
+    data = json.dumps({"model": "smol", "inputs": ["hi"]}).encode()
+    for headers in ({}, beta_alone.stranger.sign("POST", FORWARD_EMBED_PATH, data, beta_alone.node_id)):
+        status, answer = _post_raw(beta_alone.daemon.url + FORWARD_EMBED_PATH, data, headers)
+        assert status == 403 and "forbidden" in answer["error"], (status, answer)
+    empty = json.dumps({"model": "smol", "inputs": ["hi", ""]}).encode()
+    status, answer = _post_raw(beta_alone.daemon.url + FORWARD_EMBED_PATH, empty,
+                               beta_alone.keyring.sign("POST", FORWARD_EMBED_PATH, empty, beta_alone.node_id))
+    assert status == 400 and "inputs[1] must not be empty" in answer["error"], (status, answer)
     again, error, _ = beta_alone.run(_greedy(8))
     assert error is None and [e.text for e in _tokens(again)] == [e.text for e in _tokens(whole)]
 

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from hippod.api.errors import BadRequest, read_json, status_and_message
 from hippod.api.inference import Generation, embed
-from hippod.api.request import parse_options, parse_think, parse_tools, parse_top_logprobs
+from hippod.api.request import parse_embed_inputs, parse_options, parse_think, parse_tools, parse_top_logprobs
 from hippod.cluster import trust
 from hippod.cluster.frames import FrameSigner, with_heartbeats
 from hippod.protocol import (FORWARD_EMBED_PATH, FORWARD_PATH, ErrorEvent, ForwardStart, SplitRecordError,
@@ -47,6 +47,7 @@ async def forwarded(request: web.Request) -> web.StreamResponse:
 @routes.post(FORWARD_EMBED_PATH)
 async def forwarded_embed(request: web.Request) -> web.StreamResponse:
     record = await _record(request, decode_forward_embed)
+    record.inputs = parse_embed_inputs(record.inputs, "inputs")
     return await _answer(request, _embedding(request.app["scheduler"], record))
 
 
