@@ -653,6 +653,24 @@ def test_a_peer_lost_mid_answer_hands_the_stream_to_another_holder(tmp_path):
             row = a.call("GET", "/api/hippo/audit?limit=1")[1]["requests"][0]
             assert row["model_source"] == f"forwarded to {lost.name}, then {heir.name}", row
             assert row["status"] == 200 and row["completion_tokens"] == 16, row
+
+            # Now the heir's link drops under a long answer, and no holder is left: a clear error
+            # within seconds, and the heir, whose frames go unacknowledged, cancels the job soon
+            # after (its 400 tokens would take it 40 s).
+            long = {**request, "options": {"temperature": 0, "num_predict": 400}}
+            lines, done = [], threading.Event()
+            start_in_netns(a.net.ns, stream_lines, a, long, lines, done)
+            tc.wait_until(lambda: len(lines) >= 3 and _active(heir), 60, "the heir streams")
+            cut_at = time.monotonic()
+            link(heir.net, "down")
+            assert done.wait(30), "the stream never ended"
+            took = lines[-1][0] - cut_at
+            error = lines[-1][1].get("error", "")
+            assert f"{heir.name} went away" in error and "no other trusted peer can run smol" in error, lines[-2:]
+            freed = tc.wait_until(lambda: not _active(heir), 15, f"{heir.name} cancels the job")
+            print(f"[forward] no holder left: the client's error came {took:.2f}s after the cut; "
+                  f"{heir.name} cancelled the job {freed:.1f}s later")
+            assert took < 5.0 + 3.0, took  # the silence, and a budget question to the other, cut-off peer
         finally:
             for n in nodes:
                 n.daemon.stop()

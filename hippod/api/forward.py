@@ -6,11 +6,16 @@ of our own clients' would (our model defaults, our scheduler), but is never forw
 its events go back as signed frames (cluster/frames.py), with a heartbeat whenever a second
 passes without one (a load, a long prefill, a wait for a slot), so the forwarding node can tell
 a busy peer from a lost one. An error that comes before the first frame is an ordinary signed
-JSON answer with its status; after it, an error frame.
+JSON answer with its status; after it, an error frame. When the link to the forwarding node is
+cut, our frames go unacknowledged; after UNACKED_LIMIT the kernel drops the connection (Linux's
+TCP_USER_TIMEOUT), the next write fails and the job is cancelled, instead of running on for
+minutes into a dead socket while the forwarding node has long moved on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import AsyncIterator
 
 from aiohttp import web
@@ -24,6 +29,7 @@ from hippod.protocol import (FORWARD_EMBED_PATH, FORWARD_PATH, ErrorEvent, Forwa
                              decode_forward, decode_forward_embed)
 
 routes = web.RouteTableDef()
+UNACKED_LIMIT = 10.0  # seconds; the forwarding node gives up after its peer_silence (5 s)
 
 
 async def _record(request: web.Request, decode):
@@ -78,6 +84,7 @@ async def _answer(request: web.Request, events: AsyncIterator[object]) -> web.St
         async for event in stream:
             if resp is None:
                 resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                _drop_when_unacked(request)
                 await resp.prepare(request)
             await resp.write(frames.line(event))
     except ConnectionError:  # the forwarding node went away
@@ -91,3 +98,11 @@ async def _answer(request: web.Request, events: AsyncIterator[object]) -> web.St
         await stream.aclose()
     await resp.write_eof()
     return resp
+
+
+def _drop_when_unacked(request: web.Request) -> None:
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux; elsewhere the system's own limit
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if option is not None and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(UNACKED_LIMIT * 1000))
