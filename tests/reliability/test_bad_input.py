@@ -204,6 +204,8 @@ def templates(f: Fuzzed) -> dict[tuple[str, str], dict]:
         ("POST", "/api/hippo/peer/forward"): {"model": MODEL, "keep_alive": "30m", "request": {
             "prompt": "hi", "raw": False, "system": "s", "options": {"num_predict": 2}, "think": False,
             "messages": None, "tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": 1}},
+        ("POST", "/api/hippo/peer/forward-embed"): {"model": MODEL, "inputs": ["hi", "there"], "truncate": True,
+                                                    "num_ctx": 64, "keep_alive": "30m"},
     }
 
 
@@ -256,7 +258,7 @@ ROUTES = [("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embed
 PEER_ROUTES = [("POST", "/api/hippo/peer/hello"), ("POST", "/api/hippo/peer/split/budget"),
                ("POST", "/api/hippo/peer/split/prepare"), ("POST", "/api/hippo/peer/split/start"),
                ("POST", "/api/hippo/peer/split/ping"), ("POST", "/api/hippo/peer/split/stop"),
-               ("POST", "/api/hippo/peer/forward")]
+               ("POST", "/api/hippo/peer/forward"), ("POST", "/api/hippo/peer/forward-embed")]
 
 
 @pytest.mark.parametrize("method,path", ROUTES, ids=[p for _, p in ROUTES])
