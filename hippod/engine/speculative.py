@@ -309,55 +309,6 @@ def trim_to(caches: list, length: int) -> int:
     return held
 
 
-class DraftPolicy:
-    """How many tokens to draft each round, by measurement: drafting stays on while its tokens
-    per second beat plain decoding's, measured on the same stream (a plain round is a round
-    that drafts nothing). Off, it probes again now and then, since acceptance changes with the
-    text. Output never depends on it; only speed does."""
-
-    def __init__(self, num_draft: int, *, warmup: int = 3, probe_every: int = 48, margin: float = 1.0):
-        self.num_draft = num_draft
-        self.warmup, self.probe_every, self.margin = warmup, probe_every, margin
-        self.plain_rate: float | None = None  # tokens per second, plain rounds
-        self.draft_rate: float | None = None  # tokens per second, drafting rounds
-        self.drafting = True
-        self.trial = 0  # drafting rounds since drafting was (re)tried
-        self.rounds_off = 0
-        self.round = 0
-
-    def __call__(self) -> int:
-        self.round += 1
-        if self.round == 2 or self.round % 64 == 0:  # a plain round to measure against (not the first: warm-up)
-            return 0
-        if not self.drafting:
-            self.rounds_off += 1
-            if self.rounds_off < self.probe_every:
-                return 0
-            self.drafting, self.trial, self.draft_rate = True, 0, None
-        return self.num_draft
-
-    @staticmethod
-    def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
-        return new if old is None else (1 - weight) * old + weight * new
-
-    def record(self, drafted: int, accepted: int, seconds: float) -> None:
-        rate = (accepted + 1) / max(seconds, 1e-9)
-        if drafted == 0:
-            if self.round > 1:
-                self.plain_rate = self._ema(self.plain_rate, rate)
-            return
-        self.trial += 1
-        if self.trial > 1:  # the first drafting round carries the draft's warm-up
-            self.draft_rate = self._ema(self.draft_rate, rate)
-        if (self.trial > self.warmup and self.plain_rate is not None and self.draft_rate is not None
-                and self.draft_rate < self.margin * self.plain_rate):
-            self.drafting, self.rounds_off = False, 0
-
-    @property
-    def on(self) -> bool:
-        return self.drafting
-
-
 def decoding_for(options: dict) -> Decoding:
     """The Decoding of a request's Ollama-style options (the same ones its sampler follows)."""
     from hippod.engine.sampling import make_logits_shape, make_request_processors, request_key
