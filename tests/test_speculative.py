@@ -303,3 +303,48 @@ def test_dflash_context_follows_the_target_when_drafts_are_kept(dirs, tmp_path):
     mx.save_safetensors(str(broken / "model.safetensors"), weights)
     with pytest.raises(DFlashError, match="lacks 1 weights"):
         load_dflash(broken, model)
+
+
+def test_plain_rounds_between_drafting_rounds_keep_plain_output_and_a_coherent_cache(dirs):
+    """In-process: drafting on and off round by round, as the policy does it. Pipelined plain
+    rounds in a row, a draft model catching up on the tokens it missed, and a consumer that
+    stops early: the tokens are the plain ones, and the target's cache holds only tokens the
+    consumer has seen."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from hippod.engine.drafts import ModelDrafter
+    from hippod.engine.speculative import Decoding, Stats, speculative_stream, trim_to
+
+    model, tok = load(str(dirs["target"]))
+    drafter = ModelDrafter(load(str(dirs["draft"]))[0])
+    prompt = tok.encode("one two three four five")
+    plain = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=40)]
+    pattern = iter([3, 0, 0, 0, 2, 0, 3, 3, 0, 0, 0, 0, 1] * 10)
+    target_cache, draft_cache = make_prompt_cache(model), drafter.make_cache()
+    stats = Stats()
+    stream = speculative_stream(model, drafter.proposer(draft_cache), target_cache, prompt, max_tokens=40,
+                                num_draft=lambda: next(pattern), decoding=Decoding(), stats=stats)
+    seen = []
+    for token, _ in stream:
+        seen.append(token)
+        if len(seen) == 33:
+            break
+    stream.close()
+    assert seen == plain[:33]
+    assert stats.drafted > 0 and stats.accepted > 0
+    total = len(prompt) + len(seen)
+    assert total - 1 <= target_cache[0].offset <= total + 3  # at most the rest of a drafting round
+    # What it holds is the right KV: plain decoding goes on from it with the plain tokens.
+    trim_to(target_cache, total - 1)
+    rest = [int(t) for t, _ in generate_step(mx.array(seen[-1:]), model, max_tokens=7, prompt_cache=target_cache)]
+    assert rest == plain[33:]
+
+    # A draft model that sat out plain rounds reads their tokens before it drafts again.
+    cache = drafter.make_cache()
+    proposer = drafter.proposer(cache)
+    proposer.prefill(prompt[:-1], None)
+    history = prompt + plain[:5]  # five tokens the target produced without it
+    proposer.propose(history[-1], 1, history, Decoding())
+    assert cache[0].offset == len(history)  # all of history, the pending token included

@@ -5,7 +5,8 @@ peer that makes them, the verify of k + 1 tokens. Each draft is kept with probab
 (measured), so a round of k yields (1 - alpha^(k+1)) / (1 - alpha) tokens on average. The
 policy drafts the k with the most tokens per second when that beats plain decoding by `margin`;
 otherwise it steps plainly and probes with one drafting round now and then, twice as far apart
-after each probe that found drafting losing. Acceptance changes with the text; a runner's costs
+after each probe that found drafting losing (a probe whose own round paid is followed by another
+at once: the decayed acceptance lags a text that became predictable). Acceptance changes with the text; a runner's costs
 hardly do, so one policy serves all of a runner's streams and a request starts knowing what the
 ones before it measured. Output never depends on the policy, only speed does.
 

@@ -240,7 +240,13 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
     """Yield (token, drafted) pairs. `tokens` is the whole sequence so far; `cache` (the
     target's) and the proposer's caches hold the KV of its first cache[0].offset tokens, and at
     least the last token is still to process. `num_draft` may be a callable asked each round
-    (0: a plain step), which is how a policy turns drafting off when it does not pay."""
+    (0: a plain step), which is how a policy turns drafting off when it does not pay.
+
+    Plain steps in a row are pipelined as in mlx_lm's generate_step: the next one is queued
+    before a token is handed out, so the consumer's work overlaps the forward and drafting
+    turned off costs what plain decoding does. (Not with taps or logits processors, which need
+    each token's value first; a consumer that stops then finds one token more in the cache,
+    still one it has seen.)"""
     stats = stats if stats is not None else Stats()
     history = list(tokens)
     held = cache[0].offset
@@ -258,10 +264,41 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
             return t1
         return t0
 
+    def ask() -> int:
+        want = num_draft() if callable(num_draft) else num_draft
+        return max(0, min(want, max_tokens - produced - 1))
+
+    def plain_step(token) -> mx.array:
+        """The target's next token after `token` (an id, or a lazy [1] array), queued."""
+        inputs = token if isinstance(token, mx.array) else mx.array([token], mx.uint32)
+        logits, _ = forward(model, inputs, cache)
+        drawn, _ = decoding.draw(history, None, logits[0, -1:])
+        mx.async_eval(drawn)
+        return drawn
+
+    pipelined = not proposer.taps and not decoding.processors
+    ahead, decided = None, None  # the queued plain step; the next round's drafts, already asked
     while produced < max_tokens:
         t_round = t0 = clock()
-        want = num_draft() if callable(num_draft) else num_draft
-        n = max(0, min(want, max_tokens - produced - 1))
+        n = ask() if decided is None else decided
+        decided = None
+        if n == 0 and pipelined:
+            y = ahead if ahead is not None else plain_step(pending)
+            ahead = None
+            bonus = int(y.item())
+            proposer.commit([], 0, None)
+            stats.rounds += 1
+            if on_round is not None:
+                on_round(0, 0, clock() - t_round)
+            history.append(bonus)
+            pending = bonus
+            produced += 1
+            if produced < max_tokens:
+                decided = ask()
+                if decided == 0:
+                    ahead = plain_step(y)
+            yield bonus, False
+            continue
         drafts, q = proposer.propose(pending, n, history, decoding) if n else (None, None)
         if profile and drafts is not None:
             mx.eval(drafts)
