@@ -243,8 +243,8 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
     (0: a plain step), which is how a policy turns drafting off when it does not pay.
 
     Plain steps in a row are pipelined as in mlx_lm's generate_step: the next one is queued
-    before a token is handed out, so the consumer's work overlaps the forward and drafting
-    turned off costs what plain decoding does. (Not with taps or logits processors, which need
+    before a token is waited for and handed out, so Python's work overlaps the forward and
+    drafting turned off costs what plain decoding does. (Not with taps or logits processors, which need
     each token's value first; a consumer that stops then finds one token more in the cache,
     still one it has seen.)"""
     stats = stats if stats is not None else Stats()
@@ -284,6 +284,9 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
         decided = None
         if n == 0 and pipelined:
             y = ahead if ahead is not None else plain_step(pending)
+            # Plain rounds in a row: the next is queued before this one is waited for, so the
+            # forward never waits for Python; should drafts be asked next, its token is trimmed.
+            guess = plain_step(y) if ahead is not None and produced + 1 < max_tokens else None
             ahead = None
             bonus = int(y.item())
             proposer.commit([], 0, None)
@@ -296,7 +299,9 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
             if produced < max_tokens:
                 decided = ask()
                 if decided == 0:
-                    ahead = plain_step(y)
+                    ahead = guess if guess is not None else plain_step(y)
+                elif guess is not None:
+                    trim_prompt_cache(cache, 1)
             yield bonus, False
             continue
         drafts, q = proposer.propose(pending, n, history, decoding) if n else (None, None)
