@@ -277,9 +277,12 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
         return drawn
 
     pipelined = not proposer.taps and not decoding.processors
+    # A round lasts from the last round's tokens being ready to its own: pipelined or not,
+    # drafting or not, what the consumer did in between counts alike.
+    ready = clock()
     ahead, decided = None, None  # the queued plain step; the next round's drafts, already asked
     while produced < max_tokens:
-        t_round = t0 = clock()
+        t0 = clock()
         n = ask() if decided is None else decided
         decided = None
         if n == 0 and pipelined:
@@ -291,8 +294,10 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
             bonus = int(y.item())
             proposer.commit([], 0, None)
             stats.rounds += 1
+            now = clock()
             if on_round is not None:
-                on_round(0, 0, clock() - t_round)
+                on_round(0, 0, now - ready)
+            ready = now
             history.append(bonus)
             pending = bonus
             produced += 1
@@ -329,8 +334,10 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
         stats.rounds += 1
         stats.drafted += n
         stats.accepted += accepted
+        now = clock()
         if on_round is not None:
-            on_round(n, accepted, clock() - t_round)
+            on_round(n, accepted, now - ready)
+        ready = now
         kept = drafts[:accepted] + [bonus]
         history += kept
         pending = bonus
