@@ -1,19 +1,21 @@
-"""Drafting on another machine over a shaped link: tokens/s with the draft on a peer, against
-plain decoding of the same runner, the same draft on this machine, and raw mlx_lm, at several
-round-trip latencies (the "× local draft" column is why an unpinned draft goes to a peer only
-when it does not fit here).
+"""Drafting on another machine over a shaped link: tokens/s of plain decoding against the same
+runner drafting on a peer every round ("always": what drafting itself costs or gains at that
+latency) and under the measured policy ("policy"), at several round-trip latencies, for each
+request length asked (a policy that needs some rounds to decide costs less over more tokens).
+The policy should track the better of plain and always: near 1.0x plain where drafting loses,
+near always where it wins. `--before TREE` adds a runner from an earlier source tree (its own
+policy) to the same run, so before and after are measured side by side.
 
-    sudo python bench/remote_draft.py --layers 8 --hidden 256 --tokens 64       # CPU smoke run
-    sudo python bench/remote_draft.py --layers 32 --hidden 4096 --tokens 128    # on a GPU
+    python bench/remote_draft.py --layers 8 --hidden 256 --tokens 64,128,256 --rounds 3   # CPU
+    python bench/remote_draft.py --layers 32 --hidden 4096 --tokens 128,256              # on a GPU
 
 Two network namespaces joined by a veth pair; what the peer sends is delayed by the given
-round-trip time (0.2 ms is a Thunderbolt link, 3 ms Wi-Fi): with `tc netem` where the kernel has
-it, else by a relay in the peer's namespace that holds each chunk back that long (the reported
-"link" column says which). The target's later layers
-are damped toward identity and its first layers are the draft (a model of its own, on the
-peer), so acceptance is high and known without a trained pair. The policy must turn drafting
-off where it does not pay: then the ratio stays near 1.0 and the drafted count stays small.
-Needs root (namespaces).
+round-trip time (0.2 ms is a Thunderbolt link, 3 ms Wi-Fi, 10 ms a link where drafting
+clearly loses): with `tc netem` where the kernel has it, else by a relay in the peer's namespace
+that holds each chunk back that long (the output says which). The target's later layers are
+damped toward identity and its first layers are the draft (a model of its own, on the peer), so
+acceptance is high and known without a trained pair. Rows are medians of --rounds requests
+taken in turn (plain, then each drafting runner), with their range. Needs root (namespaces).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,20 +119,23 @@ def raw_mlx_lm(target: Path, prompt: str, tokens: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def decode(runner, prompt: str, tokens: int, rounds: int) -> tuple[float, int, int, list[int]]:
+async def decode(runner, prompt: str, tokens: int) -> tuple[float, int, int, list[int]]:
+    """One request: tokens per second of its decode, what it drafted and kept, its tokens."""
     from hippod.protocol import DoneEvent, GenerateRequest, TokenEvent
 
-    best, drafted, accepted, out = 0.0, 0, 0, []
-    for _ in range(rounds):
-        req = GenerateRequest(prompt=prompt, raw=True, options={"temperature": 0, "num_predict": tokens})
-        out = []
-        async for ev in runner.generate(req):
-            if isinstance(ev, TokenEvent):
-                out.append(ev.token)
-            elif isinstance(ev, DoneEvent):
-                best = max(best, ev.completion_tokens / max(ev.eval_seconds, 1e-9))
-                drafted, accepted = ev.drafted, ev.accepted
-    return best, drafted, accepted, out
+    req = GenerateRequest(prompt=prompt, raw=True, options={"temperature": 0, "num_predict": tokens})
+    out, rate, drafted, accepted = [], 0.0, 0, 0
+    async for ev in runner.generate(req):
+        if isinstance(ev, TokenEvent):
+            out.append(ev.token)
+        elif isinstance(ev, DoneEvent):
+            rate = ev.completion_tokens / max(ev.eval_seconds, 1e-9)
+            drafted, accepted = ev.drafted, ev.accepted
+    return rate, drafted, accepted, out
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
 
 
 def main(argv=None) -> int:
@@ -138,26 +144,33 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--draft-layers", type=int, default=2)
     ap.add_argument("--epsilon", type=float, default=0.1)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens", default="64", help="tokens per request, comma-separated")
     ap.add_argument("--num-draft", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--rtt-ms", default="0.2,3", help="round-trip latencies to add, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3, help="requests per runner per row (median and range shown)")
+    ap.add_argument("--rtt-ms", default="0.2,3,10", help="round-trip latencies to add, comma-separated")
+    ap.add_argument("--before", type=Path, help="the source tree of an earlier hippo: its runner drafts on the "
+                                                "same peer, a row of its own (before/after from the same run)")
+    ap.add_argument("--no-local", action="store_true", help="skip the row with the draft on this machine")
     args = ap.parse_args(argv)
     from hippod.runner_process import RunnerProcess
 
     prompt = "the quick brown fox jumps over the lazy dog"
+    counts = [int(x) for x in args.tokens.split(",")]
+    rtts = [float(x) for x in args.rtt_ms.split(",")]
     base = Path(tempfile.mkdtemp(prefix="hippo-remote-draft-"))
+    os.chdir(base)  # runners run `-m hippod.engine.runner`: the tree on PYTHONPATH, not the one in the cwd
     try:
         target, draft = make_pair(base, args.layers, args.hidden, args.draft_layers, args.epsilon)
-        raw = raw_mlx_lm(target, prompt, args.tokens)
+        raw = raw_mlx_lm(target, prompt, max(counts))
         key = secrets.token_bytes(32)
-        rows, here = [], []  # here: (tok/s, same) with the same draft on this machine
+        rows, notes, first = [], [], []
         with lan(2) as net:
             a, b = net[0], net[1]
             server = subprocess.Popen(
                 ["ip", "netns", "exec", b.ns, sys.executable, "-m", "hippod.engine.remote_draft",
                  "--model", str(draft), "--bind", b.address],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "HIPPO_DRAFT_KEY": key.hex()})
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                env={**os.environ, "HIPPO_DRAFT_KEY": key.hex(), "PYTHONPATH": str(ROOT)})
             port = json.loads(server.stdout.readline())["port"]
             netem = subprocess.run(["ip", "netns", "exec", b.ns, "tc", "qdisc", "add", "dev", b.ifname, "root",
                                     "netem", "delay", "0ms"], capture_output=True).returncode == 0
@@ -171,51 +184,94 @@ def main(argv=None) -> int:
                 relay.ready.wait(10)
                 port = relay.port
 
+            def runner(tree: Path, extra: list[str], env: dict | None = None) -> RunnerProcess:
+                return RunnerProcess(target, base, base / "runners.log", num_parallel=1, context_length=2048,
+                                     extra_args=extra, extra_env={"PYTHONPATH": str(tree), **(env or {})})
+
+            remote = ["--remote-draft", f"{b.address}:{port}", "--num-draft", str(args.num_draft)]
+            keyed = {"HIPPO_DRAFT_KEY": key.hex()}
+
             async def measure():
-                plain = RunnerProcess(target, base, base / "runners.log", num_parallel=1, context_length=2048)
-                local = RunnerProcess(target, base, base / "runners.log", num_parallel=1, context_length=2048,
-                                      extra_args=["--draft", str(draft), "--num-draft", str(args.num_draft)])
-                remote = RunnerProcess(target, base, base / "runners.log", num_parallel=1, context_length=2048,
-                                       extra_args=["--remote-draft", f"{b.address}:{port}",
-                                                   "--num-draft", str(args.num_draft)],
-                                       extra_env={"HIPPO_DRAFT_KEY": key.hex()})
-                await plain.start(300)
-                await remote.start(300)
-                await local.start(300)
+                plain = runner(ROOT, [])
+                peers = {"always": runner(ROOT, remote + ["--draft-policy", "always"], keyed)}
+                if args.before:
+                    peers["before"] = runner(args.before.resolve(), remote, keyed)
+                peers["policy"] = runner(ROOT, remote + ["--draft-policy", "measured"], keyed)
+                local = None if args.no_local else runner(
+                    ROOT, ["--draft", str(draft), "--num-draft", str(args.num_draft)])
+                started = [plain, *peers.values()] + ([local] if local else [])
+                for r in started:
+                    await r.start(300)
+                def delay(rtt: float) -> None:
+                    if netem:
+                        sh("ip", "netns", "exec", b.ns, "tc", "qdisc", "replace", "dev", b.ifname,
+                           "root", "netem", "delay", f"{rtt}ms")
+                    else:
+                        relay.delay = rtt / 1000
+
                 try:
-                    base_tps, _, _, plain_out = await decode(plain, prompt, args.tokens, args.rounds)
-                    local_tps, _, _, local_out = await decode(local, prompt, args.tokens, args.rounds)
-                    here.append((local_tps, local_out == plain_out))
-                    for rtt in [float(x) for x in args.rtt_ms.split(",")]:
-                        if netem:
-                            sh("ip", "netns", "exec", b.ns, "tc", "qdisc", "replace", "dev", b.ifname, "root",
-                               "netem", "delay", f"{rtt}ms")
-                        else:
-                            relay.delay = rtt / 1000
-                        await decode(remote, prompt, 8, 1)  # a new stream: a new session at this latency
-                        tps, drafted, accepted, out = await decode(remote, prompt, args.tokens, args.rounds)
-                        rows.append((rtt, base_tps, tps, drafted, accepted, out == plain_out))
+                    # The policy runner's very first request, before it has measured anything.
+                    delay(rtts[0])
+                    await decode(plain, prompt, 8)
+                    first.append(await decode(peers["policy"], prompt, counts[0]))
+                    for n in counts:
+                        blocks = [(rtt, peers) for rtt in rtts] + ([(None, {"local policy": local})] if local else [])
+                        for rtt, group in blocks:
+                            if rtt is not None:
+                                delay(rtt)
+                            for r in group.values():
+                                await decode(r, prompt, 8)  # a new stream: a new session at this latency
+                            got = {name: [] for name in ["plain", *group]}
+                            expected = None
+                            for _ in range(args.rounds):  # interleaved, so the box's noise falls on all
+                                tps, d, k, out = await decode(plain, prompt, n)
+                                expected = out
+                                got["plain"].append((tps, d, k, True))
+                                for name, r in group.items():
+                                    tps, d, k, out = await decode(r, prompt, n)
+                                    got[name].append((tps, d, k, out == expected))
+                            base_tps = _median([g[0] for g in got["plain"]])
+                            for name, results in got.items():
+                                rates = [g[0] for g in results]
+                                rows.append((n, rtt, name, _median(rates), min(rates), max(rates),
+                                             _median(rates) / base_tps, _median([g[1] for g in results]),
+                                             _median([g[2] for g in results]), all(g[3] for g in results)))
+                            if "policy" in group:
+                                info = await group["policy"].info()
+                                notes.append((n, rtt, (info.admission or {}).get("draft_policy")))
                 finally:
-                    await local.stop()
-                    await remote.stop()
-                    await plain.stop()
+                    for r in started:
+                        await r.stop()
 
             try:
                 in_netns(a.ns, asyncio.run, measure())
             finally:
                 server.kill()
         print(f"target {args.layers} layers x {args.hidden}, draft its first {args.draft_layers} layers on the "
-              f"peer, epsilon {args.epsilon}, {args.tokens} tokens, num_draft {args.num_draft}, best of {args.rounds}")
+              f"peer, epsilon {args.epsilon}, num_draft {args.num_draft}, {args.rounds} requests per row "
+              f"(median, min-max), greedy")
         print(f"raw mlx_lm generate_step: {raw:.1f} tok/s; link delay by {'tc netem' if netem else 'a delaying relay'}")
-        local_tps, local_same = here[0]
-        print(f"the same draft on this machine: {local_tps:.1f} tok/s "
-              f"({'same' if local_same else 'NOT the same'} output)")
-        print("| RTT ms | plain tok/s | remote-draft tok/s | × plain | × mlx_lm | × local draft | drafted | accepted | same |")
+        print("runners: plain (no draft); always (draft on the peer every round); "
+              + ("before (the earlier tree's policy); " if args.before else "")
+              + "policy (the measured policy); local policy (the draft on this machine, measured policy)")
+        print("| tokens | RTT ms | runner | tok/s | min-max | × plain | drafted | accepted | same as plain |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for rtt, base_tps, tps, drafted, accepted, same in rows:
-            print(f"| {rtt:g} | {base_tps:.1f} | {tps:.1f} | {tps / base_tps:.2f} | {tps / raw:.2f} | "
-                  f"{tps / local_tps:.2f} | {drafted} | {accepted} | {'yes' if same else 'NO'} |")
-        return 0 if all(r[-1] for r in rows) and local_same else 1
+        for n, rtt, name, med, lo, hi, ratio, drafted, accepted, same in rows:
+            print(f"| {n} | {'-' if rtt is None else f'{rtt:g}'} | {name} | {med:.1f} | {lo:.1f}-{hi:.1f} | "
+                  f"{ratio:.2f} | {drafted:g} | {accepted:g} | {'yes' if same else 'NO'} |")
+        tps, drafted, accepted, _ = first[0]
+        plain_row = next(r for r in rows if r[0] == counts[0] and r[1] == rtts[0] and r[2] == "plain")
+        print(f"\nthe policy runner's first request ({counts[0]} tokens at {rtts[0]:g} ms, nothing measured yet): "
+              f"{tps:.1f} tok/s, {tps / plain_row[3]:.2f} x that row's plain median, drafted {drafted}, "
+              f"accepted {accepted}")
+        print("\nthe policy's knowledge after each row (seconds; t_round by drafts asked):")
+        for n, rtt, state in notes:
+            if state:
+                rounds = ", ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in state["t_round"].items())
+                print(f"- {n} tokens, {rtt:g} ms: plain {state['t_plain'] * 1e3:.0f} ms, rounds {{{rounds}}}, "
+                      f"alpha {state['alpha']:.2f}, best k {state['best_drafts']}, on {state['on']}, "
+                      f"probes {state['probes']}, gap {state['probe_gap']}")
+        return 0 if all(r[-1] for r in rows) else 1
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -39,6 +39,9 @@ class Settings:
     # `create --draft`) wins; else, when > 0, the target's first N layers draft for it.
     self_draft_layers: int = 0
     num_draft: int = 3
+    # measured: draft only while measured costs say it pays; always: every round drafts
+    # num_draft (to test or measure a draft itself)
+    draft_policy: str = "measured"
     prompt_cache_bytes: int = 2 * 2**30  # KV kept for reuse by the next turn, per model
     load_timeout: float = 300.0
     peer_silence: float = 5.0  # seconds a peer answering a forwarded request may send nothing (it
@@ -232,6 +235,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         raise ConfigError(f"setting keep_alive: {e}") from None
     if s.guard not in ("strict", "warn", "off"):
         raise ConfigError(f"setting guard: must be strict, warn or off, not {s.guard!r}")
+    if s.draft_policy not in ("measured", "always"):
+        raise ConfigError(f"setting draft_policy: must be measured or always, not {s.draft_policy!r}")
     if not (0 < s.memory_safety <= 1):
         raise ConfigError("setting memory_safety: must be in (0, 1]")
     if not (0 < s.port < 65536):

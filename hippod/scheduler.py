@@ -277,7 +277,8 @@ class Scheduler:
     def _engine_args(self, rec: ModelRecord, ctx: int, parallel: int, draft_here: bool = True) -> list[str]:
         d = rec.details or {}
         cache = prompt_cache_bytes(self.settings.prompt_cache_bytes, d, ctx, parallel)
-        args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache)]
+        args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache),
+                "--draft-policy", self.settings.draft_policy]
         draft = self._draft_here(rec) if draft_here else None
         if draft is not None:
             args += ["--draft", str(self.registry.model_dir(draft))]

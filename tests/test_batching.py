@@ -107,7 +107,7 @@ def test_speculative_decoding_never_changes_greedy_output(daemon_factory, tiny_d
     plain.stop()
 
     # A separate draft model, named at create time.
-    d = daemon_factory("draft")
+    d = daemon_factory("draft", env={"HIPPO_DRAFT_POLICY": "always"})
     _create(d, "draft-model", tiny_dirs["draft"])
     _create(d, "target", tiny_dirs["target"], draft="draft-model")
     got = [_generate(d, p) for p in ("hello world", "the quick brown fox")]
@@ -117,7 +117,7 @@ def test_speculative_decoding_never_changes_greedy_output(daemon_factory, tiny_d
     d.stop()
 
     # The target's own first layer as the draft.
-    s = daemon_factory("self", env={"HIPPO_SELF_DRAFT_LAYERS": "1"})
+    s = daemon_factory("self", env={"HIPPO_SELF_DRAFT_LAYERS": "1", "HIPPO_DRAFT_POLICY": "always"})
     _create(s, "target", tiny_dirs["target"])
     got = [_generate(s, p) for p in ("hello world", "the quick brown fox")]
     assert [g["response"] for g in got] == expected

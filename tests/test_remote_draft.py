@@ -51,10 +51,11 @@ async def generate(runner: RunnerProcess, req: GenerateRequest, on_token=None) -
     return tokens, done
 
 
-def runner_for(model, tmp, remote: str | None = None, key: bytes = KEY) -> RunnerProcess:
+def runner_for(model, tmp, remote: str | None = None, key: bytes = KEY, policy: str = "always") -> RunnerProcess:
     args, env = [], {}
     if remote:
-        args, env = ["--remote-draft", remote, "--num-draft", "3"], {"HIPPO_DRAFT_KEY": key.hex()}
+        args, env = (["--remote-draft", remote, "--num-draft", "3", "--draft-policy", policy],
+                     {"HIPPO_DRAFT_KEY": key.hex()})
     return RunnerProcess(model, tmp, tmp / "runners.log", num_parallel=1, context_length=2048,
                          extra_args=args, extra_env=env)
 
@@ -72,14 +73,25 @@ def test_drafts_from_a_peer_give_plain_output_and_losing_it_changes_nothing(dirs
         async def main():
             plain = runner_for(dirs["target"], tmp_path)
             remote = runner_for(dirs["target"], tmp_path, f"{b.address}:{port}")
+            measured = runner_for(dirs["target"], tmp_path, f"{b.address}:{port}", policy="measured")
             await plain.start(120)
             await remote.start(120)
+            await measured.start(120)
             try:
                 out = {}
                 for prompt in PROMPTS:
                     expected, _ = await generate(plain, request(prompt, 24))
                     got, done = await generate(remote, request(prompt, 24))
                     out[prompt] = (expected, got, done)
+                # The measured policy drafts some rounds and not others, and keeps what it
+                # learnt for the next request: the tokens are still the plain ones.
+                by_policy = []
+                for prompt in PROMPTS * 2:
+                    expected, _ = await generate(plain, request(prompt, 24))
+                    got, done = await generate(measured, request(prompt, 24))
+                    by_policy.append((expected, got, done))
+                policy = (await measured.info()).admission["draft_policy"]
+                await measured.stop()
                 # The peer's link goes down mid-stream, then its draft server dies: both streams
                 # finish here with the plain tokens.
                 long_plain, _ = await generate(plain, request(PROMPTS[0], 40))
@@ -96,18 +108,23 @@ def test_drafts_from_a_peer_give_plain_output_and_losing_it_changes_nothing(dirs
                 server.send_signal(signal.SIGKILL)
                 server.wait()
                 after_kill, _ = await generate(remote, request(PROMPTS[0], 40))
-                return out, long_plain, after_cut, cut_done, cut_seconds, after_kill
+                return out, by_policy, policy, long_plain, after_cut, cut_done, cut_seconds, after_kill
             finally:
+                await measured.stop()
                 await remote.stop()
                 await plain.stop()
 
         try:
-            out, long_plain, after_cut, cut_done, cut_seconds, after_kill = in_netns(a.ns, asyncio.run, main())
+            out, by_policy, policy, long_plain, after_cut, cut_done, cut_seconds, after_kill = \
+                in_netns(a.ns, asyncio.run, main())
         finally:
             server.kill()
     for prompt, (expected, got, done) in out.items():
         assert got == expected, prompt
         assert done.drafted > 0 and done.accepted > 0, (prompt, done)
+    assert all(got == expected for expected, got, _ in by_policy)
+    assert by_policy[0][2].drafted > 0  # the first request measures what drafting costs
+    assert policy["t_plain"] > 0 and policy["t_round"], policy
     assert after_cut == long_plain and len(after_cut) == 40
     assert 0 < cut_done.drafted  # it drafted on the peer before the cut
     assert cut_seconds < 20  # one round's timeout, not a hang
@@ -210,7 +227,7 @@ def test_hippoctl_run_draft_on_a_peer_over_two_daemons(dirs, tmp_path, monkeypat
 
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     with lan(2) as net:
-        pair = Pair(net, tmp_path, {"HIPPO_NUM_CTX": "1024"}, {"HIPPO_NUM_CTX": "1024"})
+        pair = Pair(net, tmp_path, {"HIPPO_NUM_CTX": "1024", "HIPPO_DRAFT_POLICY": "always"}, {"HIPPO_NUM_CTX": "1024"})
         a, b = pair.a, pair.b
         try:
             start_with_draft_on_both(a, b, dirs)
@@ -295,7 +312,7 @@ def test_a_draft_that_does_not_fit_here_runs_on_the_peer_that_holds_it(dirs, tmp
     budget = expected_estimate(dirs["target"]) + inspect_model_dir(dirs["draft"]).weights_bytes // 2
     with lan(2) as net:
         pair = Pair(net, tmp_path, {"HIPPO_MEMORY_BUDGET": str(budget), "HIPPO_NUM_CTX": str(NUM_CTX),
-                                    "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL)}, {})
+                                    "HIPPO_NUM_PARALLEL": str(NUM_PARALLEL), "HIPPO_DRAFT_POLICY": "always"}, {})
         a, b = pair.a, pair.b
         try:
             start_with_draft_on_both(a, b, dirs)

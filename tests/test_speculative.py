@@ -83,7 +83,7 @@ def _chat(d, model, messages):
 
 
 def test_greedy_output_is_plain_output_for_draft_model_and_dflash(daemon_factory, dirs):
-    d = daemon_factory("spec", env={"HIPPO_NUM_DRAFT": "4"})
+    d = daemon_factory("spec", env={"HIPPO_NUM_DRAFT": "4", "HIPPO_DRAFT_POLICY": "always"})  # every request drafts
     _create(d, "plain", dirs["target"])
     _create(d, "draft-model", dirs["draft"])
     _create(d, "drafted", dirs["target"], draft="draft-model")
@@ -223,28 +223,6 @@ def test_greedy_acceptance_is_the_agreeing_prefix():
     assert accept_greedy([], [5]) == 0
 
 
-def test_the_policy_stops_drafting_when_it_does_not_pay():
-    from hippod.engine.speculative import DraftPolicy
-
-    policy = DraftPolicy(4, probe_every=10)
-    asked = []
-    for _ in range(40):
-        n = policy()
-        asked.append(n)
-        # Plain rounds take 10 ms a token; drafting rounds 40 ms and keep nothing.
-        policy.record(n, 0, 0.040 if n else 0.010)
-    assert asked[1] == 0 and asked[2] == 4
-    assert asked[5:14] == [0] * 9  # off after four losing rounds, until the probe_every-th
-    assert asked[14] == 4  # then it tries again
-    assert sum(1 for n in asked if n) <= 14
-
-    paying = DraftPolicy(4)
-    for _ in range(40):
-        n = paying()
-        paying.record(n, 3 if n else 0, 0.020 if n else 0.010)  # 4 tokens in 20 ms: 2x
-    assert paying.on
-
-
 def test_a_lone_sequence_drafts_again_only_when_the_measured_costs_repay_the_draft_prefill():
     from hippod.engine.speculative import ResumeCosts
 
@@ -325,3 +303,48 @@ def test_dflash_context_follows_the_target_when_drafts_are_kept(dirs, tmp_path):
     mx.save_safetensors(str(broken / "model.safetensors"), weights)
     with pytest.raises(DFlashError, match="lacks 1 weights"):
         load_dflash(broken, model)
+
+
+def test_plain_rounds_between_drafting_rounds_keep_plain_output_and_a_coherent_cache(dirs):
+    """In-process: drafting on and off round by round, as the policy does it. Pipelined plain
+    rounds in a row, a draft model catching up on the tokens it missed, and a consumer that
+    stops early: the tokens are the plain ones, and the target's cache holds only tokens the
+    consumer has seen."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from hippod.engine.drafts import ModelDrafter
+    from hippod.engine.speculative import Decoding, Stats, speculative_stream, trim_to
+
+    model, tok = load(str(dirs["target"]))
+    drafter = ModelDrafter(load(str(dirs["draft"]))[0])
+    prompt = tok.encode("one two three four five")
+    plain = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=40)]
+    pattern = iter([3, 0, 0, 0, 2, 0, 3, 3, 0, 0, 0, 0, 1] * 10)
+    target_cache, draft_cache = make_prompt_cache(model), drafter.make_cache()
+    stats = Stats()
+    stream = speculative_stream(model, drafter.proposer(draft_cache), target_cache, prompt, max_tokens=40,
+                                num_draft=lambda: next(pattern), decoding=Decoding(), stats=stats)
+    seen = []
+    for token, _ in stream:
+        seen.append(token)
+        if len(seen) == 33:
+            break
+    stream.close()
+    assert seen == plain[:33]
+    assert stats.drafted > 0 and stats.accepted > 0
+    total = len(prompt) + len(seen)
+    assert total - 1 <= target_cache[0].offset <= total + 3  # at most the rest of a drafting round
+    # What it holds is the right KV: plain decoding goes on from it with the plain tokens.
+    trim_to(target_cache, total - 1)
+    rest = [int(t) for t, _ in generate_step(mx.array(seen[-1:]), model, max_tokens=7, prompt_cache=target_cache)]
+    assert rest == plain[33:]
+
+    # A draft model that sat out plain rounds reads their tokens before it drafts again.
+    cache = drafter.make_cache()
+    proposer = drafter.proposer(cache)
+    proposer.prefill(prompt[:-1], None)
+    history = prompt + plain[:5]  # five tokens the target produced without it
+    proposer.propose(history[-1], 1, history, Decoding())
+    assert cache[0].offset == len(history)  # all of history, the pending token included

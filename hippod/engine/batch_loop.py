@@ -43,7 +43,8 @@ from hippod.engine.logprobs import TokenTexts, token_entry
 from hippod.engine.prompts import PromptError, render_prompt
 from hippod.engine.sampling import (make_logits_shape, make_request_processors, make_request_sampler,
                                    request_key)
-from hippod.engine.speculative import Decoding, DraftPolicy, ResumeCosts, Stats, speculative_stream, trim_to
+from hippod.engine.draft_policy import DraftPolicy
+from hippod.engine.speculative import Decoding, ResumeCosts, Stats, speculative_stream, trim_to
 from hippod.engine.stops import StopMatcher
 from hippod.engine.tool_calls import (
     ToolCallBuffer,
@@ -80,13 +81,15 @@ class AdmissionStats:
     resumes: int = 0  # sequences a shrinking batch left to draft again
     resumes_declined: int = 0  # ... and those the measured costs kept in the batch
     costs: ResumeCosts = field(default_factory=ResumeCosts)
+    draft: DraftPolicy | None = None  # what drafting costs and yields here, for every stream
     arrivals: Arrivals = field(default_factory=Arrivals)  # requests the daemon said are coming
 
     def as_dict(self) -> dict:
         return {"solo_starts": self.solo_starts, "batch_inserts": self.batch_inserts[-64:],
                 "prefill_chunks": self.prefill_chunks[-64:], "numbered": self.arrivals.told, "held": self.arrivals.waits,
                 "given_up": self.arrivals.given_up, "resumes": self.resumes,
-                "resumes_declined": self.resumes_declined, "draft_costs": self.costs.as_dict()}
+                "resumes_declined": self.resumes_declined, "draft_costs": self.costs.as_dict(),
+                "draft_policy": self.draft.as_dict() if self.draft is not None else None}
 
 
 @dataclass
@@ -135,7 +138,7 @@ def _vocab_size(tokenizer) -> int:
 
 class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
-                 info: Callable[[int], object], drafter=None, num_draft: int = 3,
+                 info: Callable[[int], object], drafter=None, num_draft: int = 3, draft_policy: str = "measured",
                  prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP,
                  hold: float = HOLD_SECONDS):
         self.model = model
@@ -156,7 +159,9 @@ class BatchLoop:
         self.batched: dict[int, _Active] = {}
         self.solo: _Active | None = None
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
-        self.stats = AdmissionStats(arrivals=Arrivals(hold))
+        self.stats = AdmissionStats(arrivals=Arrivals(hold),
+                                    draft=DraftPolicy(self.num_draft, always=draft_policy == "always")
+                                    if drafter else None)
         self.generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
@@ -426,10 +431,11 @@ class BatchLoop:
             return
 
     def _speculate(self, a: _Active, proposer=None):
-        """The solo speculative stream of `a`: its draft state, its sampling, its policy."""
+        """The solo speculative stream of `a`: its draft state, its sampling; the runner's policy."""
         target, draft = a.cache[: self.num_layers], a.cache[self.num_layers:]
         opts = a.job.request.options
-        policy = DraftPolicy(self.num_draft)
+        policy = self.stats.draft
+        policy.begin()
         a.spec = Stats()
 
         def on_round(drafted: int, accepted: int, seconds: float) -> None:

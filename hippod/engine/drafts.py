@@ -51,7 +51,8 @@ class ModelDrafter:
 class ModelProposer:
     """A draft model's side of one stream. Its cache follows the target's, except after a round
     whose every draft was kept: the last draft was never fed to it, so it goes in first next
-    round (`behind`), the way mlx_lm's speculative_generate_step does it."""
+    round (`behind`), the way mlx_lm's speculative_generate_step does it; and after plain rounds
+    (the policy drafted nothing), whose tokens it reads from `history` when it drafts again."""
 
     taps: tuple[int, ...] = ()
 
@@ -67,6 +68,9 @@ class ModelProposer:
             mx.eval([c.state for c in self.cache])
 
     def propose(self, pending: int, n: int, history: list[int], decoding: Decoding):
+        missed = history[self.cache[0].offset + len(self.behind):-1] if history else []
+        if missed:
+            self.prefill(missed, None)
         feed = mx.array(self.behind + [pending], mx.uint32)
         self.behind = []
         drafts, probs = [], []

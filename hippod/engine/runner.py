@@ -56,6 +56,7 @@ def _model_context_length(model_dir: Path) -> int | None:
 class Runner:
     def __init__(self, model_dir: Path, num_parallel: int, context_length: int, *,
                  draft: Path | None = None, self_draft_layers: int = 0, num_draft: int = 3,
+                 draft_policy: str = "measured",
                  prompt_cache_bytes: int = 2 * 2**30, shard=None, remote_draft: str | None = None,
                  remote_draft_key_file: Path | None = None):
         self.model_dir = model_dir
@@ -65,6 +66,7 @@ class Runner:
         self.draft = draft
         self.self_draft_layers = self_draft_layers
         self.num_draft = num_draft
+        self.draft_policy = draft_policy
         self.prompt_cache_bytes = prompt_cache_bytes
         self.num_parallel = num_parallel
         limit = _model_context_length(model_dir)
@@ -99,7 +101,7 @@ class Runner:
             self.load_seconds = time.perf_counter() - t0
             self.batch = BatchLoop(model, tokenizer, num_parallel=self.num_parallel,
                                    context_length=self.context_length, info=self.info,
-                                   drafter=drafter, num_draft=self.num_draft,
+                                   drafter=drafter, num_draft=self.num_draft, draft_policy=self.draft_policy,
                                    prompt_cache_bytes=self.prompt_cache_bytes)
         except BaseException as e:  # reported to the daemon, which shows it to the user
             self.load_error = e
@@ -382,6 +384,8 @@ def main(argv: list[str] | None = None, start=None) -> int:
     ap.add_argument("--self-draft-layers", type=int, default=0,
                     help="draft with the target's own first N layers (0: off)")
     ap.add_argument("--num-draft", type=int, default=3)
+    ap.add_argument("--draft-policy", choices=("measured", "always"), default="measured",
+                    help="measured: draft while it pays; always: every round drafts --num-draft")
     ap.add_argument("--remote-draft", metavar="HOST:PORT",
                     help="draft on a peer's draft server (its key in HIPPO_DRAFT_KEY or the key file)")
     ap.add_argument("--remote-draft-key-file", type=Path, help="a file holding the session key (deleted once read)")
@@ -403,6 +407,7 @@ def main(argv: list[str] | None = None, start=None) -> int:
             return serve_rank(args.model, shard, args.context_length)
     runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
                     self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
+                    draft_policy=args.draft_policy,
                     prompt_cache_bytes=args.prompt_cache_bytes, shard=shard, remote_draft=args.remote_draft,
                     remote_draft_key_file=args.remote_draft_key_file)
     start = start or (lambda work: threading.Thread(target=work, name="generate", daemon=True).start())

@@ -240,7 +240,13 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
     """Yield (token, drafted) pairs. `tokens` is the whole sequence so far; `cache` (the
     target's) and the proposer's caches hold the KV of its first cache[0].offset tokens, and at
     least the last token is still to process. `num_draft` may be a callable asked each round
-    (0: a plain step), which is how a policy turns drafting off when it does not pay."""
+    (0: a plain step), which is how a policy turns drafting off when it does not pay.
+
+    Plain steps in a row are pipelined as in mlx_lm's generate_step: the next one is queued
+    before a token is waited for and handed out, so Python's work overlaps the forward and
+    drafting turned off costs what plain decoding does. (Not with taps or logits processors, which need
+    each token's value first; a consumer that stops then finds one token more in the cache,
+    still one it has seen.)"""
     stats = stats if stats is not None else Stats()
     history = list(tokens)
     held = cache[0].offset
@@ -258,10 +264,51 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
             return t1
         return t0
 
-    while produced < max_tokens:
-        t_round = t0 = clock()
+    def ask() -> int:
         want = num_draft() if callable(num_draft) else num_draft
-        n = max(0, min(want, max_tokens - produced - 1))
+        return max(0, min(want, max_tokens - produced - 1))
+
+    def plain_step(token) -> mx.array:
+        """The target's next token after `token` (an id, or a lazy [1] array), queued."""
+        inputs = token if isinstance(token, mx.array) else mx.array([token], mx.uint32)
+        logits, _ = forward(model, inputs, cache)
+        drawn, _ = decoding.draw(history, None, logits[0, -1:])
+        mx.async_eval(drawn)
+        return drawn
+
+    pipelined = not proposer.taps and not decoding.processors
+    # A round lasts from the last round's tokens being ready to its own: pipelined or not,
+    # drafting or not, what the consumer did in between counts alike.
+    ready = clock()
+    ahead, decided = None, None  # the queued plain step; the next round's drafts, already asked
+    while produced < max_tokens:
+        t0 = clock()
+        n = ask() if decided is None else decided
+        decided = None
+        if n == 0 and pipelined:
+            y = ahead if ahead is not None else plain_step(pending)
+            # Plain rounds in a row: the next is queued before this one is waited for, so the
+            # forward never waits for Python; should drafts be asked next, its token is trimmed.
+            guess = plain_step(y) if ahead is not None and produced + 1 < max_tokens else None
+            ahead = None
+            bonus = int(y.item())
+            proposer.commit([], 0, None)
+            stats.rounds += 1
+            now = clock()
+            if on_round is not None:
+                on_round(0, 0, now - ready)
+            ready = now
+            history.append(bonus)
+            pending = bonus
+            produced += 1
+            if produced < max_tokens:
+                decided = ask()
+                if decided == 0:
+                    ahead = guess if guess is not None else plain_step(y)
+                elif guess is not None:
+                    trim_prompt_cache(cache, 1)
+            yield bonus, False
+            continue
         drafts, q = proposer.propose(pending, n, history, decoding) if n else (None, None)
         if profile and drafts is not None:
             mx.eval(drafts)
@@ -287,8 +334,10 @@ def speculative_stream(model, proposer: Proposer, cache: list, tokens: list[int]
         stats.rounds += 1
         stats.drafted += n
         stats.accepted += accepted
+        now = clock()
         if on_round is not None:
-            on_round(n, accepted, clock() - t_round)
+            on_round(n, accepted, now - ready)
+        ready = now
         kept = drafts[:accepted] + [bonus]
         history += kept
         pending = bonus
@@ -307,55 +356,6 @@ def trim_to(caches: list, length: int) -> int:
         if c.offset > held:
             c.trim(c.offset - held)
     return held
-
-
-class DraftPolicy:
-    """How many tokens to draft each round, by measurement: drafting stays on while its tokens
-    per second beat plain decoding's, measured on the same stream (a plain round is a round
-    that drafts nothing). Off, it probes again now and then, since acceptance changes with the
-    text. Output never depends on it; only speed does."""
-
-    def __init__(self, num_draft: int, *, warmup: int = 3, probe_every: int = 48, margin: float = 1.0):
-        self.num_draft = num_draft
-        self.warmup, self.probe_every, self.margin = warmup, probe_every, margin
-        self.plain_rate: float | None = None  # tokens per second, plain rounds
-        self.draft_rate: float | None = None  # tokens per second, drafting rounds
-        self.drafting = True
-        self.trial = 0  # drafting rounds since drafting was (re)tried
-        self.rounds_off = 0
-        self.round = 0
-
-    def __call__(self) -> int:
-        self.round += 1
-        if self.round == 2 or self.round % 64 == 0:  # a plain round to measure against (not the first: warm-up)
-            return 0
-        if not self.drafting:
-            self.rounds_off += 1
-            if self.rounds_off < self.probe_every:
-                return 0
-            self.drafting, self.trial, self.draft_rate = True, 0, None
-        return self.num_draft
-
-    @staticmethod
-    def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
-        return new if old is None else (1 - weight) * old + weight * new
-
-    def record(self, drafted: int, accepted: int, seconds: float) -> None:
-        rate = (accepted + 1) / max(seconds, 1e-9)
-        if drafted == 0:
-            if self.round > 1:
-                self.plain_rate = self._ema(self.plain_rate, rate)
-            return
-        self.trial += 1
-        if self.trial > 1:  # the first drafting round carries the draft's warm-up
-            self.draft_rate = self._ema(self.draft_rate, rate)
-        if (self.trial > self.warmup and self.plain_rate is not None and self.draft_rate is not None
-                and self.draft_rate < self.margin * self.plain_rate):
-            self.drafting, self.rounds_off = False, 0
-
-    @property
-    def on(self) -> bool:
-        return self.drafting
 
 
 def decoding_for(options: dict) -> Decoding:
