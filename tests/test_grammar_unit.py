@@ -65,7 +65,7 @@ def run_jobs(loop, requests: list[GenerateRequest]) -> list[dict]:
         loop.submit(Job(req, emitter(i)))
     while any(r["done"] is None and r["error"] is None for r in results):
         # One turn of BatchLoop.run_forever, without blocking when idle.
-        loop._take_new(block=False)
+        loop._take_new(0)
         loop._drop_cancelled()
         loop._admit()
         if loop.solo is not None:
@@ -165,7 +165,7 @@ def test_grammar_survives_decoding_alone_then_joining_a_batch(tiny_loop):
         return emit
 
     def turn():
-        tiny_loop._take_new(block=False)
+        tiny_loop._take_new(0)
         tiny_loop._admit()
         if tiny_loop.solo is not None:
             tiny_loop._step_solo()
