@@ -20,6 +20,11 @@ from __future__ import annotations
 PROBE_ALPHA = 0.9  # a probe drafts as many as would pay best were this share of drafts kept
 
 
+def ema(old: float | None, new: float, weight: float) -> float:
+    """A moving average that starts at its first sample: measured costs drift slowly."""
+    return new if old is None else (1 - weight) * old + weight * new
+
+
 class DraftPolicy:
     """Asked once a round (`__call__` -> drafts to ask for, 0: a plain round), told what the
     round did (`record`); `begin` marks a new stream."""
@@ -138,7 +143,7 @@ class DraftPolicy:
             self.gap = self.wait = min(self.gap * 2, self.probe_most)
 
     def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.weight) * old + self.weight * new
+        return ema(old, new, self.weight)
 
     @property
     def on(self) -> bool:

@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Protocol
 import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
 
+from hippod.engine.draft_policy import ema
+
 PREFILL_STEP = 512
 PHASES = ("draft", "verify", "accept", "trim")
 
@@ -379,7 +381,7 @@ class ResumeCosts:
         self.prefill_token_seconds: float | None = None  # the draft's prefill, per token
 
     def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.weight) * old + self.weight * new
+        return ema(old, new, self.weight)
 
     def record_step(self, batch: int, seconds: float) -> None:
         self.step_seconds[batch] = self._ema(self.step_seconds.get(batch), seconds)
