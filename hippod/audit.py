@@ -58,6 +58,7 @@ class Trace:
     model_source: str | None = None  # "local" unless the model came from elsewhere (note_model_source)
     status: int = 0
     total_seconds: float = 0.0
+    answered: bool = False  # the last byte of the answer's content was written (note_answered)
 
     def record(self) -> RequestRecord:
         return RequestRecord(client=self.client, endpoint=self.route, status=self.status,
@@ -112,6 +113,14 @@ def note_generation(gen) -> None:
         trace.error = gen.error
     if trace.keep_prompt:
         trace.prompt = _prompt_text(gen.request)
+
+
+def note_answered() -> None:
+    """The whole answer has been written: a client that hangs up now, before the stream's
+    end marker, was served (a 200 in the log), not cut off (a 499)."""
+    trace = _current.get()
+    if trace is not None:
+        trace.answered = True
 
 
 def note_embedding(model: str, inputs: list[str], prompt_tokens: int, load_seconds: float) -> None:
@@ -181,7 +190,10 @@ async def audit_middleware(request: web.Request, handler):
         trace.status = exc.status
         raise
     except asyncio.CancelledError:
-        trace.status, trace.error = 499, trace.error or "cancelled (client went away or shutdown)"
+        if trace.answered:
+            trace.status = 200
+        else:
+            trace.status, trace.error = 499, trace.error or "cancelled (client went away or shutdown)"
         raise
     except BaseException as exc:
         trace.status, trace.error = 500, trace.error or f"{type(exc).__name__}: {exc}"

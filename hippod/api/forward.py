@@ -20,11 +20,12 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from hippod import audit
 from hippod.api.errors import BadRequest, read_json, status_and_message
 from hippod.api.inference import Generation, embed
 from hippod.api.request import parse_embed_inputs, parse_options, parse_think, parse_tools, parse_top_logprobs
 from hippod.cluster import trust
-from hippod.cluster.frames import FrameSigner, with_heartbeats
+from hippod.cluster.frames import ANSWER_ENDS, FrameSigner, with_heartbeats
 from hippod.protocol import (FORWARD_EMBED_PATH, FORWARD_PATH, ErrorEvent, ForwardStart, SplitRecordError,
                              decode_forward, decode_forward_embed)
 
@@ -87,6 +88,8 @@ async def _answer(request: web.Request, events: AsyncIterator[object]) -> web.St
                 _drop_when_unacked(request)
                 await resp.prepare(request)
             await resp.write(frames.line(event))
+            if isinstance(event, ANSWER_ENDS):
+                audit.note_answered()
     except ConnectionError:  # the forwarding node went away
         raise
     except Exception as exc:

@@ -10,7 +10,7 @@ import time
 
 from aiohttp import web
 
-from hippod import __version__
+from hippod import __version__, audit
 from hippod.api import ollama_model_types as mt
 from hippod.api import ollama_types as t
 from hippod.api import status_page
@@ -270,6 +270,7 @@ async def _run(request: web.Request, gen: Generation, stream: bool, kind: str) -
                 final.setdefault("logprobs", [])
             return web.json_response(final)
         await resp.write(_line(final))
+        audit.note_answered()
         await resp.write_eof()
         return resp
     finally:

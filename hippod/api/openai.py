@@ -13,6 +13,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from hippod import audit
 from hippod.api import openai_types as t
 from hippod.api.errors import BadRequest, openai_error, read_json, status_and_message
 from hippod.api.inference import Generation, embed
@@ -98,6 +99,7 @@ async def _respond(request: web.Request, gen: Generation, call: t.Call, *,
             if call.include_usage:
                 await _send(resp, usage_chunk(_usage(gen)))
             await resp.write(b"data: [DONE]\n\n")
+            audit.note_answered()
             await resp.write_eof()
             return resp
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from hippod import audit
 from hippod.api import responses_types as t
 from hippod.api.errors import read_json, status_and_message
 from hippod.api.inference import Generation
@@ -50,6 +51,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return resp
         for event in builder.finish(gen.done):
             await _send(resp, event)
+        audit.note_answered()
         await resp.write_eof()
         return resp
     finally:

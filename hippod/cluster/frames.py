@@ -33,7 +33,8 @@ log = logging.getLogger("hippo.forward")
 HEARTBEAT_EVERY = 1.0  # seconds the answering peer lets pass without a frame
 MAX_FRAME = 1 << 20  # bytes of one frame line (a done event with tool calls is far smaller)
 CONNECT_TIMEOUT = 10.0
-_LAST = (DoneEvent, EmbedResult)  # the events that end an answer
+ANSWER_ENDS = (DoneEvent, EmbedResult)  # the events that end an answer
+DRAIN_AFTER_LAST = 2.0  # seconds to wait for the end of the stream after its last event
 
 
 class ForwardError(SchedulerError):
@@ -187,6 +188,24 @@ async def _frames(cluster, peer: PeerRecord, resp: aiohttp.ClientResponse, nonce
         if started == isinstance(event, ForwardStart):
             raise ForwardError(f"peer {peer.name} sent frames out of order")
         started = True
-        yield event
-        if isinstance(event, _LAST):
+        if isinstance(event, ANSWER_ENDS):
+            await _drain(resp)
+            yield event
             return
+        yield event
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read to the end of the stream, so the peer finishes its answer cleanly (a connection
+    dropped before its end marker cancels the peer's handler, and its log counts a client that
+    went away). Whatever comes after the last frame is not part of the answer."""
+    async def to_the_end() -> None:
+        left = MAX_FRAME
+        while left > 0:
+            chunk = await resp.content.readany()
+            if not chunk:
+                return
+            left -= len(chunk)
+
+    with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(to_the_end(), DRAIN_AFTER_LAST)
