@@ -636,6 +636,24 @@ def test_a_peer_lost_mid_answer_hands_the_stream_to_another_holder(tmp_path):
             for n in (b, g):  # both warm, both give the same greedy answer
                 assert stream_text(streamed(n))[0] == uncut
 
+            # beta refuses (its memory or its max_loaded_models is taken by pinned models): gamma takes the request
+            # before anything was streamed. alpha asks beta first (peers are listed by name).
+            assert b.call("POST", "/api/generate", {"model": "smol", "keep_alive": 0})[0] == 200
+            pins, refusal = _fill_with_pinned(b, "smol")
+            assert refusal["status"] in (503, 507) and "pinned" in refusal["error"], refusal
+            text, last = stream_text(streamed(a))
+            assert text == uncut and last["done"] and last["eval_count"] == 16, last
+            row = a.call("GET", "/api/hippo/audit?limit=1")[1]["requests"][0]
+            assert row["model_source"] == "forwarded to beta, then gamma" and row["status"] == 200, row
+            refused = [r for r in _forward_rows(b) if r["status"] == refusal["status"]]
+            assert len(refused) == 1 and "pinned" in (refused[0]["error"] or ""), _forward_rows(b)
+            # Embeddings too: beta refuses all three routes, gamma answers them.
+            assert _in(a, _embeddings, a.daemon.url) == _in(g, _embeddings, g.daemon.url)
+            rows = a.call("GET", "/api/hippo/audit?limit=3")[1]["requests"]
+            assert [r["model_source"] for r in rows] == ["forwarded to beta, then gamma"] * 3, rows
+            for pin in pins:  # beta can run smol again for the cases below
+                assert b.call("POST", "/api/generate", {"model": pin, "keep_alive": 0})[0] == 200
+
             lines: list = []
             done = threading.Event()
             start_in_netns(a.net.ns, stream_lines, a, request, lines, done)
@@ -679,6 +697,20 @@ def test_a_peer_lost_mid_answer_hands_the_stream_to_another_holder(tmp_path):
         finally:
             for n in nodes:
                 n.daemon.stop()
+
+
+def _fill_with_pinned(node, model: str, most: int = 12) -> tuple[list[str], dict]:
+    """Copies of `model` loaded with keep_alive -1 until the node's guard refuses one: then no
+    other load of that size fits there. (names of the loaded copies, the refusal)"""
+    pins = []
+    for i in range(most):
+        name = f"pin{i}"
+        assert node.call("POST", "/api/copy", {"source": model, "destination": name})[0] == 200
+        status, body = node.call("POST", "/api/generate", {"model": name, "keep_alive": -1})
+        if status != 200:
+            return pins, {"status": status, "error": body.get("error", "")}
+        pins.append(name)
+    raise AssertionError(f"{most} pinned copies of {model} fit on {node.name}")
 
 
 def in_netns_of(node, fn, *args):

@@ -11,9 +11,10 @@ scheduler) but never forwards it again. Its answer is signed frames (cluster/fra
 heartbeats while it has nothing else to send. Closing the event iterator (the client went away)
 closes the connection, which cancels the generation on the peer.
 
-A peer lost mid-answer (cut link, frozen or killed host: silence or a broken connection) is not
-the end of it: placement is decided again without it, and another trusted peer that holds the
-model and can run it takes over. A generation continues there after the tokens already sent
+A peer lost mid-answer (cut link, frozen or killed host: silence or a broken connection), or one
+that refuses before it answers (the model is gone there, it is busy, its memory guard said no),
+is not the end of it: placement is decided again without it, and another trusted peer that holds
+the model and can run it takes over. A generation continues there after the tokens already sent
 (they are replayed after the prompt, not sent again), so a greedy answer is the uncut one.
 """
 
@@ -77,7 +78,7 @@ async def locate(splits, name: str, num_ctx: int | None) -> ModelRecord | Forwar
     from hippod.cluster import transfer
 
     cluster, scheduler = splits.cluster, splits.scheduler
-    holders = [p for p in cluster.peers.usable() if name in p.models]
+    holders = _holders(cluster, name)
     if not holders:
         return None
     try:
@@ -120,10 +121,26 @@ def _runner_among(offers: list[tuple], name: str, need: int) -> Forward | None:
     return None
 
 
-async def successor(splits, name: str, need: int, lost: frozenset[str]) -> Forward | None:
-    """Another trusted peer, none of `lost`, that holds `name` and can run it."""
-    holders = [p for p in splits.cluster.peers.usable() if name in p.models and p.name not in lost]
+def _holders(cluster, name: str, excluding: frozenset[str] = frozenset()) -> list[PeerRecord]:
+    """The usable trusted peers that list `name`, none of `excluding`."""
+    return [p for p in cluster.peers.usable() if name in p.models and p.name not in excluding]
+
+
+async def successor(splits, name: str, need: int, tried: frozenset[str]) -> Forward | None:
+    """Another trusted peer, none of `tried`, that holds `name` and can run it."""
+    holders = _holders(splits.cluster, name, tried)
     return _runner_among(await _offers(splits, holders), name, need) if holders else None
+
+
+# Refusals another holder may not share: the model is gone there, it is busy, or its memory
+# guard said no. Anything else (a bad request, a forged answer) would fail the same anywhere.
+REFUSED_THERE = frozenset({404, 503, 507})
+
+
+def _passes_on(error: ForwardError, answered: bool) -> bool:
+    """Whether `error` lets another peer take the request: the peer was lost, or it refused
+    before it answered anything."""
+    return isinstance(error, PeerLost) or (not answered and error.status in REFUSED_THERE)
 
 
 # -- the node that forwards --------------------------------------------------------------------
@@ -137,9 +154,11 @@ async def relay(splits, target: Forward, model: str, request: GenerateRequest, k
     start: ForwardStart | None = None
     while True:
         body = forward_body(ForwardRequest(model, resumed(request, sent), keep_alive))
+        answered = False  # by this peer
         try:
             async for event in frames.request(splits.cluster, splits.session, target.peer, FORWARD_PATH, body,
                                               splits.settings.peer_silence):
+                answered = True
                 if isinstance(event, ForwardStart):
                     if start is not None:  # a successor's: the client has the first one
                         _same_weights(model, start, event, served)
@@ -149,8 +168,10 @@ async def relay(splits, target: Forward, model: str, request: GenerateRequest, k
                     sent.extend(event.ids or [event.token])
                 yield event
             return
-        except PeerLost as lost:
-            target = await _take_over(splits, model, target, served, lost)
+        except ForwardError as e:
+            if not _passes_on(e, answered):
+                raise
+            target = await _take_over(splits, model, target, served, e)
 
 
 def _same_weights(model: str, first: ForwardStart, then: ForwardStart, served: list[str]) -> None:
@@ -159,14 +180,15 @@ def _same_weights(model: str, first: ForwardStart, then: ForwardStart, served: l
                            "did, so it cannot continue the answer")
 
 
-async def _take_over(splits, model: str, lost: Forward, served: list[str], why: PeerLost) -> Forward:
-    """The peer that continues a request whose peer was lost; ForwardError when none can."""
+async def _take_over(splits, model: str, lost: Forward, served: list[str], why: ForwardError) -> Forward:
+    """The peer that continues a request whose peer was lost or refused it; when none can,
+    ForwardError with the last peer's status (a refusal's numbers stay in its message)."""
     nxt = None
     if len(served) <= MAX_FAILOVERS:
         nxt = await successor(splits, splits.scheduler.registry.normalize(model), lost.need,
                               frozenset(served))
     if nxt is None:
-        raise ForwardError(f"{why}; no other trusted peer can run {model}")
+        raise ForwardError(f"{why}; no other trusted peer can run {model}", why.status)
     log.warning("%s: %s; peer %s takes over", model, why, nxt.peer)
     served.append(nxt.peer)
     audit.note_model_source("forwarded to " + ", then ".join(served))
@@ -181,8 +203,10 @@ async def embed(splits, target: Forward, record: ForwardEmbed) -> tuple[ForwardS
             events = [e async for e in frames.request(splits.cluster, splits.session, target.peer,
                                                       FORWARD_EMBED_PATH, vars(record),
                                                       splits.settings.peer_silence)]
-        except PeerLost as lost:
-            target = await _take_over(splits, record.model, target, served, lost)
+        except ForwardError as e:  # an embedding answers all at once: nothing was sent yet
+            if not _passes_on(e, answered=False):
+                raise
+            target = await _take_over(splits, record.model, target, served, e)
             continue
         result = events[-1]
         if not (len(events) == 2 and isinstance(result, EmbedResult) and _vectors(result, len(record.inputs))):
