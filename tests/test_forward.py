@@ -141,6 +141,48 @@ def test_a_split_is_judged_from_the_manifest_before_anything_is_copied():
     assert not fits(rec, 1024, 1, planner.Node("alpha", 400 * MB), [])
 
 
+def test_a_forwarding_decision_is_reused_until_it_expires_or_its_peer_fails(tmp_path):
+    """The next request for a model forwarded lately goes to the same peer without asking the
+    peers again, for ROUTE_FOR seconds, while that peer is trusted, fresh and lists the model."""
+    from types import SimpleNamespace
+
+    from hippod.cluster.peers import PeerTable
+    from hippod.runners import Forward
+    from hippod.store.database import Store
+
+    store = Store(tmp_path / "hippo.db")
+    table = PeerTable(store)
+    cluster = SimpleNamespace(peers=table)
+
+    def peer(name: str, models: list[str], trusted: bool = True) -> None:
+        store.put_peer(PeerRecord(node_id=name * 4, name=name, addresses=["10.0.0.2"], port=11434,
+                                  memory_total=1, memory_free=1, version="x", trusted=trusted, models=models))
+
+    now = [0.0]
+    routes = forward.RecentRoutes(clock=lambda: now[0])
+    peer("beta", ["m:latest"])
+    routes.put("m:latest", None, Forward("beta", 5))
+    assert routes.get(cluster, "m:latest", None) == Forward("beta", 5)
+    assert routes.get(cluster, "m:latest", 4096) is None  # another context is another estimate
+    now[0] += forward.ROUTE_FOR
+    assert routes.get(cluster, "m:latest", None) is None  # expired
+    routes.put("m:latest", None, Forward("beta", 5))
+    routes.forget("m:latest", "gamma")
+    assert routes.get(cluster, "m:latest", None) == Forward("beta", 5)
+    routes.forget("m:latest", "beta")  # lost or refused
+    assert routes.get(cluster, "m:latest", None) is None
+    routes.put("m:latest", None, Forward("beta", 5))
+    peer("beta", ["other:latest"])  # no longer lists it
+    assert routes.get(cluster, "m:latest", None) is None
+    routes.put("m:latest", None, Forward("beta", 5))
+    peer("beta", ["m:latest"], trusted=False)
+    assert routes.get(cluster, "m:latest", None) is None
+    routes.put("m:latest", None, Forward("beta", 5))
+    peer("beta", ["m:latest"])
+    table.gone["beta" * 4] = time.monotonic()  # said goodbye
+    assert routes.get(cluster, "m:latest", None) is None
+
+
 # -- a tampering proxy between a forwarding node and a real daemon ------------------------------
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 from hippod import audit
@@ -36,6 +37,36 @@ from hippod.store.records import ModelRecord, PeerRecord
 log = logging.getLogger("hippo.forward")
 
 MAX_FAILOVERS = 3  # peers that may take over one request, one after another
+ROUTE_FOR = 10.0  # seconds a forwarding decision is reused before it is made again
+
+
+class RecentRoutes:
+    """Forwarding decisions of the last ROUTE_FOR seconds, by (model, num_ctx): a chat's next
+    turn, or a burst, goes where the first request went without asking the peers again for a
+    manifest and their budgets (two signed round trips). A decision is dropped as soon as its
+    peer is lost or refuses, or stops listing the model; a stale one costs at most a takeover."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._routes: dict[tuple[str, int | None], tuple[Forward, float]] = {}
+
+    def get(self, cluster, name: str, num_ctx: int | None) -> Forward | None:
+        key = (name, num_ctx)
+        hit = self._routes.get(key)
+        if hit is None:
+            return None
+        target, until = hit
+        if self.clock() >= until or not any(p.name == target.peer for p in _holders(cluster, name)):
+            del self._routes[key]
+            return None
+        return target
+
+    def put(self, name: str, num_ctx: int | None, target: Forward) -> None:
+        self._routes[(name, num_ctx)] = (target, self.clock() + ROUTE_FOR)
+
+    def forget(self, name: str, peer: str) -> None:
+        for key in [k for k, (t, _) in self._routes.items() if k[0] == name and t.peer == peer]:
+            del self._routes[key]
 
 
 # -- the decision ------------------------------------------------------------------------------
@@ -81,6 +112,9 @@ async def locate(splits, name: str, num_ctx: int | None) -> ModelRecord | Forwar
     holders = _holders(cluster, name)
     if not holders:
         return None
+    recent = splits.routes.get(cluster, name, num_ctx)
+    if recent is not None:
+        return recent
     try:
         manifest = await transfer.fetch_manifest(cluster, holders[0], name)
     except transfer.TransferError as e:
@@ -102,6 +136,7 @@ async def locate(splits, name: str, num_ctx: int | None) -> ModelRecord | Forwar
     if target is not None:
         log.info("%s needs %d bytes, more than this node's budget and any split: forwarding to %s",
                  name, need, target.peer)
+        splits.routes.put(name, num_ctx, target)
         return target
     return await splits.fetch(name)
 
@@ -170,6 +205,7 @@ async def relay(splits, target: Forward, model: str, request: GenerateRequest, k
             return
         except ForwardError as e:
             if not _passes_on(e, answered):
+                splits.routes.forget(splits.scheduler.registry.normalize(model), target.peer)
                 raise
             target = await _take_over(splits, model, target, served, e)
 
@@ -183,10 +219,11 @@ def _same_weights(model: str, first: ForwardStart, then: ForwardStart, served: l
 async def _take_over(splits, model: str, lost: Forward, served: list[str], why: ForwardError) -> Forward:
     """The peer that continues a request whose peer was lost or refused it; when none can,
     ForwardError with the last peer's status (a refusal's numbers stay in its message)."""
+    name = splits.scheduler.registry.normalize(model)
+    splits.routes.forget(name, lost.peer)
     nxt = None
     if len(served) <= MAX_FAILOVERS:
-        nxt = await successor(splits, splits.scheduler.registry.normalize(model), lost.need,
-                              frozenset(served))
+        nxt = await successor(splits, name, lost.need, frozenset(served))
     if nxt is None:
         raise ForwardError(f"{why}; no other trusted peer can run {model}", why.status)
     log.warning("%s: %s; peer %s takes over", model, why, nxt.peer)

@@ -417,6 +417,7 @@ class Splits:
         self.placements = Placements(settings.home / "placements.json")
         self.hosted: dict[str, Hosted] = {}
         self._fetching: dict[str, asyncio.Task] = {}
+        self.routes = forward.RecentRoutes()  # where requests for models we lack went lately
         self.session: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task | None = None
 
