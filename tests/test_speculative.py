@@ -224,23 +224,28 @@ def test_greedy_acceptance_is_the_agreeing_prefix():
 
 
 def test_a_lone_sequence_drafts_again_only_when_the_measured_costs_repay_the_draft_prefill():
+    from hippod.engine.draft_policy import DraftPolicy
     from hippod.engine.speculative import ResumeCosts
 
-    costs = ResumeCosts()
-    assert costs.pays(4000, 16)  # nothing measured yet: it resumes, and so measures
+    costs, policy = ResumeCosts(), DraftPolicy(3)
+    assert policy.token_seconds() is None
+    assert costs.pays(4000, 16, policy.token_seconds())  # nothing measured yet: it resumes, and so measures
     costs.record_step(2, 0.030)
     costs.record_step(1, 0.020)  # a one-sequence batch step: 20 ms a token
-    costs.record_round(3, 2, 0.030)  # drafting alone: 3 tokens in 30 ms, 10 ms a token
-    costs.record_round(0, 0, 0.010)  # a plain round of the solo stream is not a drafting round
     costs.record_prefill(1000, 0.5)  # the draft reads 2000 tokens a second
-    assert costs.draft_token_seconds == pytest.approx(0.010)
-    # 10 ms saved per token: 200 tokens left repay reading 1000 tokens (0.5 s), 20 do not.
-    assert costs.pays(1000, 200) and not costs.pays(1000, 20)
-    assert costs.pays(100, 20)  # a short context is cheap to read
-    costs.record_round(3, 0, 0.040)  # drafts stop being kept: drafting now loses
-    costs.record_round(3, 0, 0.040)
-    assert not costs.pays(10, 10_000)
+    # drafting at 10 ms a token saves 10 ms per token: 200 tokens left repay reading 1000
+    # tokens (0.5 s), 20 do not; a short context is cheap to read
+    assert costs.pays(1000, 200, 0.010) and not costs.pays(1000, 20, 0.010)
+    assert costs.pays(100, 20, 0.010)
+    assert not costs.pays(10, 10_000, 0.025)  # drafting slower than a batch step never pays
     assert costs.as_dict()["step_seconds"] == {1: 0.020, 2: 0.030}
+    # The drafting side is the runner's policy: its best k's predicted seconds per token.
+    policy.t_plain, policy.t_round, policy.kept, policy.tried = 0.020, {3: 0.030}, 9.0, 10.0
+    k, rate = policy.best()
+    assert policy.token_seconds() == pytest.approx(policy.seconds(k) / policy.tokens(k)) == pytest.approx(1 / rate)
+    assert 0.005 < policy.token_seconds() < 0.020  # 3.4 tokens a 30 ms round
+    policy.kept = 0.0  # drafts stop being kept: a round yields one token, slower than plain
+    assert policy.token_seconds() > 0.020 and not costs.pays(10, 10_000, policy.token_seconds())
 
 
 def test_the_catalog_names_dflash_drafts_for_qwen3_and_llama():

@@ -440,7 +440,6 @@ class BatchLoop:
 
         def on_round(drafted: int, accepted: int, seconds: float) -> None:
             policy.record(drafted, accepted, seconds)
-            self.stats.costs.record_round(drafted, accepted, seconds)
 
         proposer = proposer or self.drafter.proposer(draft)
         stream = speculative_stream(
@@ -464,7 +463,7 @@ class BatchLoop:
         remaining = a.max_tokens - a.completion_tokens
         if a.grammar is not None or remaining < RESUME_MIN_TOKENS:
             return
-        if not self.stats.costs.pays(len(a.tokens), remaining):
+        if not self.stats.costs.pays(len(a.tokens), remaining, self.stats.draft.token_seconds()):
             self.stats.resumes_declined += 1
             return
         (cache, _), = self.generator.remove([uid], return_prompt_caches=True).values()

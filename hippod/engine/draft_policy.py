@@ -91,6 +91,13 @@ class DraftPolicy:
         rate, k = max(rates)
         return -k, rate
 
+    def token_seconds(self) -> float | None:
+        """Seconds per token while drafting the best k; None until a drafting round was timed."""
+        if not self.t_round:
+            return None
+        rate = self.best()[1]
+        return 1 / rate if rate > 0 else None
+
     @property
     def known(self) -> bool:
         return self.plain_samples >= 2 and self.round_samples >= 2

@@ -371,13 +371,13 @@ class ResumeCosts:
     """Whether a sequence left alone by a shrinking batch should leave the BatchGenerator and
     draft again, from measured costs: the draft must first read the whole context (its prefill
     speed is measured on each resume), and each later token then saves the difference between
-    a one-sequence batch step (measured) and a drafting round's time per token (measured on the
-    solo streams). Unmeasured, it resumes: that is how the numbers are first taken."""
+    a one-sequence batch step (measured here) and a drafting round's time per token (the
+    runner's DraftPolicy, which measures the solo streams). Unmeasured, it resumes: that is how
+    the numbers are first taken."""
 
     def __init__(self, weight: float = 0.3):
         self.weight = weight
         self.step_seconds: dict[int, float] = {}  # batch size -> seconds of one decode step
-        self.draft_token_seconds: float | None = None  # a drafting round's seconds per kept token
         self.prefill_token_seconds: float | None = None  # the draft's prefill, per token
 
     def _ema(self, old: float | None, new: float) -> float:
@@ -386,21 +386,17 @@ class ResumeCosts:
     def record_step(self, batch: int, seconds: float) -> None:
         self.step_seconds[batch] = self._ema(self.step_seconds.get(batch), seconds)
 
-    def record_round(self, drafted: int, accepted: int, seconds: float) -> None:
-        if drafted:
-            self.draft_token_seconds = self._ema(self.draft_token_seconds, seconds / (accepted + 1))
-
     def record_prefill(self, tokens: int, seconds: float) -> None:
         if tokens:
             self.prefill_token_seconds = self._ema(self.prefill_token_seconds, seconds / tokens)
 
-    def pays(self, context: int, remaining: int) -> bool:
-        plain, drafting = self.step_seconds.get(1), self.draft_token_seconds
+    def pays(self, context: int, remaining: int, drafting: float | None) -> bool:
+        """`drafting`: seconds per token while drafting (DraftPolicy.token_seconds)."""
+        plain = self.step_seconds.get(1)
         if plain is None or drafting is None or self.prefill_token_seconds is None:
             return True
         return remaining * (plain - drafting) > context * self.prefill_token_seconds
 
     def as_dict(self) -> dict:
         return {"step_seconds": dict(sorted(self.step_seconds.items())),
-                "draft_token_seconds": self.draft_token_seconds,
                 "prefill_token_seconds": self.prefill_token_seconds}
