@@ -191,7 +191,9 @@ def test_logs_tail_and_follow_across_rotation(tmp_path, daemon_factory):
     e = {k: v for k, v in os.environ.items() if not k.startswith("HIPPO_")}
     follower = subprocess.Popen([sys.executable, "-m", "hippoctl", "logs", "-f", "-n", "1", "--home",
                                  str(tmp_path / "h")], stdout=subprocess.PIPE, env={**e, "PYTHONPATH": str(REPO_ROOT)},
-                                cwd=REPO_ROOT, text=True)
+                                cwd=REPO_ROOT, text=True,
+                                # a suite started in the background inherits SIGINT ignored: undo it
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
 
