@@ -152,7 +152,9 @@ def test_a_forwarding_decision_is_reused_until_it_expires_or_its_peer_fails(tmp_
 
     store = Store(tmp_path / "hippo.db")
     table = PeerTable(store)
-    cluster = SimpleNamespace(peers=table)
+
+    def get(num_ctx=None):
+        return routes.get("m:latest", num_ctx, forward._holders(SimpleNamespace(peers=table), "m:latest"))
 
     def peer(name: str, models: list[str], trusted: bool = True) -> None:
         store.put_peer(PeerRecord(node_id=name * 4, name=name, addresses=["10.0.0.2"], port=11434,
@@ -162,25 +164,25 @@ def test_a_forwarding_decision_is_reused_until_it_expires_or_its_peer_fails(tmp_
     routes = forward.RecentRoutes(clock=lambda: now[0])
     peer("beta", ["m:latest"])
     routes.put("m:latest", None, Forward("beta", 5))
-    assert routes.get(cluster, "m:latest", None) == Forward("beta", 5)
-    assert routes.get(cluster, "m:latest", 4096) is None  # another context is another estimate
+    assert get() == Forward("beta", 5)
+    assert get(4096) is None  # another context is another estimate
     now[0] += forward.ROUTE_FOR
-    assert routes.get(cluster, "m:latest", None) is None  # expired
+    assert get() is None  # expired
     routes.put("m:latest", None, Forward("beta", 5))
     routes.forget("m:latest", "gamma")
-    assert routes.get(cluster, "m:latest", None) == Forward("beta", 5)
+    assert get() == Forward("beta", 5)
     routes.forget("m:latest", "beta")  # lost or refused
-    assert routes.get(cluster, "m:latest", None) is None
+    assert get() is None
     routes.put("m:latest", None, Forward("beta", 5))
     peer("beta", ["other:latest"])  # no longer lists it
-    assert routes.get(cluster, "m:latest", None) is None
+    assert get() is None
     routes.put("m:latest", None, Forward("beta", 5))
     peer("beta", ["m:latest"], trusted=False)
-    assert routes.get(cluster, "m:latest", None) is None
+    assert get() is None
     routes.put("m:latest", None, Forward("beta", 5))
     peer("beta", ["m:latest"])
     table.gone["beta" * 4] = time.monotonic()  # said goodbye
-    assert routes.get(cluster, "m:latest", None) is None
+    assert get() is None
 
 
 # -- a tampering proxy between a forwarding node and a real daemon ------------------------------

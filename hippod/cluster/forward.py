@@ -50,13 +50,14 @@ class RecentRoutes:
         self.clock = clock
         self._routes: dict[tuple[str, int | None], tuple[Forward, float]] = {}
 
-    def get(self, cluster, name: str, num_ctx: int | None) -> Forward | None:
+    def get(self, name: str, num_ctx: int | None, holders: list[PeerRecord]) -> Forward | None:
+        """The recent decision, while its peer is among `holders` (usable peers listing `name`)."""
         key = (name, num_ctx)
         hit = self._routes.get(key)
         if hit is None:
             return None
         target, until = hit
-        if self.clock() >= until or not any(p.name == target.peer for p in _holders(cluster, name)):
+        if self.clock() >= until or not any(p.name == target.peer for p in holders):
             del self._routes[key]
             return None
         return target
@@ -112,7 +113,7 @@ async def locate(splits, name: str, num_ctx: int | None) -> ModelRecord | Forwar
     holders = _holders(cluster, name)
     if not holders:
         return None
-    recent = splits.routes.get(cluster, name, num_ctx)
+    recent = splits.routes.get(name, num_ctx, holders)
     if recent is not None:
         return recent
     try:

@@ -437,17 +437,13 @@ class BatchLoop:
         policy = self.stats.draft
         policy.begin()
         a.spec = Stats()
-
-        def on_round(drafted: int, accepted: int, seconds: float) -> None:
-            policy.record(drafted, accepted, seconds)
-
         proposer = proposer or self.drafter.proposer(draft)
         stream = speculative_stream(
             self.model, proposer, target, a.tokens,
             max_tokens=a.max_tokens - a.completion_tokens,
             # a remote draft whose peer left drafts no more: the stream goes on plain
             num_draft=lambda: 0 if getattr(proposer, "dead", False) else policy(), decoding=Decoding(make_logits_shape(opts), a.processors, request_key(opts)),
-            stats=a.spec, on_round=on_round)
+            stats=a.spec, on_round=policy.record)
         return stream
 
     def _speculate_again(self) -> None:
