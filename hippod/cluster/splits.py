@@ -291,8 +291,7 @@ class SplitRunner:
     async def _find_successor(self) -> Runner:
         try:
             if not self.lost_nodes:  # the ring broke before the watchdog saw it: ask each node now
-                answered = await asyncio.gather(*(self._ping(m) for m in self.members))
-                self.lost_nodes = {m.peer.name for m, ok in zip(self.members, answered) if not ok}
+                self.lost_nodes = await self._unanswering()
             self.lost = self.lost or "a rank's runner stopped"
             await self._end(kill=True)
             try:
@@ -323,6 +322,8 @@ class SplitRunner:
                 await asyncio.wait({rank0_exit}, timeout=PING_INTERVAL)
             if self._stopping:
                 return
+            if self.lost is None and not self.lost_nodes:  # rank 0 went first: was a node lost?
+                self.lost_nodes = await self._unanswering()
             log.error("split %s of %s: %s; stopping its runners", self.split_id, self.model,
                       self.lost or f"rank 0 exited ({self.rank0.exit_code})")
             await self.rank0.kill()  # the streams in flight fail over now
@@ -332,6 +333,11 @@ class SplitRunner:
         finally:
             rank0_exit.cancel()
             self.splits.forget_hostfile(self.split_id)
+
+    async def _unanswering(self) -> set[str]:
+        """The members that do not answer a ping now."""
+        answered = await asyncio.gather(*(self._ping(m) for m in self.members))
+        return {m.peer.name for m, ok in zip(self.members, answered) if not ok}
 
     async def _ping(self, m: Member) -> bool:
         """True when the node answered (whatever it said)."""
