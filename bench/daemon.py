@@ -6,6 +6,8 @@ systemd would, and checks that no runner process outlives it.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import signal
@@ -90,13 +92,22 @@ class Daemon:
             return ""
 
     def runner_pids(self) -> list[int]:
+        """The daemon's live runner processes: its direct children only (a runner's own short-lived
+        forks, such as MLX's CPU JIT compiler, carry the runner's command line until they exec),
+        each looked at on its own so one that exits mid-scan leaves the others counted."""
         if not self.proc:
             return []
         try:
-            return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)
-                    if "hippod.engine.runner" in " ".join(c.cmdline())]
+            children = psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
             return []
+        pids = []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if (child.status() != psutil.STATUS_ZOMBIE
+                        and "hippod.engine.runner" in " ".join(child.cmdline())):
+                    pids.append(child.pid)
+        return pids
 
     def admission(self) -> dict | None:
         """A loaded runner's AdmissionStats (inserts into its batch, holds), asked over its

@@ -212,7 +212,10 @@ def compare_split_with_one(model_dir: Path, tmp: Path, bounds: list[int], n: int
 
 
 def _cpu_seconds(runners: list[RunnerProcess], seconds: float) -> float:
+    """CPU the runners use in `seconds`, counted from half a second after the call: the tail of
+    the work just answered (freeing the sequence's KV, the last send) is not idling."""
     procs = [psutil.Process(r.pid) for r in runners]
+    time.sleep(0.5)
     before = sum(sum(p.cpu_times()[:2]) for p in procs)
     time.sleep(seconds)
     return sum(sum(p.cpu_times()[:2]) for p in procs) - before

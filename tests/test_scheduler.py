@@ -440,12 +440,16 @@ def test_swap_waiting_for_a_busy_model_is_not_starved(d):
         status, body = generate(d, model, options={"num_predict": 4})
         finished[key] = (time.monotonic(), status, body)
 
+    def queued(n: int) -> None:  # the order the requests reach the scheduler is the test's point
+        assert wait_until(lambda: hippo_status(d)["pending_requests"] >= n, 20), hippo_status(d)
+        time.sleep(0.1)
+
     with ThreadPoolExecutor(3) as pool:
         pool.submit(timed, "b", "b")
-        time.sleep(0.3)
-        for key in ("a1", "a2"):
+        queued(1)
+        for n, key in enumerate(("a1", "a2"), start=2):
             pool.submit(timed, key, "a")
-            time.sleep(0.3)
+            queued(n)
     resp.read()
     conn.close()
     assert all(status == 200 for _, status, _ in finished.values()), finished

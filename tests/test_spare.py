@@ -9,6 +9,8 @@ warm load is: bench/hotswap.py.)
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import time
 from pathlib import Path
@@ -62,9 +64,13 @@ def spare_pids(d: Daemon) -> list[int]:
     """Runner processes started as spares that hold no model (yet)."""
     _, rows = d.request("GET", "/api/hippo/loads?limit=20")
     serving = {r["pid"] for r in rows["loads"] if r["end_reason"] is None}
-    kids = psutil.Process(d.proc.pid).children(recursive=True)
-    return [p.pid for p in kids if "--spare" in " ".join(p.cmdline()) and p.pid not in serving
-            and p.status() != psutil.STATUS_ZOMBIE]
+    pids = []
+    for p in psutil.Process(d.proc.pid).children():  # runners are the daemon's direct children
+        with contextlib.suppress(psutil.NoSuchProcess):  # one that exits mid-scan is not a spare
+            if ("--spare" in " ".join(p.cmdline()) and p.pid not in serving
+                    and p.status() != psutil.STATUS_ZOMBIE):
+                pids.append(p.pid)
+    return pids
 
 
 def ready_spares(d: Daemon) -> list[int]:
