@@ -274,6 +274,19 @@ def test_embeddings_float_and_base64(client, hippod):
     assert exc.value.param == "dimensions"
 
 
+def test_token_id_embeddings_say_how_to_send_text(client):
+    """Pre-tokenized input (tiktoken ids, as LangChain's OpenAIEmbeddings sends by default) is
+    refused before any model loads, with the client setting that sends text instead."""
+    for ids in ([[15339, 1917]], [101, 102, 103]):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.embeddings.create(model=SMOL, input=ids)
+        assert exc.value.param == "input"
+        assert "token ids" in exc.value.message and "check_embedding_ctx_length=False" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model=SMOL, input=["fine", 7])
+    assert exc.value.param == "input" and "input[1] must be a string, got int" in exc.value.message
+
+
 # -- capacity errors --------------------------------------------------------------------------
 
 

@@ -230,7 +230,8 @@ def parse_prompt(raw: Any) -> str:
         raise BadRequest("prompt: hippo completes one prompt per request; send a string or a list "
                          "of one string", param="prompt")
     if isinstance(raw, list):
-        raise BadRequest("prompt must be a string: token id prompts are not supported", param="prompt")
+        raise BadRequest("prompt must be a string: hippo takes the text, not token ids or nested lists",
+                         param="prompt")
     if not isinstance(raw, str):
         raise BadRequest("prompt is required and must be a string", param="prompt")
     if not raw:

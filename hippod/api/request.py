@@ -127,14 +127,28 @@ def history_tool_call(raw: Any, label: str) -> dict:
     return call
 
 
+def _is_token_ids(inputs: list) -> bool:
+    """One list of ints, or a list of such lists: the OpenAI API's pre-tokenized input."""
+    def ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in x)
+    return ids(inputs) or all(ids(x) for x in inputs)
+
+
 def parse_embed_inputs(raw: Any, param: str = "input") -> list[str]:
     """A string or a non-empty list of non-empty strings (token-id inputs are refused)."""
     inputs = [raw] if isinstance(raw, str) else raw
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest(f"{param} must be a string or a non-empty list of strings", param=param)
+    if _is_token_ids(inputs):
+        raise BadRequest(
+            f"{param} holds token ids; hippo embeds text only, because ids from a client-side "
+            "tokenizer (tiktoken's cl100k) are not this model's vocabulary: send the text itself "
+            "(LangChain's OpenAIEmbeddings does so with check_embedding_ctx_length=False)",
+            param=param)
     for i, text in enumerate(inputs):
         if not isinstance(text, str):
-            raise BadRequest(f"{param} must be strings: token id inputs are not supported", param=param)
+            raise BadRequest(f"{param}[{i}] must be a string, got {type(text).__name__}", param=param)
         if not text:
             raise BadRequest(f"{param}[{i}] must not be empty", param=param)
     if len(inputs) > MAX_EMBED_INPUTS:
