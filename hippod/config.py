@@ -34,6 +34,9 @@ class Settings:
     max_loaded_models: int = 3
     max_queue: int = 512
     num_parallel: int = 4
+    # Prompts prefilled in one pass when several are admitted at once; 0: every slot
+    # (num_parallel). A burst larger than this prefills in groups between decode steps.
+    prefill_batch: int = 0
     num_ctx: int = 4096
     # Speculative decoding for requests that decode alone: a model's own draft (catalog or
     # `create --draft`) wins; else, when > 0, the target's first N layers draft for it.
@@ -243,6 +246,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         raise ConfigError(f"setting port: {s.port} is not a TCP port")
     if s.num_parallel < 1 or s.max_loaded_models < 1 or s.max_queue < 1:
         raise ConfigError("num_parallel, max_loaded_models and max_queue must be at least 1")
+    if s.prefill_batch < 0:
+        raise ConfigError("setting prefill_batch: must be 0 (every slot) or more")
     if s.spare_start_timeout <= 0 or s.spare_warm_bytes < 0:
         raise ConfigError("spare_start_timeout must be positive and spare_warm_bytes not negative")
     if not s.peer_silence >= 2:  # a busy peer's heartbeats come every second

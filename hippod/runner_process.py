@@ -179,6 +179,14 @@ class RunnerProcess:
         self._spare_watch = asyncio.ensure_future(self._watch_warm())
         return event
 
+    def pause_warm_up(self, paused: bool) -> None:
+        """Tell a spare to hold its warm-up (models are serving) or go on; best effort: a spare
+        that is gone has nothing to warm."""
+        if self.proc is None or self.proc.stdin is None or self.proc.stdin.is_closing():
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            self.proc.stdin.write(json.dumps({"pause": paused}).encode() + b"\n")
+
     async def _watch_warm(self) -> None:
         while True:
             event = await self._read_ready((SpareWarmEvent,))

@@ -278,7 +278,7 @@ class Scheduler:
         d = rec.details or {}
         cache = prompt_cache_bytes(self.settings.prompt_cache_bytes, d, ctx, parallel)
         args = ["--num-draft", str(self.settings.num_draft), "--prompt-cache-bytes", str(cache),
-                "--draft-policy", self.settings.draft_policy]
+                "--draft-policy", self.settings.draft_policy, "--prefill-batch", str(self.settings.prefill_batch)]
         draft = self._draft_here(rec) if draft_here else None
         if draft is not None:
             args += ["--draft", str(self.registry.model_dir(draft))]
@@ -409,6 +409,7 @@ class Scheduler:
 
     def _hold(self, m: Loaded, n: int) -> None:
         m.refs += n
+        self.spares.set_busy(self.active > 0)
         m.last_used = time.monotonic()
         if m.expiry:
             m.expiry.cancel()
@@ -423,6 +424,7 @@ class Scheduler:
 
     def _release(self, m: Loaded) -> None:
         m.refs -= 1
+        self.spares.set_busy(self.active > 0)
         m.last_used = time.monotonic()
         if m.refs == 0 and self.loaded.get(m.name) is m and not m.unloading:
             self._arm_expiry(m)

@@ -11,7 +11,8 @@ warm-up allowance until its warm-up is done). None is
 started unless the budget has room for it beside what is loaded. A ready spare's memory counts
 toward the next load's own (the load's estimate includes its runner process, which the spare
 becomes), so it never makes a load evict a model; a spare still starting is stopped before any
-model is evicted for room. HIPPO_SPARE_RUNNER=0 turns it off. A daemon that never loads a model
+model is evicted for room. HIPPO_SPARE_RUNNER=0 turns it off. Its warm-up holds while requests
+run (it would share the device with them) and goes on when they are done. A daemon that never loads a model
 never starts one.
 """
 
@@ -44,6 +45,7 @@ class SparePool:
         self.spare: RunnerProcess | None = None  # started and warm
         self.rss = 0
         self.allowance = 0  # what the spare's warm-up model may hold, counted until it is done
+        self.busy = False  # models are serving: the spare's warm-up holds until they are idle
         self._starting: asyncio.Task | None = None
 
     @property
@@ -78,6 +80,15 @@ class SparePool:
             if spare.warmed is not None:
                 out.update(warm_steps=spare.warmed.steps, warm_seconds=round(spare.warmed.seconds, 3))
         return out
+
+    def set_busy(self, busy: bool) -> None:
+        """Requests are running (or none is): a warm-up shares the device with them, so it holds
+        while they run and goes on when they are done."""
+        if busy == self.busy:
+            return
+        self.busy = busy
+        if self.spare is not None and self.spare.alive and self.spare.warmed is None:
+            self.spare.pause_warm_up(busy)
 
     def take(self) -> RunnerProcess | None:
         """The warm spare for a load to adopt, or None (then the load starts a process itself)."""
@@ -125,6 +136,8 @@ class SparePool:
             if self._starting is asyncio.current_task():
                 self._starting = None
         self.spare, self.rss = runner, ready.rss_bytes
+        if self.busy:
+            runner.pause_warm_up(True)
         log.info("spare runner ready (pid %s, rss %.0f MB, start %.2fs, warm-up allowance %.0f MB)",
                  ready.pid, ready.rss_bytes / 1e6, ready.warm_seconds, self.allowance / 1e6)
 

@@ -92,6 +92,35 @@ def test_a_burst_shares_one_prefill_and_keeps_greedy_tokens(model):
     assert loop.stats.prefill_chunks == [len(PROMPTS)], "the burst was not prefilled as one batch"
 
 
+def test_a_burst_wider_than_prefill_batch_prefills_in_groups_the_first_answering_first(model):
+    """Past prefill_batch, a burst prefills in groups between decode steps: the first group's
+    first tokens come before the second group is prefilled, and greedy tokens do not change."""
+    ref = Recorder()
+    one = _loop(model)
+    for i, p in enumerate(PROMPTS):
+        one.submit(ref.job(str(i), p, 8))
+    _run(one)
+    ref.wait(*map(str, range(len(PROMPTS))))
+
+    rec = Recorder()
+    loop = _loop(model, prefill_batch=4)
+    assert loop.generator.prefill_batch_size == 4
+    for i, p in enumerate(PROMPTS):
+        loop.submit(rec.job(str(i), p, 8))
+    _run(loop)
+    rec.wait(*map(str, range(len(PROMPTS))))
+    assert loop.stats.batch_inserts == [len(PROMPTS)]
+    assert loop.stats.prefill_chunks == [4, 4], loop.stats.prefill_chunks
+    order = [n for n, ev in rec.events if isinstance(ev, TokenEvent)]
+    before_second = order[:order.index("4")]
+    # One pass of 8 would give every stream its first token in the same step ("01234567").
+    assert set(before_second) == set("0123") and len(before_second) >= 8, \
+        f"the first group waited: {''.join(order)}"
+    for i in range(len(PROMPTS)):
+        assert rec.tokens(str(i)) == ref.tokens(str(i)), f"request {i} changed under grouped prefill"
+    assert _loop(model, prefill_batch=64).generator.prefill_batch_size == 8  # never past num_parallel
+
+
 def test_a_long_prompt_joins_without_stalling_a_running_stream(model):
     step = 64
     rec = Recorder()

@@ -232,6 +232,13 @@ def test_memory_budget_rejects_nonsense(tmp_path):
         load_settings(environ={"HIPPO_HOME": str(tmp_path), "HIPPO_MEMORY_BUDGET": "plenty"})
 
 
+def test_prefill_batch_is_every_slot_by_default_and_refuses_a_negative(tmp_path):
+    assert load_settings(environ={"HIPPO_HOME": str(tmp_path)}).prefill_batch == 0
+    assert load_settings(environ={"HIPPO_HOME": str(tmp_path), "HIPPO_PREFILL_BATCH": "8"}).prefill_batch == 8
+    with pytest.raises(ConfigError, match="prefill_batch"):
+        load_settings(environ={"HIPPO_HOME": str(tmp_path), "HIPPO_PREFILL_BATCH": "-1"})
+
+
 def test_estimate_reads_weights_from_headers(models):
     """Weights are the tensor bytes of the safetensors file (its size minus the header)."""
     path = models["a"] / "model.safetensors"

@@ -161,3 +161,45 @@ def test_the_status_shows_the_spare_and_its_warm_up(tmp_path, models):
         assert st["memory_used"] >= spare["bytes"]
     finally:
         d.stop()
+
+
+def test_the_warm_up_holds_while_requests_run_and_goes_on_after(tmp_path, models):
+    """A spare's warm-up shares the device with the models serving: it runs no step while a
+    request holds a model, and finishes once they are idle."""
+    import threading
+
+    d = _start(tmp_path / "h", 8 * 2**30, models, HIPPO_SPARE_WARM_BYTES="64MiB",
+               HIPPO_MAX_LOADED_MODELS="1")
+    try:
+        load(d, "a")
+        first = wait_for(lambda: (s := d.request("GET", "/api/hippo/status")[1]["spare"])["state"] == "warm" and s)
+        load(d, "b")  # b takes that spare; the next one starts warming while b serves
+        spare = wait_for(lambda: (s := d.request("GET", "/api/hippo/status")[1]["spare"])["state"] == "warming"
+                         and s["pid"] != first["pid"] and s)
+        hold = max(3.0, 2 * first["warm_seconds"])  # twice what a whole warm-up took here
+        stop = threading.Event()
+
+        def serve():  # two clients back to back keep a request running the whole time
+            while not stop.is_set():
+                d.request("POST", "/api/generate", {"model": "b", "prompt": "hello", "raw": True,
+                                                    "stream": False, "options": {"num_predict": 64}})
+
+        clients = [threading.Thread(target=serve) for _ in range(2)]
+        for c in clients:
+            c.start()
+        try:
+            deadline = time.monotonic() + hold
+            while time.monotonic() < deadline:
+                assert d.request("GET", "/api/hippo/status")[1]["spare"]["state"] == "warming"
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(60)
+        done = wait_for(lambda: (s := d.request("GET", "/api/hippo/status")[1]["spare"])["state"] == "warm" and s)
+        assert done["pid"] == spare["pid"] and done["warm_steps"] > 0
+        log = Path(d.home / "logs" / "runners.log").read_text()
+        assert re.search(rf"runner\[{spare['pid']}\] INFO spare warm-up held after \d+ steps", log), log[-2000:]
+        print(f"warm-up alone {first['warm_seconds']:.2f}s, held {hold:.1f}s, then {done['warm_seconds']:.2f}s")
+    finally:
+        d.stop()

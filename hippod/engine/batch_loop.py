@@ -140,7 +140,7 @@ class BatchLoop:
     def __init__(self, model, tokenizer, *, num_parallel: int, context_length: int,
                  info: Callable[[int], object], drafter=None, num_draft: int = 3, draft_policy: str = "measured",
                  prompt_cache_bytes: int = 2 * 2**30, prefill_step_size: int = PREFILL_STEP,
-                 hold: float = HOLD_SECONDS):
+                 hold: float = HOLD_SECONDS, prefill_batch: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.num_parallel = num_parallel
@@ -166,10 +166,10 @@ class BatchLoop:
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=num_parallel,
-            # Every slot may prefill at once: what is admitted together is prefilled in one pass
-            # (with a cap below num_parallel, mlx_lm refills the prompt batch before moving the
-            # finished prompts on, and a burst splits into passes of 7 and 1).
-            prefill_batch_size=num_parallel,
+            # A burst of up to prefill_batch prompts prefills in one pass; a larger one in groups
+            # of that size, each group's first tokens out before the next group's pass (None:
+            # every slot at once).
+            prefill_batch_size=min(prefill_batch or num_parallel, num_parallel),
             prefill_step_size=prefill_step_size,
         )
 

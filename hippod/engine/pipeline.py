@@ -427,7 +427,7 @@ def _serve_loop(parts: _Parts, wire: Wire, shard: Shard) -> None:
 
 
 def first_rank_loop(model_dir: Path, shard: Shard, *, context_length: int, info, num_parallel: int,
-                    prompt_cache_bytes: int):
+                    prompt_cache_bytes: int, prefill_batch: int = 0):
     """Rank 0's generation loop: joins the ring, loads its layers, and batches like a local
     runner (no speculation). A family whose caches do not batch (sliding windows) decodes one
     request at a time."""
@@ -436,7 +436,7 @@ def first_rank_loop(model_dir: Path, shard: Shard, *, context_length: int, info,
     if not batchable(model.parts.templates):
         num_parallel = 1
     return SplitLoop(model, tokenizer, num_parallel=num_parallel, context_length=context_length,
-                     info=info, prompt_cache_bytes=prompt_cache_bytes)
+                     info=info, prompt_cache_bytes=prompt_cache_bytes, prefill_batch=prefill_batch)
 
 
 class SplitLoop(BatchLoop):

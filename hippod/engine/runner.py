@@ -38,6 +38,7 @@ from hippod.protocol import (
 log = logging.getLogger("hippo.runner")
 TERMINAL = (DoneEvent, ErrorEvent, EmbedResult, InfoResult)
 FLUSH_SECONDS = 0.004
+PAUSE_POLL_SECONDS = 0.05  # how often a paused warm-up looks again
 
 
 def _deliver_all(batch: list) -> None:
@@ -56,7 +57,7 @@ def _model_context_length(model_dir: Path) -> int | None:
 class Runner:
     def __init__(self, model_dir: Path, num_parallel: int, context_length: int, *,
                  draft: Path | None = None, self_draft_layers: int = 0, num_draft: int = 3,
-                 draft_policy: str = "measured",
+                 draft_policy: str = "measured", prefill_batch: int = 0,
                  prompt_cache_bytes: int = 2 * 2**30, shard=None, remote_draft: str | None = None,
                  remote_draft_key_file: Path | None = None):
         self.model_dir = model_dir
@@ -67,6 +68,7 @@ class Runner:
         self.self_draft_layers = self_draft_layers
         self.num_draft = num_draft
         self.draft_policy = draft_policy
+        self.prefill_batch = prefill_batch
         self.prompt_cache_bytes = prompt_cache_bytes
         self.num_parallel = num_parallel
         limit = _model_context_length(model_dir)
@@ -102,7 +104,7 @@ class Runner:
             self.batch = BatchLoop(model, tokenizer, num_parallel=self.num_parallel,
                                    context_length=self.context_length, info=self.info,
                                    drafter=drafter, num_draft=self.num_draft, draft_policy=self.draft_policy,
-                                   prompt_cache_bytes=self.prompt_cache_bytes)
+                                   prompt_cache_bytes=self.prompt_cache_bytes, prefill_batch=self.prefill_batch)
         except BaseException as e:  # reported to the daemon, which shows it to the user
             self.load_error = e
             self.loop_ready.set()
@@ -143,7 +145,8 @@ class Runner:
             t0 = time.perf_counter()
             self.batch = first_rank_loop(self.model_dir, self.shard, context_length=self.context_length,
                                          info=self.info, num_parallel=self.num_parallel,
-                                         prompt_cache_bytes=self.prompt_cache_bytes)
+                                         prompt_cache_bytes=self.prompt_cache_bytes,
+                                         prefill_batch=self.prefill_batch)
             self.num_parallel = self.batch.num_parallel
             self.load_seconds = time.perf_counter() - t0
         except BaseException as e:
@@ -289,22 +292,29 @@ def warm_steps():
                 yield quantized
 
 
-def warm_up(stop=lambda: False, like: list[Path] = (), max_bytes: int = 0) -> int:
+def warm_up(stop=lambda: False, like: list[Path] = (), max_bytes: int = 0,
+            paused: threading.Event | None = None) -> int:
     """Warm the kernels of the models `like` (a one-layer model of each, within `max_bytes`),
     or, when none of them could be warmed, the common ones, until `stop()` says a model is
-    waiting; the number of steps run."""
+    waiting; the number of steps run. While `paused` is set (the daemon's models are serving)
+    no step starts: a warm-up shares the device with them and would slow their tokens."""
     from hippod.engine import warm
 
-    done = _run_steps(warm.warm_steps(list(like), max_bytes), stop)
+    done = _run_steps(warm.warm_steps(list(like), max_bytes), stop, paused)
     if done <= len(like):  # no hinted model was warmed (read at most); a stop ends it at once
-        done += _run_steps(warm_steps(), stop)
+        done += _run_steps(warm_steps(), stop, paused)
     return done
 
 
-def _run_steps(steps, stop) -> int:
+def _run_steps(steps, stop, paused: threading.Event | None = None) -> int:
     done = 0
     try:
         for step in steps:
+            if paused is not None and paused.is_set() and not stop():
+                log.info("spare warm-up held after %d steps: models are serving", done)
+                while paused.is_set() and not stop():
+                    time.sleep(PAUSE_POLL_SECONDS)
+                log.info("spare warm-up goes on")
             if stop():
                 break
             step()
@@ -334,6 +344,7 @@ def spare_main(argv: list[str] = ()) -> int:
     imported = threading.Event()
     say = threading.Lock()  # stdout lines from two threads
     named = threading.Event()  # the daemon named the model: stdout is the load's from now on
+    paused = threading.Event()  # the daemon's models are serving: no warm-up step starts
     t0 = time.perf_counter()
 
     def generation() -> None:
@@ -345,7 +356,7 @@ def spare_main(argv: list[str] = ()) -> int:
         steps, t1 = 0, time.perf_counter()
         try:
             steps = warm_up(stop=named.is_set, like=args.warm_like,
-                            max_bytes=args.warm_max_bytes)
+                            max_bytes=args.warm_max_bytes, paused=paused)
             log.info("spare warm-up: %d kernel steps in %.2fs", steps, time.perf_counter() - t1)
         except Exception:  # a failed warm-up only costs the load its speed-up
             log.exception("spare runner warm-up failed")
@@ -363,12 +374,17 @@ def spare_main(argv: list[str] = ()) -> int:
     with say:
         sys.stdout.write(encode(ready).decode())
         sys.stdout.flush()
-    line = sys.stdin.buffer.readline()  # the daemon closing our stdin: never needed, exit
-    if not line:
-        return 0
+    while True:  # {"pause": bool} lines until the one that names the model
+        line = sys.stdin.buffer.readline()  # the daemon closing our stdin: never needed, exit
+        if not line:
+            return 0
+        message = json.loads(line)
+        if "argv" in message:
+            break
+        (paused.set if message.get("pause") else paused.clear)()
     with say:
         named.set()
-    return main(json.loads(line)["argv"], start=handoff.put)
+    return main(message["argv"], start=handoff.put)
 
 
 def main(argv: list[str] | None = None, start=None) -> int:
@@ -386,6 +402,8 @@ def main(argv: list[str] | None = None, start=None) -> int:
     ap.add_argument("--num-draft", type=int, default=3)
     ap.add_argument("--draft-policy", choices=("measured", "always"), default="measured",
                     help="measured: draft while it pays; always: every round drafts --num-draft")
+    ap.add_argument("--prefill-batch", type=int, default=0,
+                    help="prompts prefilled in one pass when several are admitted together (0: all)")
     ap.add_argument("--remote-draft", metavar="HOST:PORT",
                     help="draft on a peer's draft server (its key in HIPPO_DRAFT_KEY or the key file)")
     ap.add_argument("--remote-draft-key-file", type=Path, help="a file holding the session key (deleted once read)")
@@ -407,7 +425,7 @@ def main(argv: list[str] | None = None, start=None) -> int:
             return serve_rank(args.model, shard, args.context_length)
     runner = Runner(args.model, args.num_parallel, args.context_length, draft=args.draft,
                     self_draft_layers=args.self_draft_layers, num_draft=args.num_draft,
-                    draft_policy=args.draft_policy,
+                    draft_policy=args.draft_policy, prefill_batch=args.prefill_batch,
                     prompt_cache_bytes=args.prompt_cache_bytes, shard=shard, remote_draft=args.remote_draft,
                     remote_draft_key_file=args.remote_draft_key_file)
     start = start or (lambda work: threading.Thread(target=work, name="generate", daemon=True).start())
