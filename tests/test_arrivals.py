@@ -60,3 +60,23 @@ def test_unnumbered_requests_never_wait():
     a = Arrivals(clock=Clock())
     a.came(0, 0)
     assert a.missing == 0 and a.wait() == 0
+
+
+def test_a_burst_that_keeps_coming_renews_the_hold_up_to_its_cap():
+    """The daemon takes longer than one hold to send 32: each arrival waits on for the next,
+    never past max_hold from the start of the wait."""
+    clock = Clock()
+    a = Arrivals(hold=0.025, clock=clock, max_hold=0.1)
+    a.came(1, 32)
+    assert a.wait() == pytest.approx(0.025)
+    for number in range(2, 5):  # one every 20 ms: each renews the hold
+        clock.now += 0.02
+        a.came(number, 32)
+        assert a.wait() == pytest.approx(0.025), number
+    clock.now += 0.02  # 80 ms in; the next arrival's hold is cut to the cap
+    a.came(5, 32)
+    assert a.wait() == pytest.approx(0.02)
+    clock.now += 0.021
+    assert a.wait() == 0 and a.given_up == 27
+    a.came(5, 32)  # a number seen twice changes nothing
+    assert a.wait() == 0 and a.waits == 1

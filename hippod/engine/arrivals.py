@@ -7,22 +7,28 @@ A fixed wait window would cost every lone request that wait.
 
 So the daemon numbers the requests it sends a runner (1, 2, ...) and tells each one how many it
 had numbered when it sent it. A number the runner has not seen yet, at or below the highest count
-it was told, is a request on its way: admission waits for it, at most `hold` seconds from when it
-began waiting, so a request that died on the way costs the others only that. A request with
-nothing numbered behind it (a lone one) never waits. Numbers may come in any order.
+it was told, is a request on its way: admission waits for it, `hold` seconds from when it began
+waiting or from the last one that came since (a burst of 32 takes the daemon longer than one hold
+to send), never more than `max_hold` in all, so a request that died on the way costs the others
+only that. A request with nothing numbered behind it (a lone one) never waits. Numbers may come
+in any order.
 """
 
 from __future__ import annotations
 
 import time
 
-HOLD_SECONDS = 0.025  # the most admission waits for requests the daemon said are on their way
+HOLD_SECONDS = 0.025  # how long admission waits for the next of the requests on their way
+MAX_HOLD_SECONDS = 0.1  # ... and the most it waits in all while they keep coming
 
 
 class Arrivals:
-    def __init__(self, hold: float = HOLD_SECONDS, clock=time.monotonic):
+    def __init__(self, hold: float = HOLD_SECONDS, clock=time.monotonic,
+                 max_hold: float = MAX_HOLD_SECONDS):
         self.hold = hold
+        self.max_hold = max(max_hold, hold)
         self.clock = clock
+        self.began: float | None = None  # when the current wait began
         self.settled = 0  # every number up to this one came (or was given up on)
         self.seen: set[int] = set()  # numbers above `settled` that came
         self.told = 0  # the most requests the daemon said it had numbered
@@ -35,7 +41,9 @@ class Arrivals:
         if number <= 0:
             return
         self.told = max(self.told, told, number)
-        if number > self.settled:
+        if number > self.settled and number not in self.seen:
+            if self.deadline is not None:  # one more of those waited for: wait on for the next
+                self.deadline = min(self.clock() + self.hold, self.began + self.max_hold)
             self.seen.add(number)
             while self.settled + 1 in self.seen:
                 self.settled += 1
@@ -52,7 +60,7 @@ class Arrivals:
             return 0.0
         now = self.clock()
         if self.deadline is None:
-            self.deadline = now + self.hold
+            self.began, self.deadline = now, now + self.hold
             self.waits += 1
         if now >= self.deadline:
             self.given_up += self.missing
