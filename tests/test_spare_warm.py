@@ -115,6 +115,32 @@ def test_stop_interrupts_the_warm_up_between_steps(smol):
     assert 5 <= done[0] < total
 
 
+def test_a_paused_warm_up_runs_no_step_and_a_handoff_still_ends_it_at_once(smol):
+    """While models serve, the warm-up holds before its next step; the daemon naming a model
+    (stop) ends a held warm-up without it running a step first."""
+    paused, named = threading.Event(), threading.Event()
+    paused.set()
+    done: list[int] = []
+    thread = threading.Thread(target=lambda: done.append(
+        warm_up(named.is_set, like=[smol], max_bytes=2**30, paused=paused)))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()  # held, not finished
+    named.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and done == [0]
+
+    paused.set()  # held, then let go: every step runs
+    thread = threading.Thread(target=lambda: done.append(
+        warm_up(lambda: False, like=[smol], max_bytes=2**30, paused=paused)))
+    thread.start()
+    time.sleep(0.3)
+    paused.clear()
+    thread.join(timeout=120)
+    total = sum(1 for step in warm.warm_steps([smol], 2**30) if step() or True)
+    assert done[1] == total
+
+
 def test_with_no_hint_that_fits_the_common_kernels_are_warmed(smol):
     from hippod.engine.runner import warm_steps
 
