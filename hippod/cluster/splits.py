@@ -595,7 +595,8 @@ class Splits:
         addresses = tuple((p.name, addr) for p, _, addr, _ in offers if p.name in {s.node for s in shares})
         # Rank 0's prompt cache holds its own layers' KV; every other rank keeps the same entries.
         cache = prompt_cache_bytes(self.settings.prompt_cache_bytes, rec.details or {}, ctx, parallel)
-        return Plan(rec, ctx, parallel, shares[0].bytes, ("--prompt-cache-bytes", str(cache)),
+        return Plan(rec, ctx, parallel, shares[0].bytes,
+                    ("--prompt-cache-bytes", str(cache), "--prefill-batch", str(self.settings.prefill_batch)),
                     shares=tuple(shares), addresses=addresses)
 
     async def start_runner(self, plan: Plan, on_lost: OnLost) -> SplitRunner:
