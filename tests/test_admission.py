@@ -228,3 +228,39 @@ def test_a_lone_request_starts_at_once_and_a_lost_one_costs_only_the_hold(model)
     rec.wait("a")
     assert short.stats.solo_starts == 1
     assert (short.stats.arrivals.waits, short.stats.arrivals.given_up) == (1, 1)
+
+
+def test_a_resumed_seeded_sampled_request_draws_what_the_uncut_run_drew(model):
+    """A heir that replays a cut stream's tokens continues a seeded sampled answer with the
+    tokens the uncut run drew, alone and inside a batch (each path draws once a token)."""
+    from dataclasses import replace
+
+    opts = {"temperature": 1.5, "seed": 11, "num_predict": 14}
+    rec = Recorder()
+    loop = _loop(model)
+    _run(loop)
+
+    def job(name: str, resume=None) -> Job:
+        j = rec.job(name, PROMPTS[2], 14)
+        j.request = replace(j.request, options=dict(opts), resume=resume)
+        return j
+
+    loop.submit(job("uncut"))
+    rec.wait("uncut")
+    uncut = _ids(rec, "uncut")
+    assert len(uncut) == 14
+    loop.submit(job("reseeded"))
+    rec.wait("reseeded")
+    assert _ids(rec, "reseeded") == uncut, "a seed does not fix the sampled tokens"
+
+    loop.submit(job("heir alone", resume=uncut[:5]))
+    rec.wait("heir alone")
+    assert _ids(rec, "heir alone") == uncut[5:]
+
+    loop.submit(rec.job("other", PROMPTS[3], 40))
+    while not _ids(rec, "other"):
+        rec.done["other"].wait(0.005)
+    loop.submit(job("heir batched", resume=uncut[:8]))
+    rec.wait("heir batched", "other")
+    assert loop.stats.batch_inserts, "the heir did not join a batch"
+    assert _ids(rec, "heir batched") == uncut[8:]

@@ -342,7 +342,7 @@ class BatchLoop:
                  if uses_tools(req) else None)
         active = _Active(job, self.tokenizer.detokenizer, StopMatcher(stop), list(tokens),
                          prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
-                         sampler=make_request_sampler(opts), processors=processors,
+                         sampler=make_request_sampler(opts, len(resume)), processors=processors,
                          started=time.perf_counter(), grammar=grammar, tools=tools,
                          top_logprobs=req.logprobs, thinking=self._splitter(tokens, req))
         self._replay(active, resume)

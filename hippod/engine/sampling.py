@@ -50,11 +50,17 @@ def request_key(options: dict[str, Any]):
     return mx.random.key(int(seed)) if seed is not None else None
 
 
-def make_request_sampler(options: dict[str, Any]) -> Sampler:
+def make_request_sampler(options: dict[str, Any], drawn: int = 0) -> Sampler:
+    """`drawn`: tokens this request already sampled elsewhere (a resumed request replays them).
+    A seeded request's key is moved past them, so its continuation draws what the uncut run
+    would have drawn: one split per token, as every decode path here calls its sampler once a
+    token."""
     shape = make_logits_shape(options)
     if shape is None:
         return greedy_sampler
     seed_key = request_key(options)
+    for _ in range(drawn if seed_key is not None else 0):
+        seed_key, _ = mx.random.split(seed_key)
     key = [seed_key] if seed_key is not None else None
 
     def sample(logprobs: mx.array) -> mx.array:
