@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -24,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench import SHAPES, best_raw_burst, fresh_prompt, make_model  # noqa: E402
+from bench.bench import SHAPES, best_raw_burst, fresh_prompt  # noqa: E402
+from bench.engine_solo import running_loop  # noqa: E402
 
 
 class Phases:
@@ -109,21 +109,11 @@ def main() -> int:
     ap.add_argument("--sizes", default="8,32")
     ap.add_argument("--spacing", default="0,0.001", help="seconds between the loop's sends, comma list")
     args = ap.parse_args()
-    if args.tokenizer is None:
-        from bench.models import smollm2_mlx_dir
-        args.tokenizer = smollm2_mlx_dir()
-    from mlx_lm import load
-
-    from hippod.engine.batch_loop import BatchLoop
-
-    model_dir = make_model(args.shape, Path(tempfile.mkdtemp()) / args.shape, args.tokenizer)
-    model, tok = load(str(model_dir))
-    loop = BatchLoop(model, tok, num_parallel=32, context_length=4096, info=lambda n: None)
+    model, tok, loop = running_loop(args.shape, args.tokenizer)
     phases = Phases()
     for name in ("_prepare", "_start_solo", "_step_solo", "_move_solo_to_batch", "_insert_batch"):
         phases.wrap(loop, name)
     phases.wrap(loop.generator, "next", "generator.next")
-    threading.Thread(target=loop.run_forever, daemon=True).start()
     sizes = [int(s) for s in args.sizes.split(",")]
     spacings = [float(s) for s in args.spacing.split(",")]
     for n in sizes:  # warm-ups: every shape each row meets, both ways

@@ -52,6 +52,22 @@ def loop_tps(loop, tokens: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def running_loop(shape: str, tokenizer: Path | None):
+    """A random-weight model of `shape`, and hippod's generation loop running on it."""
+    if tokenizer is None:
+        from bench.models import smollm2_mlx_dir
+        tokenizer = smollm2_mlx_dir()
+    from mlx_lm import load
+
+    from hippod.engine.batch_loop import BatchLoop
+
+    model_dir = make_model(shape, Path(tempfile.mkdtemp()) / shape, tokenizer)
+    model, tok = load(str(model_dir))
+    loop = BatchLoop(model, tok, num_parallel=32, context_length=4096, info=lambda n: None)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    return model, tok, loop
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
@@ -59,17 +75,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if args.tokenizer is None:
-        from bench.models import smollm2_mlx_dir
-        args.tokenizer = smollm2_mlx_dir()
-    from mlx_lm import load
-
-    from hippod.engine.batch_loop import BatchLoop
-
-    model_dir = make_model(args.shape, Path(tempfile.mkdtemp()) / args.shape, args.tokenizer)
-    model, tok = load(str(model_dir))
-    loop = BatchLoop(model, tok, num_parallel=32, context_length=4096, info=lambda n: None)
-    threading.Thread(target=loop.run_forever, daemon=True).start()
+    model, tok, loop = running_loop(args.shape, args.tokenizer)
     raw_tps(model, tok, args.tokens), loop_tps(loop, args.tokens)  # warm-ups
     raw, hip = [], []
     for _ in range(args.rounds):
