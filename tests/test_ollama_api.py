@@ -86,6 +86,24 @@ def test_seeded_sampling_is_reproducible(client):
     assert a == b
 
 
+def test_sampling_options_past_the_model_s_range_answer_and_keep_the_runner(client, hippod):
+    """Options the API takes but a model cannot use as given: top_k past the vocabulary keeps
+    every token, a negative seed is a random one, a seed past 64 bits still fixes the draw.
+    Each answers 200, and the runner that served them is the one still loaded."""
+    client.generate(model="smollm2", prompt="Hi", options={"num_predict": 1})
+    _, ps = hippod.request("GET", "/api/ps")
+    pid = next(m["hippo"]["pid"] for m in ps["models"] if m["name"] == SMOL)
+    for opts in ({"top_k": 100_000_000}, {"seed": -1}, {"seed": 2**70}, {"seed": 2**70, "top_k": 2**40}):
+        r = client.generate(model="smollm2", prompt="Tell me a word.",
+                            options={"temperature": 0.9, "num_predict": 4, **opts})
+        assert r.done and r.eval_count >= 1, opts
+    big = {"temperature": 0.9, "seed": 2**70 + 3, "num_predict": 6}
+    assert client.generate(model="smollm2", prompt="Tell me a word.", options=big).response == \
+        client.generate(model="smollm2", prompt="Tell me a word.", options=big).response
+    _, ps = hippod.request("GET", "/api/ps")
+    assert next(m["hippo"]["pid"] for m in ps["models"] if m["name"] == SMOL) == pid
+
+
 def hippod_request(client):
     with urllib.request.urlopen(str(client._client.base_url.join("/api/ps"))) as r:
         return r.status, json.loads(r.read())

@@ -4,12 +4,14 @@ Every request under that prefix, whether or not a route exists for it, must carr
 HMAC signature made with the cluster secret (see hippod.cluster.trust); anything else gets 403
 before any handler runs. JSON answers are signed back, bound to the request's nonce.
 
-The signature covers the body, so the body must be read to check it; a stranger must not be able
-to make us hold much memory doing that. So the headers are checked first (no secret here, a
-missing header, another addressee, a stale or pre-start time: 403 unread), then the declared
-size (413 unread), and only then is the body read: at most PEER_MAX_BODY bytes (FORWARD_MAX_BODY
-for a forwarded client request, which may hold a long chat or many texts to embed), by at most
-PEER_READS requests at a time, within PEER_READ_TIMEOUT.
+The signature covers the headers and the body's hash, which the headers declare, so the sender
+is authenticated before a byte of the body is read: a stranger gets 403 unread (no secret here,
+a missing header, another addressee, a stale or pre-start time, a signature that does not match,
+a nonce already used), and can neither hold a reading slot nor make us wait on a body. Then the
+declared size is checked (413 unread), and only then is the body read: at most PEER_MAX_BODY
+bytes (FORWARD_MAX_BODY for a forwarded client request, which may hold a long chat or many
+texts to embed), by at most PEER_READS requests at a time, within PEER_READ_TIMEOUT; a body
+that does not hash to the signed value is refused (403).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ log = logging.getLogger("hippo.api.peer")
 PREFIX = "/api/hippo/peer/"
 PEER_MAX_BODY = 1 << 20  # the largest peer message (a hello listing many models) is far smaller
 FORWARD_MAX_BODY = 4 << 20  # a forwarded client request (long chats): 16 reads hold <= 64 MiB
-PEER_READS = 16  # bodies read before their signature is checked, at once
+PEER_READS = 16  # bodies of authenticated peers read at once
 PEER_READ_TIMEOUT = 30.0  # seconds a body may take to arrive
 PEER_SLOT_WAIT = 10.0  # seconds a request waits for a reading slot before a 503
 BYTE_RANGE = re.compile(r"bytes=(?:(\d{1,19})-(\d{0,19})|-(\d{1,19}))")  # one range, as copies ask
@@ -51,7 +53,7 @@ async def peer_auth_middleware(request: web.Request, handler):
     if cluster is None:
         return error_response(request, 403, "forbidden: this node takes no peer requests")
     try:
-        cluster.keyring.precheck(request.headers)
+        peer = cluster.keyring.authenticate(request.method, request.raw_path, request.headers)
     except trust.TrustError as e:
         return _refused(request, e)
     cap = FORWARD_MAX_BODY if request.path in (FORWARD_PATH, FORWARD_EMBED_PATH) else PEER_MAX_BODY
@@ -62,9 +64,10 @@ async def peer_auth_middleware(request: web.Request, handler):
     if isinstance(body, web.Response):
         return body
     try:
-        request["peer"] = cluster.keyring.verify(request.method, request.raw_path, body, request.headers)
+        cluster.keyring.check_body(body, request.headers)
     except trust.TrustError as e:
         return _refused(request, e)
+    request["peer"] = peer
     resp = await error_middleware(request, handler)  # errors too go out signed
     if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
         signature = cluster.keyring.sign_response(request.headers[trust.H_NONCE], resp.status, resp.body)

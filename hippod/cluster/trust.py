@@ -8,8 +8,11 @@ Seen nonces live in memory only, so a request signed before this process started
 a restart cannot reopen the window for requests captured earlier. (A peer whose clock lags ours
 by d seconds is refused for the first d seconds after we start; NTP keeps d well under one.)
 
-Checking is ordered by cost: the headers, addressee and time are checked before the body is read
-(`precheck`), the HMAC over the body after, the nonce last.
+Checking is ordered by cost, and nothing is read before the secret is proven: the headers,
+addressee and time first (`precheck`), then the HMAC over the headers and the body hash the
+sender declares in them, then the nonce (`authenticate`); only then is the body read, and its
+hash must be the one declared (`check_body`). A stranger who knows a node's public id can fake
+the cheap headers, but cannot make that node wait on a body it will never get.
 
 The join token is the one place the secret leaves a machine on purpose: the user copies it from
 `hippoctl cluster init` on one Mac to `hippoctl cluster join` on another.
@@ -36,6 +39,7 @@ H_TO = "X-Hippo-To"  # receiver's node id: a request signed for one peer is usel
 H_TIME = "X-Hippo-Time"
 H_NONCE = "X-Hippo-Nonce"
 H_SIGNATURE = "X-Hippo-Signature"
+H_BODY = "X-Hippo-Body"  # sha256 of the body, covered by the signature: checked before the body is read
 
 
 class TrustError(Exception):
@@ -162,9 +166,10 @@ class Keyring:
         """Headers that authenticate one request to node `to` (none without a secret: it will get 403)."""
         if self._key is None:
             return {H_NODE: self.node_id, H_TO: to}
-        stamp, nonce = f"{time.time():.3f}", secrets.token_hex(16)
-        sig = self._mac("req", method.upper(), path, body_hash(body), stamp, nonce, self.node_id, to)
-        return {H_NODE: self.node_id, H_TO: to, H_TIME: stamp, H_NONCE: nonce, H_SIGNATURE: sig}
+        stamp, nonce, digest = f"{time.time():.3f}", secrets.token_hex(16), body_hash(body)
+        sig = self._mac("req", method.upper(), path, digest, stamp, nonce, self.node_id, to)
+        return {H_NODE: self.node_id, H_TO: to, H_TIME: stamp, H_NONCE: nonce, H_SIGNATURE: sig,
+                H_BODY: digest}
 
     def precheck(self, headers, now: float | None = None) -> str:
         """The cheap checks, before the body is read: a secret here, every header, addressed to
@@ -196,16 +201,34 @@ class Keyring:
                              "out of sync)")
         return sender
 
-    def verify(self, method: str, path: str, body: bytes, headers, now: float | None = None) -> str:
-        """The sender's node id if the request is signed for us with the secret; else TrustError."""
+    def authenticate(self, method: str, path: str, headers, now: float | None = None) -> str:
+        """The sender's node id if the headers are signed for us with the secret, over the body
+        hash they declare (the body is not needed yet: see check_body); else TrustError. Uses
+        up the request's nonce."""
         sender = self.precheck(headers, now)
         stamp, nonce, sig = headers[H_TIME], headers[H_NONCE], headers[H_SIGNATURE]
-        expected = self._mac("req", method.upper(), path, body_hash(body), stamp, nonce, sender, self.node_id)
+        digest = headers.get(H_BODY, "")
+        if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise TrustError(f"peer request has no {H_BODY} header (the sha256 of its body)")
+        expected = self._mac("req", method.upper(), path, digest, stamp, nonce, sender, self.node_id)
         if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "surrogateescape")):
             raise TrustError("peer request signature does not match this cluster's secret")
         if not self.replays.accept(sender, nonce, time.time() if now is None else now):
             raise TrustError("peer request was already used (replay refused)")
         return sender
+
+    @staticmethod
+    def check_body(body: bytes, headers) -> None:
+        """The body that arrived is the one the (authenticated) headers declare, or TrustError."""
+        if not hmac.compare_digest(body_hash(body), headers.get(H_BODY, "")):
+            raise TrustError("peer request body does not match its signed hash (altered on the way)")
+
+    def verify(self, method: str, path: str, body: bytes, headers, now: float | None = None) -> str:
+        """The sender's node id if the request, body and all, is signed for us with the
+        secret; else TrustError (a body that does not match leaves the nonce unused)."""
+        self.precheck(headers, now)
+        self.check_body(body, headers)
+        return self.authenticate(method, path, headers, now)
 
     def derive(self, label: str) -> bytes:
         """A key for one purpose (a draft session), which every holder of the secret can make
@@ -225,7 +248,7 @@ class Keyring:
         if self._key is None or not signature:
             return False
         expected = self._mac("resp", nonce, str(status), body_hash(body), responder)
-        return hmac.compare_digest(expected, signature)
+        return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape"))
 
     def sign_frame(self, nonce: str, seq: int, data: str) -> str:
         """One frame of a streamed answer, bound to the request (its nonce) and to its place in

@@ -38,7 +38,7 @@ def make_logits_shape(options: dict[str, Any]) -> Callable[[mx.array], mx.array]
             logprobs = apply_top_p(logprobs, top_p)
         if min_p > 0:
             logprobs = apply_min_p(logprobs, min_p)
-        if top_k > 0:
+        if 0 < top_k < logprobs.shape[-1]:  # k at or past the vocabulary keeps every token
             logprobs = apply_top_k(logprobs, top_k)
         return logprobs * (1 / temp)
 
@@ -46,8 +46,12 @@ def make_logits_shape(options: dict[str, Any]) -> Callable[[mx.array], mx.array]
 
 
 def request_key(options: dict[str, Any]):
+    """The PRNG key of a seeded request; None for a random one. A negative seed means random,
+    as llama.cpp's -1 does; one past 64 bits is taken modulo 2**64 (MLX's keys hold 64)."""
     seed = options.get("seed")
-    return mx.random.key(int(seed)) if seed is not None else None
+    if seed is None or int(seed) < 0:
+        return None
+    return mx.random.key(int(seed) % 2**64)
 
 
 def make_request_sampler(options: dict[str, Any], drawn: int = 0) -> Sampler:

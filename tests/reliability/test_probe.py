@@ -238,14 +238,17 @@ def _push(port: int, path: str, size: int, headers: dict, out: list) -> None:
 def test_bodies_are_not_read_before_the_signature_headers_check(peerd):
     proc = psutil.Process(peerd.proc.pid)
     before = proc.memory_info().rss
-    fresh = trust.Keyring(FAKE_ID, SECRET).sign("POST", "/api/hippo/peer/hello", b"", node_id(peerd))
+    member = trust.Keyring(FAKE_ID, SECRET)
+    fresh = member.sign("POST", "/api/hippo/peer/hello", b"", node_id(peerd))
     variants = [{trust.H_SIGNATURE: "bogus"},  # what the probe sent
                 {**fresh, trust.H_TIME: str(int(time.time()) - 3600)},  # stale
                 {**fresh, trust.H_TO: "0" * 32},  # for another node
-                fresh]  # right headers, body far too big
+                None]  # a member's own headers (each its own nonce), body far too big
+    paths = ["/api/hippo/peer/hello", "/api/hippo/peer/split/prepare"] * 8
     statuses: list[int] = []
-    threads = [threading.Thread(target=_push, args=(peerd.port, path, 30 * MiB, variants[i % 4], statuses))
-               for i, path in enumerate(["/api/hippo/peer/hello", "/api/hippo/peer/split/prepare"] * 8)]
+    threads = [threading.Thread(target=_push, args=(
+        peerd.port, path, 30 * MiB, variants[i % 4] or member.sign("POST", path, b"", node_id(peerd)), statuses))
+        for i, path in enumerate(paths)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
@@ -261,6 +264,45 @@ def test_bodies_are_not_read_before_the_signature_headers_check(peerd):
     assert signed_send(peerd, trust.Keyring(FAKE_ID, SECRET), "POST", "/api/hippo/peer/hello", info).status == 200
     record("probe", refused_big_bodies=len(statuses), rss_growth_mib=round(grown, 1),
            refused_in_seconds=round(seconds, 2))
+
+
+def test_a_stranger_who_never_sends_the_body_holds_no_reading_slot(peerd):
+    """The cheap headers (our public node id, the time) are all a LAN stranger can get right. A
+    flood of those that declare a body and never send it is refused unread, so a member's
+    hello that comes behind it is answered at once, not after the slots' wait."""
+    from hippod.api.peer import PEER_READS, PEER_SLOT_WAIT
+
+    forged = {trust.H_NODE: "s" * 32, trust.H_TO: node_id(peerd), trust.H_TIME: f"{time.time():.3f}",
+              trust.H_NONCE: "n" * 32, trust.H_SIGNATURE: "0" * 64, trust.H_BODY: "0" * 64}
+    held, answers = [], []
+    try:
+        for _ in range(PEER_READS + 4):
+            s = socket.create_connection(("127.0.0.1", peerd.port), timeout=5)
+            s.sendall(request_bytes("POST", b"/api/hippo/peer/hello", b"",
+                                    {**forged, "Content-Length": str(MiB)}))
+            held.append(s)
+        for s in held:  # each is answered before any body byte was sent
+            answers.append(int(s.recv(4096).split()[1]))
+        info = NodeInfo(node_id=FAKE_ID, name="m", version="0", port=1).to_json()
+        answer = signed_send(peerd, trust.Keyring(FAKE_ID, SECRET), "POST", "/api/hippo/peer/hello", info,
+                             timeout=PEER_SLOT_WAIT + 5)
+    finally:
+        for s in held:
+            s.close()
+    assert answers == [403] * len(held)
+    assert answer.status == 200 and answer.seconds < PEER_SLOT_WAIT / 2, (answer.status, answer.seconds)
+
+
+def test_a_body_altered_on_the_way_is_refused(peerd):
+    """Headers signed over one body, another body sent: 403, and the member's next request,
+    signed afresh, still gets in."""
+    ring = trust.Keyring(FAKE_ID, SECRET)
+    info = NodeInfo(node_id=FAKE_ID, name="m", version="0", port=1).to_json()
+    other = NodeInfo(node_id=FAKE_ID, name="evil", version="0", port=2).to_json()
+    headers = ring.sign("POST", "/api/hippo/peer/hello", info, node_id(peerd))
+    altered = send(peerd.port, "POST", "/api/hippo/peer/hello", other, headers=headers)
+    assert altered.status == 403 and b"does not match its signed hash" in altered.body, altered
+    assert signed_send(peerd, ring, "POST", "/api/hippo/peer/hello", info).status == 200
 
 
 # -- 4. DNS rebinding ---------------------------------------------------------------------------
