@@ -183,6 +183,11 @@ def test_a_forwarding_decision_is_reused_until_it_expires_or_its_peer_fails(tmp_
     peer("beta", ["m:latest"])
     table.gone["beta" * 4] = time.monotonic()  # said goodbye
     assert get() is None
+    # One decision per (model, num_ctx) asked for: a client asking every num_ctx cannot grow it.
+    for n in range(3 * forward.MAX_ROUTES):
+        routes.put("m:latest", n, Forward("beta", 5))
+    assert len(routes._routes) <= forward.MAX_ROUTES
+    assert routes._routes[("m:latest", 3 * forward.MAX_ROUTES - 1)][0] == Forward("beta", 5)
 
 
 # -- a tampering proxy between a forwarding node and a real daemon ------------------------------

@@ -25,10 +25,11 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 KEY = secrets.token_bytes(32)
 
 
-def start_draft_server(ns: str, model, address: str, key: bytes = KEY) -> tuple[subprocess.Popen, int]:
+def start_draft_server(ns: str, model, address: str, key: bytes = KEY,
+                       allow: str | None = None) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-m", "hippod.engine.remote_draft",
-         "--model", str(model), "--bind", address],
+         "--model", str(model), "--bind", address, *(["--allow", allow] if allow else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         env={**os.environ, "HIPPO_DRAFT_KEY": key.hex(), "PYTHONUNBUFFERED": "1"})
     ready = json.loads(proc.stdout.readline())
@@ -68,7 +69,7 @@ def test_drafts_from_a_peer_give_plain_output_and_losing_it_changes_nothing(dirs
 
     with lan(2) as net:
         a, b = net[0], net[1]
-        server, port = start_draft_server(b.ns, dirs["draft"], b.address)
+        server, port = start_draft_server(b.ns, dirs["draft"], b.address, allow=a.address)
 
         async def main():
             plain = runner_for(dirs["target"], tmp_path)
@@ -139,7 +140,7 @@ def test_a_connection_without_the_session_key_is_refused(dirs, tmp_path):
 
     with lan(2) as net:
         a, b = net[0], net[1]
-        server, port = start_draft_server(b.ns, dirs["draft"], b.address)
+        server, port = start_draft_server(b.ns, dirs["draft"], b.address, allow=a.address)
 
         def probe(answer: bytes | None) -> bytes:
             sock = socket.create_connection((b.address, port), timeout=10)
@@ -179,6 +180,18 @@ def test_a_connection_without_the_session_key_is_refused(dirs, tmp_path):
             assert time.monotonic() - t0 < 2.5
             silent.close()
             assert len(first) == 3 and after_bad == b""
+            # From any address but the target's, a connection is closed before its challenge:
+            # more of them than the pending slots hold nobody up either.
+            strangers = [in_netns(b.ns, socket.create_connection, (b.address, port), 10)
+                         for _ in range(rd.MAX_PENDING + 2)]
+            try:
+                assert [closed_or_answer(s) for s in strangers] == [b""] * len(strangers)
+                t0 = time.monotonic()
+                first, _ = in_netns(a.ns, good_round)
+                assert len(first) == 3 and time.monotonic() - t0 < 2.5
+            finally:
+                for s in strangers:
+                    s.close()
             # A wildcard bind is refused: the server listens on the cluster address only.
             bad = subprocess.run([sys.executable, "-m", "hippod.engine.remote_draft", "--model",
                                   str(dirs["draft"]), "--bind", "0.0.0.0"],

@@ -25,8 +25,13 @@ def _cluster(request: web.Request):
 
 
 def _local_only(request: web.Request) -> None:
+    """The secret is handled by hippoctl on the node itself. A browser sends Origin with every
+    cross-origin call, and a page on localhost may pass the CORS check (Ollama's default
+    origins), so a call with an Origin is refused too: no web page may read the join token."""
     if not from_this_machine(request):
         raise BadRequest("the cluster secret is managed only from the node's own machine", status=403)
+    if request.headers.get("Origin"):
+        raise BadRequest("the cluster secret is managed with hippoctl, not from a web page", status=403)
 
 
 @routes.get("/api/hippo/nodes")

@@ -41,7 +41,7 @@ async def open_session(request: web.Request) -> web.Response:
     sock = request.transport.get_extra_info("sockname") if request.transport else None
     local = _address(str(sock[0]) if sock else None)
     try:
-        return web.json_response(await _drafts(request).open(request["peer"], body, local))
+        return web.json_response(await _drafts(request).open(request["peer"], body, local, request.remote))
     except DraftHostError as e:
         raise BadRequest(str(e), status=e.status) from None
 

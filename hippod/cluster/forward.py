@@ -38,6 +38,7 @@ log = logging.getLogger("hippo.forward")
 
 MAX_FAILOVERS = 3  # peers that may take over one request, one after another
 ROUTE_FOR = 10.0  # seconds a forwarding decision is reused before it is made again
+MAX_ROUTES = 1024  # forwarding decisions remembered at once
 
 
 class RecentRoutes:
@@ -63,7 +64,12 @@ class RecentRoutes:
         return target
 
     def put(self, name: str, num_ctx: int | None, target: Forward) -> None:
-        self._routes[(name, num_ctx)] = (target, self.clock() + ROUTE_FOR)
+        now = self.clock()
+        if len(self._routes) >= MAX_ROUTES:  # one per (model, num_ctx) asked: keep it bounded
+            self._routes = {k: v for k, v in self._routes.items() if v[1] > now}
+            while len(self._routes) >= MAX_ROUTES:
+                del self._routes[next(iter(self._routes))]
+        self._routes[(name, num_ctx)] = (target, now + ROUTE_FOR)
 
     def forget(self, name: str, peer: str) -> None:
         for key in [k for k, (t, _) in self._routes.items() if k[0] == name and t.peer == peer]:

@@ -5,6 +5,16 @@ trusted when a signed hello succeeds both ways: it accepted our signature and it
 a valid signature of its own. Every peer is probed every PROBE_INTERVAL seconds; one that has not
 answered for STALE_AFTER seconds is stale: listed, but never used for transfers or planning.
 Peers stale for FORGET_AFTER are dropped from the table.
+
+mDNS is unauthenticated, so what an announcement says about a trusted peer is a lead, never a
+fact: a stranger can announce a trusted peer's id with its own address and another port. So a
+trusted peer's record changes only on signed answers: its `addresses` are the ones a signed hello
+came from or answered on (signed traffic goes nowhere else), announced ones wait in `candidates`
+until a signed answer comes from them, its port and name come from its signed hellos, and an
+unsigned answer neither demotes it nor reorders its addresses (a peer that lost the secret goes
+stale instead). A goodbye makes it stale at once, but a peer that answered signed after a
+goodbye has its goodbyes doubted for GOODBYE_DOUBT seconds: those may be forged, and its probes
+alone say when it is gone.
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ PROBE_TIMEOUT = 2.0
 STALE_AFTER = 6.0  # with the interval and timeout above, a dead peer is stale within 10 s
 FORGET_AFTER = 3600.0
 GOODBYE_GRACE = 5.0
+GOODBYE_DOUBT = 600.0  # seconds a peer's goodbyes are ignored after it answered signed past one
+MAX_CANDIDATES = 8  # announced addresses of a trusted peer waiting for a signed answer
 TXT_REFRESH = 30.0
 HELLO_PATH = "/api/hippo/peer/hello"
 
@@ -135,12 +147,19 @@ class PeerTable:
         # Said goodbye over mDNS (monotonic time): stale until it announces itself again or answers
         # after GOODBYE_GRACE (a stopping daemon still answers for a moment after its goodbye).
         self.gone: dict[str, float] = {}
+        self.back_after_goodbye: dict[str, float] = {}  # when it last answered signed past a goodbye
+        self.candidates: dict[str, list[str]] = {}  # a trusted peer's announced, unproven addresses
 
     def seen(self, ann: Announcement) -> None:
-        """A peer announced itself; new ones count as seen now, known ones wait for their probe."""
+        """A peer announced itself; new ones count as seen now, known ones wait for their probe.
+        For a trusted peer the announcement only offers addresses to probe (see the module doc)."""
         old = self.store.get_peer(ann.node_id)
-        # Addresses that answered a probe stay first: mDNS is unauthenticated, so an announcement
-        # naming a known node only adds addresses to try after them.
+        if old is not None and old.trusted:
+            leads = [a for a in ann.addresses if a not in old.addresses]
+            kept = self.candidates.get(ann.node_id, [])
+            self.candidates[ann.node_id] = list(dict.fromkeys([*leads, *kept]))[:MAX_CANDIDATES]
+            self.gone.pop(ann.node_id, None)
+            return
         addresses = list(dict.fromkeys([*(old.addresses if old else []), *ann.addresses]))
         self.store.put_peer(PeerRecord(
             node_id=ann.node_id, name=ann.name, addresses=addresses, port=ann.port,
@@ -152,15 +171,25 @@ class PeerTable:
 
     def heard(self, node_id: str, *, trusted: bool, info: NodeInfo | None = None,
               address: str | None = None) -> None:
-        """A peer answered (or said hello); `info` only when it proved the secret."""
+        """A peer answered (or said hello); `info` only when it proved the secret. An unsigned
+        answer in a trusted peer's name changes nothing: it may come from anyone."""
         old = self.store.get_peer(node_id)
         if old is None and info is None:
+            return
+        if old is not None and old.trusted and info is None:
             return
         if old is None:
             old = PeerRecord(node_id=node_id, name=info.name, addresses=[], port=info.port,
                              memory_total=0, memory_free=0, version=info.version)
         rec = replace(old, trusted=trusted, last_seen=_now())
-        if address:
+        if info is not None:  # only addresses proven by a signed exchange carry signed traffic
+            if not old.trusted and address:  # what it announced before is still to be proven
+                self.candidates[node_id] = [a for a in old.addresses if a != address][:MAX_CANDIDATES]
+            proven = old.addresses if old.trusted or not address else []
+            rec = replace(rec, addresses=list(dict.fromkeys([address, *proven] if address else proven)))
+            if address in self.candidates.get(node_id, []):
+                self.candidates[node_id].remove(address)
+        elif address:
             rec = replace(rec, addresses=list(dict.fromkeys([address, *rec.addresses])))
         if info is not None:
             rec = replace(rec, name=info.name or rec.name, version=info.version, port=info.port or rec.port,
@@ -172,8 +201,20 @@ class PeerTable:
             rec = replace(rec, models=[])  # an untrusted peer's claims are not shown
             self.loaded.pop(node_id, None)
         self.store.put_peer(rec)
-        if time.monotonic() - self.gone.get(node_id, float("-inf")) > GOODBYE_GRACE:
-            self.gone.pop(node_id, None)
+        now = time.monotonic()
+        if now - self.gone.get(node_id, float("-inf")) > GOODBYE_GRACE:
+            if self.gone.pop(node_id, None) is not None and info is not None:
+                self.back_after_goodbye[node_id] = now
+
+    def said_goodbye(self, node_id: str) -> None:
+        """mDNS says the peer left: stale at once, unless its goodbyes are in doubt."""
+        if time.monotonic() - self.back_after_goodbye.get(node_id, float("-inf")) < GOODBYE_DOUBT:
+            return
+        self.gone.setdefault(node_id, time.monotonic())
+
+    def probe_addresses(self, peer: PeerRecord) -> list[str]:
+        """Where to say hello: its proven addresses, then the leads announcements gave."""
+        return list(dict.fromkeys([*peer.addresses, *self.candidates.get(peer.node_id, [])]))
 
     def is_stale(self, rec: PeerRecord) -> bool:
         return rec.node_id in self.gone or _age(rec) > STALE_AFTER
@@ -277,7 +318,7 @@ class Cluster:
             await self.session.close()
 
     def _on_gone(self, node_id: str) -> None:
-        self.peers.gone[node_id] = time.monotonic()
+        self.peers.said_goodbye(node_id)
 
     async def _txt_loop(self) -> None:
         while True:
@@ -304,7 +345,7 @@ class Cluster:
         """Signed hello to `peer` on each known address until one answers; True if it is trusted."""
         assert self.session is not None
         body = self.local_info().to_json()
-        for address in peer.addresses:
+        for address in self.peers.probe_addresses(peer):
             headers = self.keyring.sign("POST", HELLO_PATH, body, peer.node_id)
             headers["Content-Type"] = "application/json"
             try:
@@ -324,6 +365,8 @@ class Cluster:
                     info = None
                 if info is not None and info.node_id != peer.node_id:
                     info = None
+            if info is None and peer.trusted:
+                continue  # not the peer, or not any more: another address may be it
             was = peer.trusted
             self.peers.heard(peer.node_id, trusted=info is not None, info=info, address=address)
             if was != (info is not None):

@@ -218,7 +218,7 @@ class RemoteDrafts:
 
     # -- peer side ------------------------------------------------------------------------
 
-    async def open(self, sender: str, body: dict, local_address: str) -> dict:
+    async def open(self, sender: str, body: dict, local_address: str, remote: str | None = None) -> dict:
         """Host a draft server for `sender`: the model is ours (same digest), the memory guard
         makes room for it first. Raises DraftHostError with a status."""
         name, digest = body.get("model"), body.get("digest")
@@ -236,7 +236,7 @@ class RemoteDrafts:
         session = secrets.token_hex(16)
         log_file = open(self.settings.logs_dir / "runners.log", "ab")
         try:
-            proc = await self._spawn_server(rec, local_address, ctx, session, log_file)
+            proc = await self._spawn_server(rec, local_address, ctx, session, log_file, remote)
         finally:
             log_file.close()
         try:
@@ -253,11 +253,15 @@ class RemoteDrafts:
         log.info("drafting %s for %s at %s:%s", rec.name, sender, local_address, port)
         return {"session": session, "model": rec.name, "address": local_address, "port": port}
 
-    async def _spawn_server(self, rec, local_address: str, ctx: int, session: str, log_file):
+    async def _spawn_server(self, rec, local_address: str, ctx: int, session: str, log_file,
+                            remote: str | None = None):
+        """`remote`: the address the session was asked from; the server takes connections from
+        it only (the target's runner runs on that node)."""
+        allow = ["--allow", remote] if remote else []
         return await asyncio.create_subprocess_exec(
             self.settings.runner_python or sys.executable, "-m", "hippod.engine.remote_draft",
             "--model", str(self.registry.model_dir(rec)), "--bind", local_address,
-            "--context-length", str(ctx),
+            "--context-length", str(ctx), *allow,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=log_file,
             env={**os.environ, "PYTHONUNBUFFERED": "1",

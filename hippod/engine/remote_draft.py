@@ -6,7 +6,9 @@ here. Only token ids and accept counts cross the wire, and each side keeps its o
 The session key arrives in the environment (HIPPO_DRAFT_KEY, hex), never on a command line or
 the wire. A connection proves the key by answering a random challenge with an HMAC before the
 server reads anything else; the server binds one interface address only, and every frame is
-size-capped. One session is served at a time (the target speculates for one stream at a time);
+size-capped. Given the target's address (`--allow`, what the daemon saw the session asked
+from), a connection from anywhere else is closed before it is greeted, so strangers cannot fill
+the slots of connections waiting to prove the key. One session is served at a time (the target speculates for one stream at a time);
 a newer authenticated connection replaces the older.
 
 Per round the target sends one frame: how many drafts of the last round it kept, the tokens of
@@ -232,8 +234,10 @@ class DraftSession:
 class DraftServer:
     """Serves draft sessions on one address; the caller's thread does all the MLX work."""
 
-    def __init__(self, model, key: bytes, bind: str, port: int = 0, context_length: int = 131072):
+    def __init__(self, model, key: bytes, bind: str, port: int = 0, context_length: int = 131072,
+                 allow: str | None = None):
         address = ipaddress.ip_address(bind)
+        self.allow = _plain_address(allow) if allow else None
         if address.is_unspecified:
             raise ValueError("a draft server binds one interface's address, not a wildcard")
         self.model, self.key, self.context_length = model, key, context_length
@@ -253,7 +257,11 @@ class DraftServer:
     def _greet(self) -> None:
         """A new connection gets its challenge; its answer is awaited without blocking the
         session being served (a slow or silent stranger costs nothing but a slot)."""
-        conn, _ = self.listener.accept()
+        conn, source = self.listener.accept()
+        if self.allow is not None and _plain_address(source[0]) != self.allow:
+            conn.close()
+            self.refused += 1
+            return
         if len(self.pending) >= MAX_PENDING:
             conn.close()
             self.refused += 1
@@ -327,12 +335,20 @@ class DraftServer:
                 self._drop()  # a session silent for too long
 
 
+def _plain_address(text: str):
+    """An address as one value, an IPv4-mapped IPv6 one as its IPv4 (how a dual-stack socket
+    may report a v4 peer)."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hippod-draft-server")
     ap.add_argument("--model", required=True)
     ap.add_argument("--bind", required=True, help="the cluster interface address to listen on")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--context-length", type=int, default=131072)
+    ap.add_argument("--allow", help="the only address a session may come from (the target's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s draft[%(process)d] %(levelname)s %(message)s")
@@ -342,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{KEY_ENV} must hold a key of at least 16 bytes (hex)")
         if ipaddress.ip_address(args.bind).is_unspecified:
             raise ValueError("a draft server binds one interface's address, not a wildcard")
+        if args.allow:
+            _plain_address(args.allow)
     except ValueError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 2
@@ -349,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, _ = load(args.model)
     mx.eval(model.parameters())
-    server = DraftServer(model, key, args.bind, args.port, args.context_length)
+    server = DraftServer(model, key, args.bind, args.port, args.context_length, allow=args.allow)
 
     def watch_stdin() -> None:  # the daemon closing our stdin (or dying) ends us
         sys.stdin.buffer.read()

@@ -23,6 +23,7 @@ import stat
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -305,6 +306,72 @@ def test_a_body_altered_on_the_way_is_refused(peerd):
     assert signed_send(peerd, ring, "POST", "/api/hippo/peer/hello", info).status == 200
 
 
+def test_a_forged_announcement_of_a_trusted_peer_redirects_nothing(peerd, tmp_path):
+    """mDNS is unauthenticated. A stranger who announces a trusted peer's id with its own
+    address and port, and answers hellos there unsigned, must not move where signed traffic
+    goes, rename the peer, demote it, or keep it stale with forged goodbyes."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from hippod.cluster import peers as peers_mod
+    from hippod.cluster.discovery import Announcement
+    from hippod.cluster.peers import Cluster
+    from hippod.config import load_settings
+    from hippod.registry.registry import Registry
+    from hippod.scheduler import Scheduler
+    from hippod.store.database import Store
+
+    settings = load_settings({"home": str(tmp_path / "alpha"), "cluster_secret": SECRET}, environ={})
+    settings.ensure_dirs()
+    beta = node_id(peerd)
+
+    async def impostor(request: web.Request) -> web.Response:  # no secret: an unsigned answer
+        return web.json_response({"node_id": beta, "name": "evil", "version": "0", "port": 1})
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_post(peers_mod.HELLO_PATH, impostor)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.2", 0)
+        await site.start()
+        evil_port = site._server.sockets[0].getsockname()[1]
+        with Store(settings.db_path) as store:
+            registry = Registry(settings, store)
+            alpha = Cluster(settings, store, registry, Scheduler(settings, store, registry, "alpha"), "alpha")
+            alpha.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            try:
+                table = alpha.peers
+                table.seen(Announcement(beta, "beta", "0", ("127.0.0.1",), peerd.port))
+                assert await alpha.probe(table.store.get_peer(beta))
+                signed_name = table.store.get_peer(beta).name  # what its signed hello says
+                table.seen(Announcement(beta, "evil", "0", ("127.0.0.2",), evil_port))
+                rec = table.store.get_peer(beta)
+                assert (rec.name, rec.port, rec.addresses, rec.trusted) == (signed_name, peerd.port, ["127.0.0.1"], True)
+                assert table.candidates[beta] == ["127.0.0.2"]
+                # The impostor answers where the peer does not: nothing changes.
+                await alpha.probe(replace(rec, addresses=["127.0.0.2"], port=evil_port))
+                table.heard(beta, trusted=False, address="127.0.0.2")
+                rec = table.store.get_peer(beta)
+                assert (rec.addresses, rec.trusted) == (["127.0.0.1"], True)
+                assert table.probe_addresses(rec) == ["127.0.0.1", "127.0.0.2"]
+                # Forged goodbyes: the first makes it stale; once it answered signed past the
+                # grace, its goodbyes are doubted and its probes decide.
+                table.said_goodbye(beta)
+                assert table.is_stale(table.store.get_peer(beta))
+                table.gone[beta] -= peers_mod.GOODBYE_GRACE + 1  # as if the grace has passed
+                assert await alpha.probe(table.store.get_peer(beta))
+                table.said_goodbye(beta)
+                assert not table.is_stale(table.store.get_peer(beta))
+            finally:
+                await alpha.session.close()
+                await runner.cleanup()
+
+    asyncio.run(run())
+
+
 # -- 4. DNS rebinding ---------------------------------------------------------------------------
 
 
@@ -329,6 +396,15 @@ def test_a_foreign_host_header_is_refused(plain):
 
 
 # -- 5. replay after a restart --------------------------------------------------------------------
+
+
+def test_no_web_page_can_manage_the_cluster_secret(plain):
+    """A page on localhost passes the CORS check (Ollama's default origins), so a call to
+    init or join that carries an Origin is refused: no page may read or set the join token."""
+    for path in ("/api/hippo/cluster/init", "/api/hippo/cluster/join"):
+        answer = send(plain.port, "POST", path, b"{}", headers={"Origin": "http://localhost:3000"})
+        assert answer.status == 403 and "hippoctl" in answer.text, (path, answer)
+    assert not (plain.home / trust.KEY_FILE).exists()
 
 
 def test_a_signed_request_replayed_after_a_restart_is_refused(tmp_path):
