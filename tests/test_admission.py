@@ -264,3 +264,51 @@ def test_a_resumed_seeded_sampled_request_draws_what_the_uncut_run_drew(model):
     rec.wait("heir batched", "other")
     assert loop.stats.batch_inserts, "the heir did not join a batch"
     assert _ids(rec, "heir batched") == uncut[8:]
+
+
+class _Faulty(BatchLoop):
+    """Injects a fault: a request whose prompt says BOOM raises in its logits processor a few
+    tokens in, as a bug in a sampler or processor would."""
+
+    def _prepare(self, job):
+        a = super()._prepare(job)
+        if a is not None and "BOOM" in job.request.prompt:
+            seen = []
+
+            def boom(tokens, logits):
+                seen.append(1)
+                if len(seen) > 3:
+                    raise RuntimeError("injected fault")
+                return logits
+
+            a.processors.append(boom)
+        return a
+
+
+def test_a_step_that_raises_fails_its_streams_and_the_loop_serves_on(model):
+    m, tok = model
+    loop = _Faulty(m, tok, num_parallel=8, context_length=2048, info=lambda n: None)
+    _run(loop)
+    rec = Recorder()
+
+    def failed(name: str) -> ErrorEvent:
+        assert rec.done[name].wait(120), f"{name} did not finish"
+        final = [ev for n, ev in rec.events if n == name][-1]
+        assert isinstance(final, ErrorEvent) and final.status == 500, final
+        return final
+
+    loop.submit(rec.job("alone", "BOOM goes the solo stream", 12))  # on the solo path
+    assert "injected fault" in failed("alone").message
+    loop.submit(rec.job("after solo", PROMPTS[0], 6))
+    rec.wait("after solo")
+
+    loop.submit(rec.job("long", PROMPTS[1], 200))
+    while not rec.tokens("long"):
+        rec.done["long"].wait(0.005)
+    loop.submit(rec.job("bad", "BOOM in a batch", 12))  # joins the long one in the batch
+    failed("bad")
+    failed("long")  # the batch's step failed under both: both are told
+    loop.submit(rec.job("after batch", PROMPTS[2], 6))
+    loop.submit(rec.job("and beside it", PROMPTS[3], 6))
+    rec.wait("after batch", "and beside it")
+    assert len(rec.tokens("after batch")) == 6

@@ -162,15 +162,19 @@ class BatchLoop:
         self.stats = AdmissionStats(arrivals=Arrivals(hold),
                                     draft=DraftPolicy(self.num_draft, always=draft_policy == "always")
                                     if drafter else None)
-        self.generator = BatchGenerator(
-            model,
-            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-            completion_batch_size=num_parallel,
+        self.prefill_batch, self.prefill_step_size = prefill_batch, prefill_step_size
+        self.generator = self._new_generator()
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+            completion_batch_size=self.num_parallel,
             # A burst of up to prefill_batch prompts prefills in one pass; a larger one in groups
             # of that size, each group's first tokens out before the next group's pass (None:
             # every slot at once).
-            prefill_batch_size=min(prefill_batch or num_parallel, num_parallel),
-            prefill_step_size=prefill_step_size,
+            prefill_batch_size=min(self.prefill_batch or self.num_parallel, self.num_parallel),
+            prefill_step_size=self.prefill_step_size,
         )
 
     def submit(self, job: Job) -> None:
@@ -187,11 +191,32 @@ class BatchLoop:
             self._take_new(self._idle_wait())
             self._drop_cancelled()
             self._admit()
-            if self.solo is not None:
-                self._step_solo()
-            elif self.batched:
-                self._step_batch()
+            try:
+                if self.solo is not None:
+                    self._step_solo()
+                elif self.batched:
+                    self._step_batch()
+            except Exception as e:
+                self._step_failed(e)
             after_step()
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A decoding step raised. The streams it was decoding get a 500 that names the fault,
+        and the loop goes on (a fresh generator, when a batch step failed: its state is unknown
+        now), so queued requests and the next ones are served without a reload."""
+        log.exception("a decoding step failed")
+        failed = ([self.solo] if self.solo is not None else []) + list(self.batched.values())
+        for a in failed:
+            a.job.emit(ErrorEvent(f"generation failed: {exc}", status=500))
+        if self.batched:
+            self.batched.clear()
+            try:
+                self.generator.close()
+            except Exception:
+                log.exception("the failed generator did not close")
+            self.generator = self._new_generator()
+        self.solo = None
+        mx.clear_cache()  # what the failed streams held goes back (an out-of-memory step, say)
 
     # -- intake ---------------------------------------------------------------------------
 

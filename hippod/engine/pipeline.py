@@ -453,6 +453,11 @@ class SplitLoop(BatchLoop):
     def _embed(self, job) -> None:
         job.emit(ErrorEvent("embeddings are not available from a model split across nodes", status=400))
 
+    def _step_failed(self, exc: Exception) -> None:
+        """A failed step may have left the ring half-way through a pass: the process ends, and
+        the daemon sees the split lost at once (it resumes the answers elsewhere)."""
+        raise exc
+
 
 def serve_rank(model_dir: Path, shard: Shard, context_length: int) -> int:
     """Main of a runner that holds a middle or last part: prints the ready line, serves until
