@@ -63,7 +63,7 @@ def test_openai_required_tool_choice_returns_arguments_that_validate(hippod):
             model="smollm2", messages=[{"role": "user", "content": f"What is the weather in {city}?"}],
             tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=40)
 
-    for r in _each(ask, CITIES):
+    for r in _each(ask, CITIES[:3]):
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls", choice
         assert not choice.message.content
