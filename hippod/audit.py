@@ -6,7 +6,10 @@ without the route handlers passing anything along. So every route that runs a Ge
 either API, is audited, and a request refused before it reached a model is audited too.
 
 Rows are written by `Writer`, off the event loop and several to a transaction: a request that
-ends never holds up the requests arriving beside it on an SQLite write.
+ends never holds up the requests arriving beside it on an SQLite write. Requests refused for
+want of credentials (401, 403) come from anyone who can reach the port, so at most
+REFUSED_PER_MINUTE of them are written a minute; the rest are counted in one log line a
+minute, and the log cannot be made to fill the disk by a flood.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ INFERENCE_ROUTES = frozenset({
     FORWARD_PATH, FORWARD_EMBED_PATH,  # a peer's client, run here (the client column: its address)
 })
 PROMPT_LIMIT = 64 * 1024  # characters of prompt text kept per row when HIPPO_AUDIT_PROMPTS=1
+REFUSED_PER_MINUTE = 60  # unauthenticated refusals written to the log a minute (the rest counted)
+REFUSED = (401, 403)
 
 
 @dataclass
@@ -139,16 +144,35 @@ class Writer:
     returns once every row queued before it is in the store: readers of the log call it first,
     and the app's cleanup calls it last, so a row is never lost to a clean shutdown."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, clock=time.monotonic):
         self.store = store
         self.queued: list[RequestRecord] = []
         self._task: asyncio.Task | None = None
+        self.clock = clock
+        self._minute = clock()
+        self._refused = 0  # refusals seen this minute
+        self.dropped = 0  # refusals left out of the log, in all
 
     def add(self, rec: RequestRecord) -> None:
         """Queue a row (never fails, never waits: it runs as a cancelled request ends too)."""
+        if rec.status in REFUSED and not self._room_for_refusal():
+            return
         self.queued.append(rec)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    def _room_for_refusal(self) -> bool:
+        now = self.clock()
+        if now - self._minute >= 60:
+            if self._refused > REFUSED_PER_MINUTE:
+                log.warning("audit: %d refused request(s) in the last minute; %d written to the log",
+                            self._refused, REFUSED_PER_MINUTE)
+            self._minute, self._refused = now, 0
+        self._refused += 1
+        if self._refused > REFUSED_PER_MINUTE:
+            self.dropped += 1
+            return False
+        return True
 
     async def _drain(self) -> None:
         while self.queued:

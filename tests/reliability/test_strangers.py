@@ -102,6 +102,26 @@ def test_without_the_key_every_hostile_request_is_a_401(keyed, routes, data):
     record("strangers", keyless_hostile_requests_401=1)
 
 
+def test_a_flood_of_refused_requests_cannot_fill_the_audit_log(keyed):
+    """Anyone who reaches the port can be refused: at most REFUSED_PER_MINUTE refusals a minute
+    are written to the audit log, however many come."""
+    from hippod.audit import REFUSED_PER_MINUTE
+
+    def refused_rows() -> int:
+        answer = send(keyed.port, "GET", "/api/hippo/audit?limit=10000",
+                      headers={"Authorization": f"Bearer {KEY}"})
+        assert answer.status == 200, answer
+        return sum(1 for r in json.loads(answer.body)["requests"] if r["status"] == 401)
+
+    before = refused_rows()
+    flood = 3 * REFUSED_PER_MINUTE
+    for _ in range(flood):
+        assert send(keyed.port, "POST", "/api/generate", b'{"model": "x", "prompt": "hi"}').status == 401
+    after = refused_rows()
+    assert after - before <= REFUSED_PER_MINUTE, (before, after)
+    assert after >= 1  # refusals are logged, up to the bound
+
+
 def test_without_the_key_an_oversize_body_is_refused_unread(keyed):
     answer = send(keyed.port, "POST", "/api/generate", b"x" * 200_000, timeout=30)
     assert answer.status in (401, 413), answer.status
