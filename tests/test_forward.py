@@ -183,6 +183,21 @@ def test_a_forwarding_decision_is_reused_until_it_expires_or_its_peer_fails(tmp_
     peer("beta", ["m:latest"])
     table.gone["beta" * 4] = time.monotonic()  # said goodbye
     assert get() is None
+    # A reused decision stands only while the model still does not fit here.
+    import asyncio
+
+    budget = [4]
+
+    async def fetch(name):
+        return "copied"
+
+    splits = SimpleNamespace(cluster=SimpleNamespace(peers=table), routes=routes, fetch=fetch,
+                             scheduler=SimpleNamespace(budget=lambda: budget[0]))
+    table.gone.clear()
+    routes.put("m:latest", None, Forward("beta", 5))
+    assert asyncio.run(forward.locate(splits, "m:latest", None)) == Forward("beta", 5)
+    budget[0] = 5  # memory freed here: it fits now
+    assert asyncio.run(forward.locate(splits, "m:latest", None)) == "copied"
     # One decision per (model, num_ctx) asked for: a client asking every num_ctx cannot grow it.
     for n in range(3 * forward.MAX_ROUTES):
         routes.put("m:latest", n, Forward("beta", 5))

@@ -121,7 +121,9 @@ async def locate(splits, name: str, num_ctx: int | None) -> ModelRecord | Forwar
         return None
     recent = splits.routes.get(name, num_ctx, holders)
     if recent is not None:
-        return recent
+        # Reused while the model still does not fit here: memory freed since (a model
+        # unloaded) makes this node copy it and run it itself, as a fresh decision would.
+        return recent if recent.need > scheduler.budget() else await splits.fetch(name)
     try:
         manifest = await transfer.fetch_manifest(cluster, holders[0], name)
     except transfer.TransferError as e:
