@@ -638,7 +638,7 @@ def test_penalties_see_the_same_history_after_a_prompt_cache_hit(tiny_loop):
     # penalty that sees only the uncached tail lets it through.
     prompt = "start cyt nost " + "sensor " * 16 + "hello"
     opts = {"temperature": 0, "num_predict": 16, "repeat_penalty": 1.5, "repeat_last_n": 64}
-    tiny_loop.prompt_cache.trim_to(n_sequences=0)
+    tiny_loop.prompt_cache.clear()
     (cold,) = run_jobs(tiny_loop, [GenerateRequest(prompt=prompt, raw=True, options=opts)])
     (warm,) = run_jobs(tiny_loop, [GenerateRequest(prompt=prompt, raw=True, options=opts)])
     assert cold["done"].cached_tokens == 0 and warm["done"].cached_tokens > 16

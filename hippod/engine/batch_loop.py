@@ -33,7 +33,7 @@ from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
-from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from hippod.engine import thinking
 from hippod.engine.arrivals import HOLD_SECONDS, Arrivals
@@ -44,6 +44,7 @@ from hippod.engine.prompts import PromptError, render_prompt
 from hippod.engine.sampling import (make_logits_shape, make_request_processors, make_request_sampler,
                                    request_key)
 from hippod.engine.draft_policy import DraftPolicy
+from hippod.engine.prompt_cache import PromptCache
 from hippod.engine.speculative import Decoding, ResumeCosts, Stats, speculative_stream, trim_to
 from hippod.engine.stops import StopMatcher
 from hippod.engine.tool_calls import (
@@ -65,7 +66,6 @@ from hippod.protocol import (
 )
 
 log = logging.getLogger("hippo.runner")
-MIN_REUSE = 16  # shortest cached prefix worth reusing, in tokens
 RESUME_MIN_TOKENS = 16  # a sequence left alone drafts again only with this many still to go
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
 PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
@@ -158,7 +158,7 @@ class BatchLoop:
         self.waiting: deque[Job] = deque()
         self.batched: dict[int, _Active] = {}
         self.solo: _Active | None = None
-        self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
+        self.prompt_cache = PromptCache(max_size=64, max_bytes=prompt_cache_bytes)
         self.stats = AdmissionStats(arrivals=Arrivals(hold),
                                     draft=DraftPolicy(self.num_draft, always=draft_policy == "always")
                                     if drafter else None)
@@ -399,23 +399,10 @@ class BatchLoop:
 
     def _cached(self, namespace: str, tokens: list[int]) -> tuple[list | None, list[int]]:
         """The longest cached prefix's KV (a copy) and the tokens still to process (never none)."""
-        cache, rest = self.prompt_cache.fetch_nearest_cache(namespace, tokens)
-        if cache is not None and len(tokens) - len(rest) < MIN_REUSE:
-            return None, tokens  # a few shared tokens save nothing; a fresh cache is simpler
-        if cache is not None and not rest:
-            trim_prompt_cache(cache, 1)
-            rest = tokens[-1:]
-        return cache, rest
+        return self.prompt_cache.nearest(namespace, tokens)
 
     def _remember(self, namespace: str, tokens: list[int], cache: list) -> None:
-        """Keep a finished sequence's KV under the tokens it holds. The caches of one entry
-        (target and draft) are trimmed to one length first: a speculative round may have left
-        them a token apart, or past the tokens the request kept."""
-        if not cache or not all(hasattr(c, "offset") for c in cache):
-            return
-        held = trim_to(cache, len(tokens))
-        if held > 0:
-            self.prompt_cache.insert_cache(namespace, list(tokens[:held]), cache)
+        self.prompt_cache.remember(namespace, tokens, cache)
 
     # -- decoding alone ------------------------------------------------------------------
 
