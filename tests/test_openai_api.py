@@ -322,7 +322,7 @@ def test_json_schema_response_format_validates(client):
     import jsonschema
 
     prompts = [f"Give the largest city of {c} and its population as JSON."
-               for c in ("France", "Japan", "Brazil", "Kenya", "Canada", "Spain")]
+               for c in ("France", "Japan", "Kenya")]  # (test_structured asks more, through both APIs)
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
 
     def ask(p):
@@ -330,7 +330,7 @@ def test_json_schema_response_format_validates(client):
                                            response_format=fmt, max_tokens=48, **GREEDY)
         return r.choices[0]
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
         answers = list(pool.map(ask, prompts))
     for a in answers:
         assert a.finish_reason == "stop", a
