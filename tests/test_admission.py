@@ -277,7 +277,7 @@ class _Faulty(BatchLoop):
 
             def boom(tokens, logits):
                 seen.append(1)
-                if len(seen) > 3:
+                if len(seen) > 3 or "BROKEN" in job.request.prompt:
                     raise RuntimeError("injected fault")
                 return logits
 
@@ -286,9 +286,20 @@ class _Faulty(BatchLoop):
 
 
 def test_a_step_that_raises_fails_its_streams_and_the_loop_serves_on(model):
+    from hippod.engine.batch_loop import MAX_FAILED_STEPS
+
     m, tok = model
     loop = _Faulty(m, tok, num_parallel=8, context_length=2048, info=lambda n: None)
-    _run(loop)
+    ended: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            loop.run_forever()
+        except RuntimeError as e:  # in a runner, the process ends here
+            ended.append(e)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     rec = Recorder()
 
     def failed(name: str) -> ErrorEvent:
@@ -312,3 +323,12 @@ def test_a_step_that_raises_fails_its_streams_and_the_loop_serves_on(model):
     loop.submit(rec.job("and beside it", PROMPTS[3], 6))
     rec.wait("after batch", "and beside it")
     assert len(rec.tokens("after batch")) == 6
+    # Steps that fail every time, with no step between them that did not, are no request's
+    # fault: the loop gives up (the runner exits, and the daemon starts a new one).
+    for i in range(MAX_FAILED_STEPS):
+        loop.submit(rec.job(f"again {i}", "BOOM BROKEN", 12))
+        failed(f"again {i}")
+    assert thread.is_alive()
+    loop.submit(rec.job("last straw", "BOOM BROKEN", 12))
+    thread.join(60)
+    assert not thread.is_alive() and "injected fault" in str(ended[0])

@@ -69,6 +69,7 @@ log = logging.getLogger("hippo.runner")
 RESUME_MIN_TOKENS = 16  # a sequence left alone drafts again only with this many still to go
 MAIN, SPEC = "main", "spec"  # prompt-cache namespaces: target-only caches, target+draft caches
 PREFILL_STEP = 512  # prompt tokens per prefill chunk beside decode: one chunk stalls a step this long
+MAX_FAILED_STEPS = 3  # steps failing in a row, each for new streams, before the runner gives up
 
 
 @dataclass
@@ -163,6 +164,7 @@ class BatchLoop:
                                     draft=DraftPolicy(self.num_draft, always=draft_policy == "always")
                                     if drafter else None)
         self.prefill_batch, self.prefill_step_size = prefill_batch, prefill_step_size
+        self.failed_in_a_row = 0  # decoding steps that raised since the last that did not
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -194,9 +196,14 @@ class BatchLoop:
             try:
                 if self.solo is not None:
                     self._step_solo()
+                    self.failed_in_a_row = 0
                 elif self.batched:
                     self._step_batch()
+                    self.failed_in_a_row = 0
             except Exception as e:
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row > MAX_FAILED_STEPS:
+                    raise  # the device or the model is broken, not one request: a new runner may mend it
                 self._step_failed(e)
             after_step()
 
