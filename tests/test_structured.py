@@ -127,7 +127,7 @@ def test_tiny_model_format_schema_20_of_20_through_the_api(tiny_daemon):
         assert status == 200, r
         return r["response"], r["done_reason"]
 
-    answers = _parallel(ask, range(8))
+    answers = _parallel(ask, range(20))
     for text, reason in answers:
         assert reason == "stop", text
         jsonschema.validate(json.loads(text), CITY)
