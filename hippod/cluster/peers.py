@@ -189,16 +189,15 @@ class PeerTable:
             rec = replace(rec, addresses=list(dict.fromkeys([address, *proven] if address else proven)))
             if address in self.candidates.get(node_id, []):
                 self.candidates[node_id].remove(address)
-        elif address:
-            rec = replace(rec, addresses=list(dict.fromkeys([address, *rec.addresses])))
-        if info is not None:
             rec = replace(rec, name=info.name or rec.name, version=info.version, port=info.port or rec.port,
                           memory_total=info.memory_total, memory_free=info.memory_free,
                           chip=info.chip or rec.chip, models=info.models)
             self.loaded[node_id] = info.loaded
             self.backend[node_id] = info.backend
-        elif not trusted:
-            rec = replace(rec, models=[])  # an untrusted peer's claims are not shown
+        else:  # an untrusted peer (a trusted one returned above): its claims are not shown
+            if address:
+                rec = replace(rec, addresses=list(dict.fromkeys([address, *rec.addresses])))
+            rec = replace(rec, models=[])
             self.loaded.pop(node_id, None)
         self.store.put_peer(rec)
         now = time.monotonic()

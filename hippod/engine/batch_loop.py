@@ -33,7 +33,7 @@ from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from hippod.engine import thinking
 from hippod.engine.arrivals import HOLD_SECONDS, Arrivals

@@ -8,8 +8,8 @@ the wire. A connection proves the key by answering a random challenge with an HM
 server reads anything else; the server binds one interface address only, and every frame is
 size-capped. Given the target's address (`--allow`, what the daemon saw the session asked
 from), a connection from anywhere else is closed before it is greeted, so strangers cannot fill
-the slots of connections waiting to prove the key. One session is served at a time (the target speculates for one stream at a time);
-a newer authenticated connection replaces the older.
+the slots of connections waiting to prove the key. One session is served at a time (the target
+speculates for one stream at a time); a newer authenticated connection replaces the older.
 
 Per round the target sends one frame: how many drafts of the last round it kept, the tokens of
 its history the draft has not seen, the pending token, and how many to draft; the server

@@ -63,8 +63,10 @@ def make_request_sampler(options: dict[str, Any], drawn: int = 0) -> Sampler:
     if shape is None:
         return greedy_sampler
     seed_key = request_key(options)
-    for _ in range(drawn if seed_key is not None else 0):
+    for i in range(drawn if seed_key is not None else 0):
         seed_key, _ = mx.random.split(seed_key)
+        if i % 256 == 255:
+            mx.eval(seed_key)  # a long replay must not become one deep lazy graph
     key = [seed_key] if seed_key is not None else None
 
     def sample(logprobs: mx.array) -> mx.array:
